@@ -1,0 +1,433 @@
+"""The wire contract between a trainer and its sidecar: frames and message schemas.
+
+This module is the single source of truth for what travels over the socket. Both
+sides import it; it depends on the standard library only, so the sidecar can use
+it without torch.
+
+A frame is a fixed 8-byte header followed by a JSON payload::
+
+    offset  size  field
+    0       2     magic b"AW"          (lets the reader detect a desynchronised stream)
+    2       1     protocol version     (PROTOCOL_VERSION)
+    3       1     message type         (MessageType)
+    4       4     payload length, big-endian unsigned
+
+The payload is a UTF-8 JSON object whose fields are declared in SCHEMAS. NaN and
+±Infinity travel as the JSON extensions ``NaN``/``Infinity`` because a non-finite
+loss is exactly what we must be able to report.
+
+    >>> frame = encode_frame(MessageType.DROPPED, {"dropped_total": 3})
+    >>> decoder = FrameDecoder()
+    >>> [(m.type.name, m.payload) for m in decoder.feed(frame)]
+    [('DROPPED', {'dropped_total': 3})]
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAGIC",
+    "HEADER",
+    "DEFAULT_MAX_FRAME_BYTES",
+    "QUANTILES",
+    "MessageType",
+    "Field",
+    "SCHEMAS",
+    "Message",
+    "FrameError",
+    "SchemaError",
+    "FrameDecoder",
+    "encode_frame",
+    "validate_payload",
+    "Endpoint",
+    "parse_endpoint",
+    "ENDPOINT_ENV",
+    "REJECT_REASONS",
+]
+
+PROTOCOL_VERSION = 1
+MAGIC = b"AW"
+HEADER = struct.Struct(">2sBBI")
+DEFAULT_MAX_FRAME_BYTES = 1 << 20
+ENDPOINT_ENV = "ADAMWATCH_ENDPOINT"
+
+# Quantiles reported for the sampled per-coordinate distributions (effective
+# learning rate, update size). Fixed here so both sides agree on their order.
+QUANTILES: tuple[float, ...] = (0.01, 0.1, 0.5, 0.9, 0.99)
+
+# Every reason a frame can be rejected for; the sidecar counts rejections by
+# these exact strings (adamwatch_frames_rejected_total{reason}).
+REJECT_REASONS: tuple[str, ...] = (
+    "bad_magic",  # header does not start with MAGIC: stream lost, connection closed
+    "oversized",  # declared length above the limit: connection closed
+    "truncated",  # peer closed the connection mid-frame
+    "unsupported_version",  # header version we do not speak: frame skipped
+    "unknown_type",  # message type code we do not know: frame skipped
+    "malformed",  # payload is not a UTF-8 JSON object: frame skipped
+    "schema",  # payload violates the message schema: frame skipped
+    "unexpected",  # valid message that is not allowed now (e.g. STEP before HELLO)
+)
+
+
+class MessageType(enum.IntEnum):
+    """Message type codes carried in the frame header."""
+
+    HELLO = 1  # trainer → sidecar, first frame of every connection
+    STEP = 2  # trainer → sidecar, one per optimizer step
+    DROPPED = 3  # trainer → sidecar, cumulative count of summaries it had to drop
+    CHECKPOINT = 4  # trainer → sidecar, a checkpoint was saved/marked good/restored
+    ACK = 5  # trainer → sidecar, a command took effect (or failed) at a step
+    GOODBYE = 6  # trainer → sidecar, clean shutdown: the run ended, not crashed
+    COMMAND = 7  # sidecar → trainer, a remediation action to apply at a step boundary
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of a message schema.
+
+    Args:
+        kind: one of "int", "float", "str", "bool", "list[float]", "list[str]",
+            "list[float|null]", "dict", "list[dict]", "any".
+        required: the field must be present.
+        nullable: ``None`` is accepted.
+    """
+
+    kind: str
+    required: bool = True
+    nullable: bool = False
+
+
+def _f(kind: str, required: bool = True, nullable: bool = False) -> Field:
+    return Field(kind, required, nullable)
+
+
+# Message schemas. Unknown fields are tolerated (a newer trainer may add
+# optional fields within a protocol version) and reported to the caller;
+# missing required fields and wrong types are schema errors.
+SCHEMAS: dict[MessageType, dict[str, Field]] = {
+    MessageType.HELLO: {
+        "job": _f("str"),
+        "rank": _f("int"),
+        "world_size": _f("int"),
+        "host": _f("str"),
+        "pid": _f("int"),
+        "session": _f("str"),  # random per Monitor: tells a reconnect from a restart
+        "adamwatch_version": _f("str"),
+        "torch_version": _f("str", required=False),
+        # {"kind": "Adam"|"AdamW", "implementation": "for-loop"|"foreach"|"fused",
+        #  "betas": [b1, b2], "eps": f, "weight_decay": f, "amsgrad": bool,
+        #  "param_groups": [names], "device": "cpu"|"cuda"|...}
+        "optimizer": _f("dict"),
+        "deep_stats_every": _f("int", required=False),
+        "dropped_total": _f("int", required=False),
+    },
+    MessageType.STEP: {
+        "step": _f("int"),  # optimizer step index as the trainer counts it (1-based)
+        "time": _f("float"),  # unix seconds when the step finished
+        "duration_s": _f("float", nullable=True),  # since the previous step finished
+        "loss": _f("float", required=False, nullable=True),
+        "loss_nonfinite": _f("bool", required=False),
+        "grad_norm": _f("float", nullable=True),  # global L2 norm (unscaled)
+        "group_grad_norms": _f("list[float|null]"),
+        "grad_nonfinite": _f("bool"),
+        "grad_nonfinite_count": _f("int", required=False),
+        "lr": _f("list[float]"),  # scheduled lr per param group
+        "skipped": _f("bool", required=False),  # the update was not applied
+        "skip_reason": _f("str", required=False, nullable=True),
+        "samples": _f("int", required=False, nullable=True),
+        "tokens": _f("int", required=False, nullable=True),
+        # Deep statistics, every N steps. One entry per param group:
+        # {"effective_lr": [per QUANTILES], "update_size": [per QUANTILES],
+        #  "update_to_weight": f, "exp_avg_norm": f, "exp_avg_sq_norm": f,
+        #  "eps_dominated_ratio": f}
+        "deep": _f("list[dict]", required=False, nullable=True),
+    },
+    MessageType.DROPPED: {
+        "dropped_total": _f("int"),
+    },
+    MessageType.CHECKPOINT: {
+        # "saved" | "known_good" | "restored" | "corrupt"
+        "event": _f("str"),
+        "step": _f("int"),
+        "time": _f("float"),
+        "path": _f("str", required=False, nullable=True),
+        "detail": _f("str", required=False, nullable=True),
+    },
+    MessageType.ACK: {
+        "id": _f("str"),
+        "action": _f("str"),
+        "outcome": _f("str"),  # "applied" | "failed" | "rejected"
+        "step": _f("int", nullable=True),  # the step boundary at which it took effect
+        "detail": _f("str", required=False, nullable=True),
+    },
+    MessageType.GOODBYE: {
+        "reason": _f("str", required=False, nullable=True),
+        "step": _f("int", required=False, nullable=True),
+    },
+    MessageType.COMMAND: {
+        "id": _f("str"),
+        # "reduce_lr" | "restore_checkpoint" | "stop" | "set_guard"
+        "action": _f("str"),
+        "args": _f("dict", required=False),
+        "reason": _f("str", required=False, nullable=True),
+        "step": _f("int", required=False, nullable=True),  # the step that triggered it
+    },
+}
+
+
+class FrameError(ValueError):
+    """A frame could not be decoded. ``reason`` is one of REJECT_REASONS.
+
+    ``fatal`` means the byte stream cannot be resynchronised and the connection
+    must be closed.
+    """
+
+    def __init__(self, reason: str, message: str, *, fatal: bool = False):
+        super().__init__(message)
+        self.reason = reason
+        self.fatal = fatal
+
+
+class SchemaError(FrameError):
+    """A well-formed payload that violates its message schema."""
+
+    def __init__(self, message: str):
+        super().__init__("schema", message, fatal=False)
+
+
+@dataclass
+class Message:
+    """A decoded, validated message."""
+
+    type: MessageType
+    payload: dict[str, Any]
+    unknown_fields: tuple[str, ...] = field(default=())
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int subclass; a JSON true must not pass as a number.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check(kind: str, value: Any) -> bool:
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return _is_number(value)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "dict":
+        return isinstance(value, dict)
+    if kind == "list[float]":
+        return isinstance(value, list) and all(_is_number(v) for v in value)
+    if kind == "list[float|null]":
+        return isinstance(value, list) and all(v is None or _is_number(v) for v in value)
+    if kind == "list[str]":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "list[dict]":
+        return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+    if kind == "any":
+        return True
+    raise AssertionError(f"unknown field kind {kind!r}")
+
+
+def validate_payload(msg_type: MessageType, payload: Any) -> tuple[str, ...]:
+    """Check ``payload`` against the schema of ``msg_type``.
+
+    Args:
+        msg_type: the message type the payload claims to be.
+        payload: the decoded JSON value.
+
+    Returns:
+        The names of fields the schema does not know (tolerated).
+
+    Raises:
+        SchemaError: naming the first field that is missing or of the wrong type.
+    """
+    if not isinstance(payload, dict):
+        raise SchemaError(f"{msg_type.name} payload must be a JSON object, got {type(payload).__name__}")
+    schema = SCHEMAS[msg_type]
+    for name, spec in schema.items():
+        if name not in payload:
+            if spec.required:
+                raise SchemaError(f"{msg_type.name}.{name} is required")
+            continue
+        value = payload[name]
+        if value is None:
+            if not spec.nullable:
+                raise SchemaError(f"{msg_type.name}.{name} must not be null")
+            continue
+        if not _check(spec.kind, value):
+            raise SchemaError(
+                f"{msg_type.name}.{name} must be {spec.kind}, got {type(value).__name__}"
+            )
+    if len(payload) > len(schema) or any(k not in schema for k in payload):
+        return tuple(k for k in payload if k not in schema)
+    return ()
+
+
+_dumps = json.JSONEncoder(allow_nan=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
+def encode_frame(msg_type: MessageType, payload: Mapping[str, Any], *, validate: bool = False) -> bytes:
+    """Serialise one message into a frame.
+
+    Args:
+        msg_type: the message type.
+        payload: a JSON-serialisable mapping following SCHEMAS[msg_type].
+        validate: check the payload against the schema first (tests, commands).
+
+    Returns:
+        The frame bytes, header included.
+    """
+    if validate:
+        validate_payload(msg_type, dict(payload))
+    body = _dumps(payload).encode("utf-8")
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, int(msg_type), len(body)) + body
+
+
+_loads = json.JSONDecoder().decode
+_TYPES = {int(t): t for t in MessageType}
+
+
+class FrameDecoder:
+    """Incremental decoder: feed it bytes as they arrive, get messages out.
+
+    Rejected frames do not stop the decoder unless they are fatal: ``feed``
+    yields a FrameError in place of the message and carries on with the next
+    frame. After a fatal error the decoder refuses further input.
+
+    Args:
+        max_frame_bytes: largest payload accepted; larger ones are fatal because
+            skipping them would let a peer make us buffer without bound.
+    """
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+        self.max_frame_bytes = max_frame_bytes
+        self._buf = bytearray()
+        self._pos = 0
+        self.failed: FrameError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet consumed (a partial frame)."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes) -> Iterator[Message | FrameError]:
+        """Add bytes and yield every complete message (or rejection) they finish."""
+        if self.failed is not None:
+            return
+        self._buf += data
+        buf = self._buf
+        header_size = HEADER.size
+        while True:
+            pos = self._pos
+            if len(buf) - pos < header_size:
+                break
+            magic, version, type_code, length = HEADER.unpack_from(buf, pos)
+            if magic != MAGIC:
+                self.failed = FrameError(
+                    "bad_magic", f"frame header starts with {bytes(magic)!r}, expected {MAGIC!r}", fatal=True
+                )
+                yield self.failed
+                return
+            if length > self.max_frame_bytes:
+                self.failed = FrameError(
+                    "oversized", f"frame of {length} bytes exceeds the {self.max_frame_bytes}-byte limit", fatal=True
+                )
+                yield self.failed
+                return
+            end = pos + header_size + length
+            if len(buf) < end:
+                break
+            body = bytes(buf[pos + header_size : end])
+            self._pos = end
+            yield self._decode(version, type_code, body)
+        # Compact once the consumed prefix dominates, not on every frame.
+        if self._pos and self._pos * 2 >= len(buf):
+            del buf[: self._pos]
+            self._pos = 0
+
+    def finish(self) -> FrameError | None:
+        """Call at end of stream: reports a frame cut off by the peer."""
+        if self.failed is None and self.buffered:
+            self.failed = FrameError(
+                "truncated", f"connection closed with {self.buffered} bytes of an incomplete frame", fatal=True
+            )
+            return self.failed
+        return None
+
+    @staticmethod
+    def _decode(version: int, type_code: int, body: bytes) -> Message | FrameError:
+        if version != PROTOCOL_VERSION:
+            return FrameError("unsupported_version", f"protocol version {version} is not supported (speak {PROTOCOL_VERSION})")
+        msg_type = _TYPES.get(type_code)
+        if msg_type is None:
+            return FrameError("unknown_type", f"unknown message type code {type_code}")
+        try:
+            payload = _loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            return FrameError("malformed", f"{msg_type.name} payload is not valid UTF-8 JSON: {exc}")
+        try:
+            unknown = validate_payload(msg_type, payload)
+        except SchemaError as exc:
+            return exc
+        return Message(msg_type, payload, unknown)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the sidecar listens: a Unix socket path or a loopback TCP port."""
+
+    scheme: str  # "unix" or "tcp"
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.scheme == "unix":
+            return f"unix://{self.path}"
+        return f"tcp://{self.host}:{self.port}"
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """Parse ``unix:///path/to.sock`` or ``tcp://HOST:PORT``.
+
+    Raises:
+        ValueError: naming what is wrong with the endpoint.
+    """
+    if not isinstance(text, str) or not text:
+        raise ValueError("endpoint must be a non-empty string like unix:///run/adamwatch.sock or tcp://127.0.0.1:9409")
+    if text.startswith("unix://"):
+        path = text[len("unix://") :]
+        if not path:
+            raise ValueError(f"endpoint {text!r}: unix:// needs a socket path")
+        return Endpoint("unix", path=path)
+    if text.startswith("tcp://"):
+        rest = text[len("tcp://") :]
+        host, sep, port_text = rest.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"endpoint {text!r}: tcp:// needs HOST:PORT")
+        host = host.strip("[]")
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ValueError(f"endpoint {text!r}: port {port_text!r} is not a number") from None
+        if not 0 <= port <= 65535:
+            raise ValueError(f"endpoint {text!r}: port {port} is out of range")
+        return Endpoint("tcp", host=host, port=port)
+    raise ValueError(f"endpoint {text!r}: scheme must be unix:// or tcp://")
+
+
+def finite_or_none(value: float) -> float | None:
+    """Helper for encoders: keep finite floats, map NaN/Inf to None."""
+    return value if math.isfinite(value) else None

@@ -1,0 +1,166 @@
+"""Every metric the sidecar exports, declared once.
+
+The collector renders from this table, the README's metric reference is
+generated from it, and the alert rules and dashboards are checked against it:
+a name that is not here does not exist.
+
+Names are the names as exposed and as written in PromQL (counters end in
+``_total``, the info metric in ``_info``, histograms are named by their base).
+Trainer metrics carry ``job`` and ``rank`` from the trainer's hello; pod and
+namespace come from Prometheus target labels, never from us.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["MetricSpec", "METRICS", "BY_NAME", "STEP_DURATION_BUCKETS", "metric", "render_markdown_reference"]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One exported metric.
+
+    Args:
+        name: exposed name, e.g. ``adamwatch_steps_total``.
+        type: "gauge", "counter", "histogram" or "info".
+        unit: base unit ("seconds", "ratio", "bytes", ...) or "" when unitless.
+        help: one sentence for # HELP and the README.
+        labels: label names in exposition order.
+        deep: only present when deep statistics are enabled (every N steps).
+    """
+
+    name: str
+    type: str
+    unit: str
+    help: str
+    labels: tuple[str, ...]
+    deep: bool = False
+
+    @property
+    def family_name(self) -> str:
+        """The name prometheus_client wants for the family (without _total/_info)."""
+        if self.type == "counter" and self.name.endswith("_total"):
+            return self.name[: -len("_total")]
+        if self.type == "info" and self.name.endswith("_info"):
+            return self.name[: -len("_info")]
+        return self.name
+
+    @property
+    def series_names(self) -> tuple[str, ...]:
+        """Every series name this metric produces in the exposition."""
+        if self.type == "histogram":
+            return (f"{self.name}_bucket", f"{self.name}_sum", f"{self.name}_count")
+        if self.type == "counter":
+            return (self.name, f"{self.family_name}_created")
+        return (self.name,)
+
+
+T = ("job", "rank")  # every trainer metric
+
+# Step durations range from milliseconds (small models) to minutes (huge ones).
+STEP_DURATION_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)
+
+METRICS: tuple[MetricSpec, ...] = (
+    # --- per step --------------------------------------------------------------
+    MetricSpec("adamwatch_loss", "gauge", "", "Training loss reported by the trainer at its latest step.", T),
+    MetricSpec("adamwatch_grad_norm", "gauge", "",
+               "L2 norm of the unscaled gradients at the latest step; param_group=\"all\" is the global norm.",
+               T + ("param_group",)),
+    MetricSpec("adamwatch_learning_rate", "gauge", "", "Scheduled learning rate of each param group at the latest step.",
+               T + ("param_group",)),
+    MetricSpec("adamwatch_optimizer_step", "gauge", "", "Optimizer step index the trainer reached.", T),
+    MetricSpec("adamwatch_steps_total", "counter", "", "Optimizer steps reported by the trainer.", T),
+    MetricSpec("adamwatch_nonfinite_steps_total", "counter", "",
+               "Steps whose loss (source=\"loss\") or gradients (source=\"grad\") held NaN or Inf.",
+               T + ("source",)),
+    MetricSpec("adamwatch_skipped_steps_total", "counter", "",
+               "Steps whose update was not applied, by reason (grad_scaler overflow, adamwatch guard).",
+               T + ("reason",)),
+    MetricSpec("adamwatch_step_duration_seconds", "histogram", "seconds",
+               "Wall time between the ends of consecutive optimizer steps.", T),
+    MetricSpec("adamwatch_last_step_timestamp_seconds", "gauge", "seconds",
+               "Unix time at which the latest optimizer step finished.", T),
+    MetricSpec("adamwatch_samples_total", "counter", "",
+               "Training samples processed, when the trainer reports samples per step.", T),
+    MetricSpec("adamwatch_tokens_total", "counter", "",
+               "Training tokens processed, when the trainer reports tokens per step.", T),
+    # --- deep statistics (every N steps) ----------------------------------------
+    MetricSpec("adamwatch_effective_learning_rate", "gauge", "",
+               "Quantiles of Adam's per-coordinate rate lr/(sqrt(v_hat)+eps) over a fixed coordinate sample.",
+               T + ("param_group", "quantile"), deep=True),
+    MetricSpec("adamwatch_update_size", "gauge", "",
+               "Quantiles of the per-coordinate update |lr*m_hat/(sqrt(v_hat)+eps)| over a fixed coordinate sample.",
+               T + ("param_group", "quantile"), deep=True),
+    MetricSpec("adamwatch_update_to_weight_ratio", "gauge", "ratio",
+               "L2 norm of the Adam update divided by the L2 norm of the weights, per param group.",
+               T + ("param_group",), deep=True),
+    MetricSpec("adamwatch_adam_exp_avg_norm", "gauge", "",
+               "L2 norm of Adam's first moment m (exp_avg), per param group.", T + ("param_group",), deep=True),
+    MetricSpec("adamwatch_adam_exp_avg_sq_norm", "gauge", "",
+               "L2 norm of Adam's second moment v (exp_avg_sq), per param group.", T + ("param_group",), deep=True),
+    MetricSpec("adamwatch_eps_dominated_ratio", "gauge", "ratio",
+               "Share of sampled coordinates where sqrt(v_hat) <= eps, so eps sets the step size.",
+               T + ("param_group",), deep=True),
+    MetricSpec("adamwatch_deep_stats_step", "gauge", "",
+               "Optimizer step at which the deep statistics were last computed.", T, deep=True),
+    # --- connection and transport -----------------------------------------------
+    MetricSpec("adamwatch_trainer_connected", "gauge", "",
+               "1 while the trainer's connection is open, 0 after it closed (until its series expire).", T),
+    MetricSpec("adamwatch_optimizer_info", "info", "",
+               "Optimizer kind, implementation and hyperparameters announced by the trainer.",
+               T + ("optimizer", "implementation", "beta1", "beta2", "eps", "weight_decay", "amsgrad",
+                    "world_size", "host", "torch_version", "adamwatch_version")),
+    MetricSpec("adamwatch_dropped_summaries_total", "counter", "",
+               "Step summaries the trainer dropped because the sidecar was unreachable or slow.", T),
+    MetricSpec("adamwatch_frames_rejected_total", "counter", "",
+               "Frames the sidecar rejected, by reason (see adamwatch.wire.REJECT_REASONS).", ("reason",)),
+    MetricSpec("adamwatch_frame_unknown_fields_total", "counter", "",
+               "Accepted frames that carried fields this sidecar does not know (newer trainer).", ()),
+    MetricSpec("adamwatch_sidecar_connections", "gauge", "",
+               "Open trainer connections, including those that have not said hello yet.", ()),
+    # --- checkpoints and remediation --------------------------------------------
+    MetricSpec("adamwatch_last_checkpoint_timestamp_seconds", "gauge", "seconds",
+               "Unix time of the trainer's latest checkpoint save.", T),
+    MetricSpec("adamwatch_last_known_good_checkpoint_timestamp_seconds", "gauge", "seconds",
+               "Unix time at which the newest checkpoint was marked known-good.", T),
+    MetricSpec("adamwatch_last_known_good_checkpoint_step", "gauge", "",
+               "Optimizer step of the newest known-good checkpoint.", T),
+    MetricSpec("adamwatch_detections_total", "counter", "",
+               "Incidents the sidecar's step-latency detectors raised, by detector.", T + ("detector",)),
+    MetricSpec("adamwatch_remediations_total", "counter", "",
+               "Remediation actions, by action and outcome (applied, failed, dry_run, rejected, timeout).",
+               T + ("action", "outcome")),
+    MetricSpec("adamwatch_remediation_ladder_exhausted", "gauge", "",
+               "1 when every rung of the remediation ladder has been used up and a human must act.", T),
+    MetricSpec("adamwatch_learning_rate_scale", "gauge", "ratio",
+               "Cumulative factor adamwatch has applied to the learning rate (1 = untouched).", T),
+    MetricSpec("adamwatch_control_requests_rejected_total", "counter", "",
+               "Control requests (Alertmanager webhook, ctl) rejected, by endpoint and reason.",
+               ("endpoint", "reason")),
+)
+
+BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}
+
+
+def metric(name: str) -> MetricSpec:
+    """Look up a metric by its exposed name; KeyError names the unknown metric."""
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"{name!r} is not in adamwatch_sidecar.metric_table.METRICS") from None
+
+
+def render_markdown_reference() -> str:
+    """The README's metric reference, generated from METRICS."""
+    lines = [
+        "| metric | type | labels | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for m in METRICS:
+        labels = ", ".join(f"`{label}`" for label in m.labels) or "—"
+        meaning = m.help + (" *(deep statistics, every N steps)*" if m.deep else "")
+        lines.append(f"| `{m.name}` | {m.type} | {labels} | {meaning} |")
+    return "\n".join(lines) + "\n"
