@@ -1,0 +1,289 @@
+"""The trainer's connection to its sidecar: a background thread, a bounded queue, reconnects.
+
+The training loop only ever calls ``send`` / ``send_control``, which append to
+in-memory queues and return. The thread connects (with backoff), says HELLO on
+every (re)connection, writes frames with non-blocking sends, and reads COMMAND
+frames coming back. When the sidecar is missing, dead or slow, the oldest
+summaries are dropped and counted; the count reaches the sidecar in the next
+HELLO and in DROPPED messages, so the gap is visible in
+``adamwatch_dropped_summaries_total``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+from adamwatch import wire
+
+__all__ = ["StreamClient"]
+
+log = logging.getLogger("adamwatch.client")
+
+_SEND_CHUNK = 256 * 1024
+
+
+class StreamClient:
+    """Streams frames to the sidecar from a background thread.
+
+    Args:
+        endpoint: ``unix:///path`` or ``tcp://127.0.0.1:PORT``.
+        hello: returns the HELLO payload (called on every connection; the
+            client fills in ``dropped_total``).
+        on_command: called on the client thread with each COMMAND payload.
+        poll: called on the client thread every loop turn; returns frames
+            (already encoded) to send. The monitor uses it to turn finished
+            summary vectors into STEP frames off the step path.
+        max_queued: summaries kept while disconnected; older ones are dropped.
+        backoff: (first, max) seconds between connection attempts.
+        wait: how long one loop turn waits inside ``poll`` for new work.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        hello: Callable[[], dict[str, Any]],
+        *,
+        on_command: Callable[[dict[str, Any]], None] | None = None,
+        poll: Callable[[float], list[bytes]] | None = None,
+        max_queued: int = 4096,
+        backoff: tuple[float, float] = (0.05, 1.0),
+        wait: float = 0.05,
+    ):
+        self.endpoint = wire.parse_endpoint(endpoint)
+        self._hello = hello
+        self._on_command = on_command
+        self._poll = poll
+        self._wait = wait
+        self._backoff = backoff
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._max_queued = max_queued
+        # Control frames (ACK, CHECKPOINT, GOODBYE) are few and must not be
+        # pushed out by a flood of summaries.
+        self._control: collections.deque[bytes] = collections.deque(maxlen=1024)
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._partial = b""
+        self._decoder = wire.FrameDecoder()
+        self._next_attempt = 0.0
+        self._delay = backoff[0]
+        self._announced_missing = False
+        self._stop = threading.Event()
+        self._drain = threading.Event()
+        self.dropped_total = 0
+        self._dropped_reported = 0
+        self.connected = False
+        self.connections = 0
+        self.frames_sent = 0
+        self._thread = threading.Thread(target=self._run, name="adamwatch-client", daemon=True)
+
+    # ------------------------------------------------------------ trainer side
+    def start(self) -> None:
+        self._thread.start()
+
+    def send(self, frame: bytes) -> None:
+        """Queue a summary frame; drops the oldest when full. Never blocks on the network."""
+        with self._lock:
+            if len(self._queue) >= self._max_queued:
+                self._queue.popleft()
+                self.dropped_total += 1
+            self._queue.append(frame)
+
+    def send_control(self, frame: bytes) -> None:
+        """Queue a control frame (sent before pending summaries)."""
+        with self._lock:
+            self._control.append(frame)
+
+    def count_dropped(self, n: int) -> None:
+        """Summaries lost before they reached the client (e.g. the transfer pool was full)."""
+        with self._lock:
+            self.dropped_total += n
+
+    def close(self, timeout: float = 2.0, goodbye: dict[str, Any] | None = None) -> None:
+        """Flush what is queued (up to ``timeout``), say GOODBYE, stop the thread."""
+        if goodbye is not None:
+            self.send_control(wire.encode_frame(wire.MessageType.GOODBYE, goodbye))
+        self._drain.set()
+        self._thread.join(timeout) if self._thread.is_alive() else None
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(1.0)
+        self._disconnect(quiet=True)
+        with self._lock:
+            # Whatever could not be delivered by now never will be.
+            self.dropped_total += len(self._queue)
+            self._queue.clear()
+
+    # ------------------------------------------------------------ client thread
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                frames = self._poll(self._wait) if self._poll else self._stop.wait(self._wait) and []
+                for frame in frames or ():
+                    self.send(frame)
+                if self._sock is None:
+                    self._maybe_connect()
+                if self._sock is not None:
+                    self._flush()
+                    self._read_commands()
+                if self._drain.is_set() and self._all_sent():
+                    return
+                if self._drain.is_set() and self._sock is None and time.monotonic() < self._next_attempt:
+                    # Shutting down with no sidecar: nothing more can be sent.
+                    return
+            except Exception:  # the client must never die: log and carry on
+                log.exception("adamwatch: client loop error (continuing)")
+                self._disconnect(quiet=True)
+                time.sleep(self._wait)
+
+    def _all_sent(self) -> bool:
+        with self._lock:
+            return not self._queue and not self._control and not self._partial
+
+    def _maybe_connect(self) -> None:
+        now = time.monotonic()
+        if now < self._next_attempt:
+            return
+        ep = self.endpoint
+        try:
+            if ep.scheme == "unix":
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(1.0)
+                sock.connect(ep.path)
+            else:
+                sock = socket.create_connection((ep.host, ep.port), timeout=1.0)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            self._next_attempt = now + self._delay
+            self._delay = min(self._delay * 2, self._backoff[1])
+            if not self._announced_missing:
+                self._announced_missing = True
+                log.warning(
+                    "adamwatch: no sidecar at %s (%s); training continues, summaries are dropped and "
+                    "counted until it is reachable (logged once)", ep, exc.strerror or exc,
+                )
+            return
+        sock.setblocking(False)
+        self._sock = sock
+        self._decoder = wire.FrameDecoder()
+        self._delay = self._backoff[0]
+        self.connected = True
+        self.connections += 1
+        with self._lock:
+            hello = dict(self._hello())
+            hello["dropped_total"] = self.dropped_total
+            self._dropped_reported = self.dropped_total
+            # HELLO must be the first frame of the connection.
+            self._partial = wire.encode_frame(wire.MessageType.HELLO, hello)
+        if self._announced_missing or self.connections > 1:
+            log.info("adamwatch: connected to sidecar at %s", ep)
+        self._announced_missing = False
+
+    def _disconnect(self, quiet: bool = False) -> None:
+        sock, self._sock = self._sock, None
+        self.connected = False
+        if sock is None:
+            return
+        try:
+            sock.close()
+        except OSError:
+            pass
+        with self._lock:
+            if self._partial:
+                # The frame cut off mid-write is lost; a new connection starts clean.
+                self.dropped_total += 1
+                self._partial = b""
+        self._next_attempt = time.monotonic() + self._delay
+        if not quiet:
+            log.warning("adamwatch: lost the sidecar at %s; reconnecting, summaries are counted as dropped", self.endpoint)
+
+    def _next_chunk(self) -> bytes:
+        with self._lock:
+            if self._partial:
+                chunk, self._partial = self._partial, b""
+                return chunk
+            if self.dropped_total > self._dropped_reported:
+                self._dropped_reported = self.dropped_total
+                self._control.appendleft(
+                    wire.encode_frame(wire.MessageType.DROPPED, {"dropped_total": self.dropped_total})
+                )
+            parts: list[bytes] = []
+            size = 0
+            while self._control and size < _SEND_CHUNK:
+                frame = self._control.popleft()
+                parts.append(frame)
+                size += len(frame)
+            while self._queue and size < _SEND_CHUNK:
+                frame = self._queue.popleft()
+                parts.append(frame)
+                size += len(frame)
+            self.frames_sent += len(parts)
+            return b"".join(parts)
+
+    def _flush(self) -> None:
+        sock = self._sock
+        while sock is not None:
+            chunk = self._next_chunk()
+            if not chunk:
+                return
+            try:
+                sent = sock.send(chunk)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                with self._lock:
+                    self._partial = chunk
+                self._disconnect()
+                return
+            if sent < len(chunk):
+                with self._lock:
+                    self._partial = chunk[sent:]
+                return  # the socket buffer is full: the sidecar is slow; try next turn
+
+    def _read_commands(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if not readable:
+                return
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._disconnect()
+            return
+        if not data:
+            self._disconnect()
+            return
+        for item in self._decoder.feed(data):
+            if isinstance(item, wire.FrameError):
+                log.warning("adamwatch: bad frame from sidecar (%s): %s", item.reason, item)
+                if item.fatal:
+                    self._disconnect()
+                    return
+                continue
+            if item.type == wire.MessageType.COMMAND and self._on_command is not None:
+                try:
+                    self._on_command(item.payload)
+                except Exception:
+                    log.exception("adamwatch: command handler failed for %r", item.payload)
+
+
+def default_job_name() -> str:
+    """$ADAMWATCH_JOB, else the training script's name."""
+    import sys
+
+    job = os.environ.get("ADAMWATCH_JOB")
+    if job:
+        return job
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    stem = os.path.splitext(script)[0]
+    return stem if stem and stem not in ("-c", "-m") else "trainer"
