@@ -88,8 +88,16 @@ class StreamClient:
         self._thread.start()
 
     def send(self, frame: bytes) -> None:
-        """Queue a summary frame; drops the oldest when full. Never blocks on the network."""
+        """Queue a summary frame; drops the oldest when full. Never blocks on the network.
+
+        While no sidecar is connected, summaries are dropped (and counted) at
+        once rather than replayed later: the sidecar exports the present, and
+        replaying stale steps would feed old incidents to its detectors.
+        """
         with self._lock:
+            if not self.connected:
+                self.dropped_total += 1
+                return
             if len(self._queue) >= self._max_queued:
                 self._queue.popleft()
                 self.dropped_total += 1
@@ -124,11 +132,11 @@ class StreamClient:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                if self._sock is None:
+                    self._maybe_connect()
                 frames = self._poll(self._wait) if self._poll else self._stop.wait(self._wait) and []
                 for frame in frames or ():
                     self.send(frame)
-                if self._sock is None:
-                    self._maybe_connect()
                 if self._sock is not None:
                     self._flush()
                     self._read_commands()
@@ -199,6 +207,8 @@ class StreamClient:
                 # The frame cut off mid-write is lost; a new connection starts clean.
                 self.dropped_total += 1
                 self._partial = b""
+            self.dropped_total += len(self._queue)
+            self._queue.clear()
         self._next_attempt = time.monotonic() + self._delay
         if not quiet:
             log.warning("adamwatch: lost the sidecar at %s; reconnecting, summaries are counted as dropped", self.endpoint)
