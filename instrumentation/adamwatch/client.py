@@ -85,17 +85,24 @@ class StreamClient:
 
     # ------------------------------------------------------------ trainer side
     def start(self) -> None:
+        """Try to connect once right away (setup, not the step path), then run the thread."""
+        try:
+            self._maybe_connect()
+        except Exception:
+            log.exception("adamwatch: first connection attempt failed")
         self._thread.start()
 
     def send(self, frame: bytes) -> None:
         """Queue a summary frame; drops the oldest when full. Never blocks on the network.
 
-        While no sidecar is connected, summaries are dropped (and counted) at
+        After the connection is lost, summaries are dropped (and counted) at
         once rather than replayed later: the sidecar exports the present, and
-        replaying stale steps would feed old incidents to its detectors.
+        replaying stale steps would feed old incidents to its detectors. Before
+        the first connection they wait in the queue, so a sidecar that starts a
+        moment after the trainer still sees the first steps.
         """
         with self._lock:
-            if not self.connected:
+            if not self.connected and self.connections:
                 self.dropped_total += 1
                 return
             if len(self._queue) >= self._max_queued:
@@ -132,17 +139,20 @@ class StreamClient:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                # Read before polling: once close() has been called, this turn's
+                # poll sees every summary submitted before it.
+                draining = self._drain.is_set()
                 if self._sock is None:
                     self._maybe_connect()
-                frames = self._poll(self._wait) if self._poll else self._stop.wait(self._wait) and []
+                frames = self._poll(0 if draining else self._wait) if self._poll else self._stop.wait(self._wait) and []
                 for frame in frames or ():
                     self.send(frame)
                 if self._sock is not None:
                     self._flush()
                     self._read_commands()
-                if self._drain.is_set() and self._all_sent():
+                if draining and self._all_sent():
                     return
-                if self._drain.is_set() and self._sock is None and time.monotonic() < self._next_attempt:
+                if draining and self._sock is None and time.monotonic() < self._next_attempt:
                     # Shutting down with no sidecar: nothing more can be sent.
                     return
             except Exception:  # the client must never die: log and carry on

@@ -56,7 +56,10 @@ class MonitorConfig:
             them for non-fused optimizers at one host sync per step; "off"
             only reports.
         samples_per_step, tokens_per_step: throughput, if known and constant.
-        max_queued: summaries buffered while the sidecar is unreachable.
+        max_queued: summaries buffered while the sidecar is slow.
+        lr_floor: learning-rate cuts never go below this.
+        command_interval: under torch.distributed, rank 0 broadcasts pending
+            actions every this many steps (one tiny collective each time).
     """
 
     endpoint: str | None = None
@@ -70,6 +73,8 @@ class MonitorConfig:
     tokens_per_step: int | None = None
     max_queued: int = 4096
     seed: int = 0
+    lr_floor: float = 0.0
+    command_interval: int = 1
 
     def validate(self) -> None:
         if self.guard not in _GUARDS:
@@ -82,6 +87,8 @@ class MonitorConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be an int >= 0 or None, got {value!r}")
+        if not isinstance(self.command_interval, int) or self.command_interval < 1:
+            raise ValueError(f"command_interval must be an int >= 1, got {self.command_interval!r}")
         if self.endpoint is not None:
             wire.parse_endpoint(self.endpoint)
 
@@ -134,8 +141,6 @@ class Monitor:
         self._steps_in_call = 0
         self.errors = 0
         self._error_logged = False
-        self.stop_requested = False
-        self._on_stop = on_stop
         self._closed = False
         self._actions: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
 
@@ -211,6 +216,11 @@ class Monitor:
         """Summaries that never reached the sidecar."""
         client = self._client.dropped_total if self._client else 0
         return client + self._transfer.dropped
+
+    @property
+    def stop_requested(self) -> bool:
+        """A "stop" action was applied: finish the step, save, and leave the loop."""
+        return self._remediator.stop_requested
 
     @property
     def lr_scale(self) -> float:
@@ -397,31 +407,95 @@ class Monitor:
                 self._report_error("summary reader")
 
     def _note_health(self, payload: dict[str, Any]) -> None:
-        ckpt = self.checkpointer
-        if ckpt is None or not hasattr(ckpt, "note_step"):
-            return
         healthy = not (payload.get("loss_nonfinite") or payload.get("grad_nonfinite") or payload.get("skipped"))
         try:
-            ckpt.note_step(payload["step"], healthy)
+            self._remediator.note_step(payload["step"], healthy)
+            if self.checkpointer is not None:
+                self.checkpointer.note_step(payload["step"], healthy)
         except Exception:
-            self._report_error("checkpointer.note_step")
+            self._report_error("note_step")
 
     # ------------------------------------------------------------------ remediation
     def _setup_remediation(self, on_stop: Callable[[], None] | None) -> None:
-        """Hook point for the remediation ladder (actions applied at step boundaries)."""
+        from adamwatch.distributed import StepCoordinator
+        from adamwatch.remediation import Remediator
+
+        self._remediator = Remediator(
+            self.optimizer, self.scheduler, self.checkpointer, lr_floor=self.config.lr_floor, on_stop=on_stop
+        )
+        coordinator = StepCoordinator(interval=self.config.command_interval, resolve=self._remediator.resolve)
+        self._coordinator = coordinator if coordinator.active() else None
+        if self.checkpointer is not None and getattr(self.checkpointer, "on_event", None) is None:
+            self.checkpointer.on_event = self._on_checkpoint_event
 
     def _queue_action(self, kind: str, args: dict[str, Any], reason: str | None, source: str = "local",
                       action_id: str | None = None) -> str:
-        action_id = action_id or uuid.uuid4().hex[:12]
-        self._actions.put({"id": action_id, "kind": kind, "args": args, "reason": reason, "source": source})
-        return action_id
+        from adamwatch.remediation import Action
+
+        action = Action(kind, args, source=source, reason=reason)
+        if action_id is not None:
+            action.id = action_id
+        self._actions.put(action)
+        return action.id
 
     def _on_command(self, payload: dict[str, Any]) -> None:
+        """A COMMAND from the sidecar (client thread): queue it for the next step boundary."""
+        trigger = payload.get("step")
+        if self.checkpointer is not None and isinstance(trigger, int):
+            # The sidecar saw an incident at this step: checkpoints around it
+            # must not be trusted as known-good.
+            try:
+                self.checkpointer.note_incident(trigger)
+            except Exception:
+                self._report_error("checkpointer.note_incident")
         self._queue_action(payload["action"], dict(payload.get("args") or {}), payload.get("reason"),
                            source="sidecar", action_id=payload["id"])
 
+    def _on_checkpoint_event(self, kind: str, step: int, path: str | None, detail: str | None) -> None:
+        if self._client is not None:
+            self._client.send_control(wire.encode_frame(wire.MessageType.CHECKPOINT, {
+                "event": kind, "step": int(step), "time": time.time(),
+                "path": None if path is None else str(path), "detail": detail,
+            }))
+
+    def _ack(self, result: Any) -> None:
+        if self._client is not None and result.action.source == "sidecar":
+            self._client.send_control(wire.encode_frame(wire.MessageType.ACK, result.to_ack()))
+
     def _apply_actions(self) -> None:
-        """Applied in the post-step hook: between two steps, never inside one."""
+        """Apply pending actions in the post-step hook: between two steps, never inside one.
+
+        Under torch.distributed rank 0 decides: its actions are broadcast and
+        every rank applies the same list at the same step, or replicas diverge.
+        """
+        from adamwatch.remediation import ActionResult
+
+        local = []
+        while True:
+            try:
+                local.append(self._actions.get_nowait())
+            except queue.Empty:
+                break
+        local.extend(self._remediator.pending_actions())
+        if self._coordinator is None:
+            actions = [self._remediator.resolve(a) for a in local]
+        else:
+            if self.rank != 0:
+                for action in local:
+                    if action.source == "sidecar":
+                        self._ack(ActionResult(action, "rejected", None,
+                                               "under torch.distributed only rank 0 takes commands"))
+            actions = self._coordinator.exchange(self.step, local)
+            if self.rank != 0:
+                # Acks for broadcast commands come from rank 0, which received them.
+                for action in actions:
+                    action.source = "broadcast" if action.source == "sidecar" else action.source
+        for action in actions:
+            result = self._remediator.apply(action, self.step)
+            if result.outcome == "applied" and action.kind == "restore_checkpoint":
+                self.step = int(result.data.get("restored_step", self.step))
+                self._last_end = None  # the next step's duration would span the restore
+            self._ack(result)
 
 
 def watch(
@@ -437,6 +511,7 @@ def watch(
     samples_per_step: int | None = None,
     tokens_per_step: int | None = None,
     guard: str = "auto",
+    on_stop: Callable[[], None] | None = None,
     **options: Any,
 ) -> Monitor:
     """Watch every step of a torch Adam/AdamW optimizer.
@@ -451,7 +526,9 @@ def watch(
         deep_stats_every: Adam-state statistics every N steps (0 disables).
         samples_per_step, tokens_per_step: for throughput metrics.
         guard: "auto" (skip non-finite steps where free), "sync" or "off".
-        **options: further MonitorConfig fields (sample_size, max_queued, world_size, seed).
+        on_stop: called when a "stop" action is applied (``monitor.stop_requested`` turns True too).
+        **options: further MonitorConfig fields (sample_size, max_queued, world_size, seed,
+            lr_floor, command_interval).
 
     Returns:
         The Monitor; use it as a context manager or call ``close()``.
@@ -466,4 +543,5 @@ def watch(
         guard=guard,
         **options,
     )
-    return Monitor(optimizer, scheduler=scheduler, checkpointer=checkpointer, scaler=scaler, config=config)
+    return Monitor(optimizer, scheduler=scheduler, checkpointer=checkpointer, scaler=scaler, config=config,
+                   on_stop=on_stop)

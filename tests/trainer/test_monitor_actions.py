@@ -1,0 +1,105 @@
+"""Remediation actions through the Monitor: in process and as sidecar commands, at step boundaries."""
+
+from __future__ import annotations
+
+import torch
+
+import adamwatch
+from adamwatch import wire
+
+from .test_monitor import batch, make_model, make_optimizer
+
+
+def train(model, opt, sched, monitor, steps, start=0, nan_at=()):
+    for i in range(start, start + steps):
+        x, y = batch(i)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if i in nan_at:
+            loss = loss * float("nan")
+        loss.backward()
+        monitor.observe_loss(loss)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        opt.zero_grad()
+
+
+def test_reduce_lr_applies_at_the_next_boundary_and_survives_the_scheduler(sink):
+    model = make_model()
+    opt = make_optimizer(model, "AdamW", "fused")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+    ref_model = make_model()
+    ref_opt = make_optimizer(ref_model, "AdamW", "fused")
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda s: min(1.0, (s + 1) / 10))
+    with adamwatch.watch(opt, scheduler=sched, endpoint=sink.endpoint) as monitor:
+        train(model, opt, sched, monitor, 3)
+        action_id = monitor.reduce_lr(0.5)
+        assert opt.param_groups[0]["lr"] == ref_sched.get_last_lr()[0] * 0 + sched.get_last_lr()[0]  # not yet
+        with adamwatch.watch(ref_opt, scheduler=ref_sched) as ref_monitor:
+            train(ref_model, ref_opt, ref_sched, ref_monitor, 3)
+            train(model, opt, sched, monitor, 5, start=3)
+            train(ref_model, ref_opt, ref_sched, ref_monitor, 5, start=3)
+        assert monitor.lr_scale == 0.5
+    for g, ref in zip(opt.param_groups, ref_opt.param_groups):
+        assert g["lr"] == ref["lr"] * 0.5
+    assert isinstance(action_id, str)
+
+
+def test_sidecar_command_is_acknowledged_with_the_step_it_took_effect(sink):
+    model = make_model()
+    opt = make_optimizer(model, "Adam", "foreach")
+    with adamwatch.watch(opt, endpoint=sink.endpoint) as monitor:
+        train(model, opt, None, monitor, 2)
+        sink.wait_for(lambda: len(sink.steps()) == 2)
+        sink.send_command({"id": "cmd-1", "action": "reduce_lr", "args": {"factor": 0.25}, "reason": "test", "step": 2})
+        lr_before = opt.param_groups[0]["lr"]
+        deadline_steps = 0
+        while not sink.of_type(wire.MessageType.ACK) and deadline_steps < 500:
+            train(model, opt, None, monitor, 1, start=2 + deadline_steps)
+            deadline_steps += 1
+        sink.wait_for(lambda: sink.of_type(wire.MessageType.ACK))
+        ack = sink.of_type(wire.MessageType.ACK)[0]
+        sink.send_command({"id": "cmd-2", "action": "explode", "args": {}})
+        train(model, opt, None, monitor, 30, start=600)
+        sink.wait_for(lambda: len(sink.of_type(wire.MessageType.ACK)) == 2)
+    assert ack["id"] == "cmd-1" and ack["action"] == "reduce_lr" and ack["outcome"] == "applied"
+    assert ack["step"] >= 2
+    assert opt.param_groups[0]["lr"] == lr_before * 0.25
+    rejected = sink.of_type(wire.MessageType.ACK)[1]
+    assert rejected["id"] == "cmd-2" and rejected["outcome"] == "rejected" and "explode" in rejected["detail"]
+
+
+def test_restore_checkpoint_returns_to_the_known_good_state(sink, tmp_path):
+    model = make_model()
+    opt = make_optimizer(model, "AdamW", "fused")
+    ckpt = adamwatch.Checkpointer(tmp_path / "ckpt", model=model, optimizer=opt, good_window=2)
+    with adamwatch.watch(opt, endpoint=sink.endpoint, checkpointer=ckpt, deep_stats_every=0) as monitor:
+        train(model, opt, None, monitor, 5)
+        ckpt.save(5)
+        saved = [p.detach().clone() for p in model.parameters()]
+        train(model, opt, None, monitor, 4, start=5)
+        sink.wait_for(lambda: any(m.get("event") == "known_good" for m in sink.of_type(wire.MessageType.CHECKPOINT)))
+        monitor.restore_checkpoint()
+        train(model, opt, None, monitor, 1, start=9)  # the restore happens after this step
+        assert monitor.step == 5
+        assert all(torch.equal(p, s) for p, s in zip(model.parameters(), saved))
+        train(model, opt, None, monitor, 1, start=10)
+    sink.wait_for(lambda: sink.of_type(wire.MessageType.GOODBYE))
+    assert [s["step"] for s in sink.steps()][-3:] == [9, 10, 6]
+    events = [m["event"] for m in sink.of_type(wire.MessageType.CHECKPOINT)]
+    assert events[:2] == ["saved", "known_good"] and "restored" in events
+
+
+def test_stop_command_sets_stop_requested(sink):
+    stopped = []
+    model = make_model()
+    opt = make_optimizer(model)
+    with adamwatch.watch(opt, endpoint=sink.endpoint, on_stop=lambda: stopped.append(True)) as monitor:
+        train(model, opt, None, monitor, 1)
+        sink.wait_for(lambda: sink.connections)
+        sink.send_command({"id": "stop-1", "action": "stop", "reason": "ladder exhausted"})
+        for i in range(200):
+            if monitor.stop_requested:
+                break
+            train(model, opt, None, monitor, 1, start=i + 1)
+        assert monitor.stop_requested and stopped == [True]
