@@ -97,9 +97,9 @@ def measure(label: str, deep_every: int, pairs: int, args, endpoint: str) -> flo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--pairs", type=int, default=150)
+    parser.add_argument("--pairs", type=int, default=120)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--fused", action="store_true", help="fused AdamW (default: torch's default implementation)")

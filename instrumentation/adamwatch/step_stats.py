@@ -72,18 +72,20 @@ class _SamplePlan:
             else:
                 k = max(1, round(sample_size * n / total))
                 idx = torch.randint(0, n, (k,), generator=generator)
-            self.indices.append(idx.to(p.device))
+            self.indices.append(idx.to(p.device, non_blocking=True))
             counts.append(len(idx))
         self.size = sum(counts)
-        self.counts = torch.tensor(counts, device=device)
+        # Built on the host and copied without blocking: this runs inside the
+        # first deep step, which must not synchronise either.
+        self.counts = torch.tensor(counts).to(device, non_blocking=True)
         # Linear-interpolation quantiles from a sorted sample, positions fixed
         # on the host so no device value decides an index (no sync).
         positions = [q * (self.size - 1) for q in QUANTILES]
         lo = [int(math.floor(p)) for p in positions]
         hi = [min(i + 1, self.size - 1) for i in lo]
-        self.q_lo = torch.tensor(lo, device=device)
-        self.q_hi = torch.tensor(hi, device=device)
-        self.q_w = torch.tensor([p - i for p, i in zip(positions, lo)], dtype=torch.float32, device=device)
+        self.q_lo = torch.tensor(lo).to(device, non_blocking=True)
+        self.q_hi = torch.tensor(hi).to(device, non_blocking=True)
+        self.q_w = torch.tensor([p - i for p, i in zip(positions, lo)], dtype=torch.float32).to(device, non_blocking=True)
 
     def quantiles(self, values: torch.Tensor) -> torch.Tensor:
         ordered = torch.sort(values).values

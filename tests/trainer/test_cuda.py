@@ -1,0 +1,45 @@
+"""On a CUDA device: watched steps never synchronise with the host.
+
+``torch.cuda.set_sync_debug_mode("error")`` makes every synchronising CUDA
+call raise, so 100 watched steps (fused AdamW, deep statistics every 10
+steps) passing under it prove the step path stays asynchronous.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adamwatch
+
+pytestmark = pytest.mark.gpu
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("impl", [{"fused": True}, {"foreach": True}])
+def test_watched_steps_make_no_host_sync(sink, impl):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **impl)
+    x = torch.randn(64, 256, device="cuda")
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=10) as monitor:
+        for _ in range(3):  # Adam allocates its state on the first step
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(100):
+                loss = model(x).square().mean()
+                loss.backward()
+                monitor.observe_loss(loss)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sink.wait_for(lambda: len(sink.steps()) == 103, timeout=20)
+    assert sum("deep" in s for s in sink.steps()) == 10
+    assert monitor.errors == 0
