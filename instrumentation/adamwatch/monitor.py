@@ -151,6 +151,7 @@ class Monitor:
 
         self._remediator = None
         self._coordinator = None
+        self._scheduler_skip_armed = False
         self._setup_remediation(on_stop)
 
         endpoint = config.endpoint or os.environ.get(wire.ENDPOINT_ENV)
@@ -234,6 +235,7 @@ class Monitor:
         self._closed = True
         for handle in self._handles:
             handle.remove()
+        self._disarm_scheduler_skip()
         if self._scaler is not None and self._scaler_step is not None:
             try:
                 del self._scaler.step  # back to the class's method
@@ -259,6 +261,7 @@ class Monitor:
             log.exception("adamwatch: %s failed; training continues (further errors are counted, not logged)", where)
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._disarm_scheduler_skip()
         try:
             grad_scale = getattr(optimizer, "grad_scale", None)
             found_inf = getattr(optimizer, "found_inf", None)
@@ -458,6 +461,34 @@ class Monitor:
                 "path": None if path is None else str(path), "detail": detail,
             }))
 
+    def _arm_scheduler_skip(self) -> None:
+        """Skip the abandoned iteration's ``scheduler.step()`` after a restore.
+
+        A restore happens in the post-step hook, and the user's loop calls
+        ``scheduler.step()`` next. The checkpoint already holds the scheduler
+        as it was after that step's own ``scheduler.step()``, so stepping it
+        again would run the schedule one step ahead. The skip stays armed only
+        until the next optimizer step, so a scheduler stepped per epoch is not
+        affected; it is an instance attribute for that short window only.
+        """
+        if self.scheduler is None or self._scheduler_skip_armed:
+            return
+
+        def skipped_step(*args: Any, **kwargs: Any) -> None:
+            self._disarm_scheduler_skip()
+            log.info("adamwatch: scheduler.step() of the iteration abandoned by the restore was skipped")
+
+        self.scheduler.step = skipped_step
+        self._scheduler_skip_armed = True
+
+    def _disarm_scheduler_skip(self) -> None:
+        if self._scheduler_skip_armed:
+            self._scheduler_skip_armed = False
+            try:
+                del self.scheduler.step
+            except AttributeError:
+                pass
+
     def _ack(self, result: Any) -> None:
         if self._client is not None and result.action.source == "sidecar":
             self._client.send_control(wire.encode_frame(wire.MessageType.ACK, result.to_ack()))
@@ -495,6 +526,7 @@ class Monitor:
             if result.outcome == "applied" and action.kind == "restore_checkpoint":
                 self.step = int(result.data.get("restored_step", self.step))
                 self._last_end = None  # the next step's duration would span the restore
+                self._arm_scheduler_skip()
             self._ack(result)
 
 

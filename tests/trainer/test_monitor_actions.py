@@ -103,3 +103,35 @@ def test_stop_command_sets_stop_requested(sink):
                 break
             train(model, opt, None, monitor, 1, start=i + 1)
         assert monitor.stop_requested and stopped == [True]
+
+
+def test_restore_keeps_the_schedule_exact(sink, tmp_path):
+    """The restored run continues with the lr the original run had after the checkpoint's step."""
+    def lambda_schedule(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+
+    ref_model = make_model()
+    ref_opt = make_optimizer(ref_model, "AdamW", "foreach")
+    ref_sched = lambda_schedule(ref_opt)
+    lrs = []
+    for i in range(8):
+        lrs.append([g["lr"] for g in ref_opt.param_groups])
+        ref_opt.step()
+        ref_sched.step()
+
+    model = make_model()
+    opt = make_optimizer(model, "AdamW", "foreach")
+    sched = lambda_schedule(opt)
+    ckpt = adamwatch.Checkpointer(tmp_path / "ckpt", model=model, optimizer=opt, scheduler=sched, good_window=0)
+    with adamwatch.watch(opt, scheduler=sched, endpoint=sink.endpoint, checkpointer=ckpt) as monitor:
+        train(model, opt, sched, monitor, 5)
+        ckpt.save(monitor.step)
+        train(model, opt, sched, monitor, 3, start=5)
+        monitor.restore_checkpoint(step=5)
+        train(model, opt, sched, monitor, 1, start=8)  # restored after this step's optimizer.step()
+        assert monitor.step == 5
+        # Iteration 6 of the original run used lrs[5]; the restored run must too.
+        assert [g["lr"] for g in opt.param_groups] == lrs[5]
+        train(model, opt, sched, monitor, 1, start=9)
+        assert [g["lr"] for g in opt.param_groups] == lrs[6]
+    assert "step" not in vars(sched)  # the temporary skip is gone
