@@ -490,8 +490,13 @@ class Monitor:
                 pass
 
     def _ack(self, result: Any) -> None:
-        if self._client is not None and result.action.source == "sidecar":
-            self._client.send_control(wire.encode_frame(wire.MessageType.ACK, result.to_ack()))
+        """Report an outcome to the sidecar: its commands, and actions taken in process too
+        (so its audit log and ``adamwatch_learning_rate_scale`` see every change)."""
+        if self._client is None or result.action.source == "broadcast":
+            return
+        ack = result.to_ack()
+        ack["lr_scale"] = float(self._remediator.lr_scale)
+        self._client.send_control(wire.encode_frame(wire.MessageType.ACK, ack))
 
     def _apply_actions(self) -> None:
         """Apply pending actions in the post-step hook: between two steps, never inside one.

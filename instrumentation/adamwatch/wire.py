@@ -168,6 +168,8 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "outcome": _f("str"),  # "applied" | "failed" | "rejected"
         "step": _f("int", nullable=True),  # the step boundary at which it took effect
         "detail": _f("str", required=False, nullable=True),
+        # cumulative learning-rate factor in force after the action (1 = untouched)
+        "lr_scale": _f("float", required=False, nullable=True),
     },
     MessageType.GOODBYE: {
         "reason": _f("str", required=False, nullable=True),

@@ -63,7 +63,7 @@ def test_sidecar_command_is_acknowledged_with_the_step_it_took_effect(sink):
         train(model, opt, None, monitor, 30, start=600)
         sink.wait_for(lambda: len(sink.of_type(wire.MessageType.ACK)) == 2)
     assert ack["id"] == "cmd-1" and ack["action"] == "reduce_lr" and ack["outcome"] == "applied"
-    assert ack["step"] >= 2
+    assert ack["step"] >= 2 and ack["lr_scale"] == 0.25
     assert opt.param_groups[0]["lr"] == lr_before * 0.25
     rejected = sink.of_type(wire.MessageType.ACK)[1]
     assert rejected["id"] == "cmd-2" and rejected["outcome"] == "rejected" and "explode" in rejected["detail"]
