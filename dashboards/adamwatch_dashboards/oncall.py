@@ -1,0 +1,141 @@
+"""On-call: what is wrong right now — non-finite steps, spikes, stalls, remediation history, runbooks."""
+
+from __future__ import annotations
+
+import pathlib
+
+import yaml
+from grafana_foundation_sdk.builders import dashboard as dashboard_builders
+
+from adamwatch_dashboards.common import (
+    PanelIds,
+    datasource_variable,
+    label_variable,
+    query,
+    stat_panel,
+    table_panel,
+    text_panel,
+    timeseries_panel,
+)
+
+__all__ = ["UID", "RULES_FILE", "oncall_dashboard", "runbook_table_markdown"]
+
+UID = "adamwatch-oncall"
+RULES_FILE = pathlib.Path(__file__).resolve().parents[2] / "alerts" / "adamwatch-rules.yaml"
+
+SEL = 'job=~"$job", rank=~"$rank"'
+FIRING = 'ALERTS{alertname=~"Adamwatch.*", alertstate="firing", job=~"$job"}'
+
+
+def runbook_table_markdown(rules_file: pathlib.Path = RULES_FILE) -> str:
+    """The alert list with runbook links, read from the rules file (one source of truth).
+
+    Args:
+        rules_file: path of alerts/adamwatch-rules.yaml.
+
+    Returns:
+        a markdown table: alert, severity, summary, runbook link.
+    """
+    groups = yaml.safe_load(rules_file.read_text())["groups"]
+    lines = ["| alert | severity | meaning |", "| --- | --- | --- |"]
+    for group in groups:
+        for rule in group["rules"]:
+            if "alert" not in rule:
+                continue
+            name = rule["alert"]
+            url = rule["annotations"]["runbook_url"]
+            lines.append(f"| [{name}]({url}) | {rule['labels']['severity']} | {rule['annotations']['summary']} |")
+    return "\n".join(lines) + "\n"
+
+
+def oncall_dashboard() -> dashboard_builders.Dashboard:
+    """Returns: the On-call dashboard builder."""
+    ids = PanelIds()
+    return (
+        dashboard_builders.Dashboard("adamwatch / On-call")
+        .uid(UID)
+        .tags(["adamwatch"])
+        .description("What is wrong now with the training jobs adamwatch watches, and what was already done about it.")
+        .refresh("30s")
+        .time("now-6h", "now")
+        .timezone("utc")
+        .with_variable(datasource_variable())
+        .with_variable(label_variable("job", "Job", "adamwatch_trainer_connected", multi=True))
+        .with_variable(label_variable("rank", "Rank", 'adamwatch_trainer_connected{job=~"$job"}', multi=True))
+        .with_row(dashboard_builders.Row("Now"))
+        .with_panel(stat_panel(
+            ids, "Critical alerts", "adamwatch alerts with severity critical firing for the selected jobs.",
+            [query(f'count({FIRING[:-1]}, severity="critical"}}) or vector(0)')], red_from=1))
+        .with_panel(stat_panel(
+            ids, "Ranks not stepping", "Connected ranks whose last optimizer step is more than 5 minutes old.",
+            [query(f'count((time() - adamwatch_last_step_timestamp_seconds{{{SEL}}} > 300)'
+                   f' and on (job, rank) adamwatch_trainer_connected == 1) or vector(0)')], red_from=1))
+        .with_panel(stat_panel(
+            ids, "Disconnected ranks", "Ranks whose trainer closed the connection to its sidecar (until their series expire).",
+            [query(f'count(adamwatch_trainer_connected{{{SEL}}} == 0) or vector(0)')], red_from=1))
+        .with_panel(stat_panel(
+            ids, "Sidecar targets down", "adamwatch sidecars Prometheus cannot scrape (scrape job adamwatch-sidecar).",
+            [query('count(up{job="adamwatch-sidecar"} == 0) or vector(0)')], red_from=1))
+        .with_panel(table_panel(
+            ids, "Firing alerts",
+            "Every firing adamwatch alert; click the alert name for its runbook.",
+            [query(FIRING, instant=True)], event_only=True, runbook_links=True))
+        .with_row(dashboard_builders.Row("Numerics"))
+        .with_panel(timeseries_panel(
+            ids, "Non-finite steps", "Steps with NaN/Inf loss or gradients per 5 minutes, by source (AdamwatchNonFiniteStep).",
+            [query(f'sum by (job, rank, source) (increase(adamwatch_nonfinite_steps_total{{{SEL}}}[5m]))',
+                   "{{job}}/{{rank}} {{source}}")], event_only=True))
+        .with_panel(timeseries_panel(
+            ids, "Skipped steps", "Steps whose update was not applied per 5 minutes, by reason.",
+            [query(f'sum by (job, rank, reason) (increase(adamwatch_skipped_steps_total{{{SEL}}}[5m]))',
+                   "{{job}}/{{rank}} {{reason}}")], event_only=True))
+        .with_panel(timeseries_panel(
+            ids, "Loss against its baseline",
+            "Mean loss over the last minute and the 30-minute baseline ending 5 minutes ago (AdamwatchLossSpike).",
+            [
+                query(f'adamwatch_job_rank:loss:avg1m{{{SEL}}}', "{{job}}/{{rank}} last minute"),
+                query(f'adamwatch_job_rank:loss:baseline_avg30m{{{SEL}}}', "{{job}}/{{rank}} baseline"),
+            ], needs_history=True))
+        .with_panel(timeseries_panel(
+            ids, "Loss z-score", "Standard deviations of the last minute's mean loss above its baseline; alerts above 4.",
+            [query(f'adamwatch_job_rank:loss:zscore{{{SEL}}}', "{{job}}/{{rank}}")], needs_history=True))
+        .with_panel(timeseries_panel(
+            ids, "Gradient norm against its baseline",
+            "Global gradient norm over the last minute divided by its 30-minute median; alerts above 10 (AdamwatchGradNormExplosion).",
+            [query(f'adamwatch_job_rank:grad_norm:ratio_to_baseline{{{SEL}}}', "{{job}}/{{rank}}")],
+            needs_history=True))
+        .with_panel(timeseries_panel(
+            ids, "Global gradient norm", "L2 norm of the unscaled gradients at each scraped step.",
+            [query(f'adamwatch_grad_norm{{{SEL}, param_group="all"}}', "{{job}}/{{rank}}")], log_scale=True))
+        .with_row(dashboard_builders.Row("Progress"))
+        .with_panel(timeseries_panel(
+            ids, "Seconds since last step", "Age of each rank's latest optimizer step (AdamwatchTrainingStalled above 600 s).",
+            [query(f'time() - adamwatch_last_step_timestamp_seconds{{{SEL}}}', "{{job}}/{{rank}}")], unit="s"))
+        .with_panel(timeseries_panel(
+            ids, "Steps per second", "Optimizer steps per second per rank (AdamwatchThroughputDrop compares 5m with the hour before).",
+            [query(f'rate(adamwatch_steps_total{{{SEL}}}[$__rate_interval])', "{{job}}/{{rank}}")], unit="ops"))
+        .with_panel(timeseries_panel(
+            ids, "Dropped summaries", "Step summaries the trainer dropped per second (sidecar unreachable or slow).",
+            [query(f'rate(adamwatch_dropped_summaries_total{{{SEL}}}[$__rate_interval])', "{{job}}/{{rank}}")]))
+        .with_panel(timeseries_panel(
+            ids, "Known-good checkpoint age", "Age of the newest known-good checkpoint (AdamwatchNoRecentKnownGoodCheckpoint above 2 h).",
+            [query(f'time() - adamwatch_last_known_good_checkpoint_timestamp_seconds{{{SEL}}}', "{{job}}/{{rank}}")],
+            unit="s"))
+        .with_row(dashboard_builders.Row("Remediation"))
+        .with_panel(timeseries_panel(
+            ids, "Detections", "Incidents the sidecar's step-latency detectors raised per 5 minutes, by detector.",
+            [query(f'sum by (job, rank, detector) (increase(adamwatch_detections_total{{{SEL}}}[5m]))',
+                   "{{job}}/{{rank}} {{detector}}")], event_only=True))
+        .with_panel(timeseries_panel(
+            ids, "Remediation history", "Remediation actions per 5 minutes, by action and outcome.",
+            [query(f'sum by (job, rank, action, outcome) (increase(adamwatch_remediations_total{{{SEL}}}[5m]))',
+                   "{{job}}/{{rank}} {{action}} {{outcome}}")], event_only=True))
+        .with_panel(timeseries_panel(
+            ids, "Learning-rate scale", "Cumulative factor adamwatch applied to the learning rate (1 = untouched).",
+            [query(f'adamwatch_learning_rate_scale{{{SEL}}}', "{{job}}/{{rank}}")]))
+        .with_panel(timeseries_panel(
+            ids, "Remediation ladder exhausted", "1 while every rung is used up (AdamwatchRemediationLadderExhausted).",
+            [query(f'adamwatch_remediation_ladder_exhausted{{{SEL}}}', "{{job}}/{{rank}}")]))
+        .with_row(dashboard_builders.Row("Runbooks"))
+        .with_panel(text_panel(ids, "Alerts and runbooks", runbook_table_markdown(), height=12))
+    )
