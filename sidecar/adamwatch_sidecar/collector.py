@@ -1,0 +1,187 @@
+"""Render the run state as Prometheus metrics, from the metric table only.
+
+A custom collector re-exports state the sidecar received, at scrape time::
+
+    >>> from prometheus_client import CollectorRegistry, generate_latest
+    >>> from adamwatch_sidecar.run_state import RunState
+    >>> registry = CollectorRegistry()
+    >>> collector = RunStateCollector(RunState())
+    >>> registry.register(collector)
+    >>> b"# TYPE adamwatch_loss gauge" in generate_latest(registry)
+    True
+
+:meth:`RunStateCollector.collect` yields fresh prometheus_client metric families
+(names, types, help and label names straight from ``METRICS``).
+:meth:`RunStateCollector.render_text` writes the same families in the text
+exposition format directly from the snapshot; /metrics uses it because
+``generate_latest`` escapes every label of every sample again on every scrape,
+which costs more than our 25 ms budget at 64 ranks. The tests check that both
+paths parse back to identical families.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+# render_text writes the 0.0.4 text format, which every Prometheus version reads.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+
+from .metric_table import METRICS, MetricSpec
+from .run_state import HISTOGRAM_LE, RunState, Snapshot
+
+__all__ = ["RunStateCollector", "CONTENT_TYPE", "format_value"]
+
+
+def format_value(value: Any) -> str:
+    """A sample value as the text format writes it (NaN, +Inf, -Inf, floats)."""
+    v = float(value)
+    if v != v:
+        return "NaN"
+    if v == math.inf:
+        return "+Inf"
+    if v == -math.inf:
+        return "-Inf"
+    return repr(v)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _unit(spec: MetricSpec) -> str:
+    # prometheus_client appends a unit the name does not end with; the table's
+    # names are final, so only pass units that are already the suffix.
+    return spec.unit if spec.unit and spec.family_name.endswith("_" + spec.unit) else ""
+
+
+class RunStateCollector:
+    """A prometheus_client collector over a :class:`RunState`.
+
+    Args:
+        state: the run state to render at every scrape.
+    """
+
+    # label-set text cache: a trainer's label values are the same from one
+    # scrape to the next, so each is escaped once. Bounded: cleared when large.
+    _CACHE_LIMIT = 200_000
+
+    def __init__(self, state: RunState):
+        self.state = state
+        self._label_text: dict[tuple[str, tuple[str, ...]], str] = {}
+
+    # ------------------------------------------------------------------ prometheus_client
+    def describe(self) -> Iterator[Metric]:
+        """Empty families, one per table entry (lets a registry check for clashes)."""
+        for spec in METRICS:
+            yield _family(spec)
+
+    def collect(self) -> Iterator[Metric]:
+        """Fresh metric families built from one snapshot of the run state."""
+        for spec, samples in self.state.snapshot():
+            family = _family(spec)
+            if spec.type == "histogram":
+                for labels, (cumulative, total, _count) in samples:
+                    family.add_metric(list(labels), list(zip(HISTOGRAM_LE, cumulative)), total)
+            elif spec.type == "info":
+                base = len(spec.labels) - len(_info_keys(spec))
+                for labels, _value in samples:
+                    family.add_metric(list(labels[:base]), dict(zip(_info_keys(spec), labels[base:])))
+            elif spec.type == "summary":
+                # quantile-only summary (no _sum/_count): the quantiles of a sample
+                # of coordinates, not of observations we could count
+                for labels, value in samples:
+                    family.add_sample(spec.name, dict(zip(spec.labels, labels)), float(value))
+            else:
+                for labels, value in samples:
+                    family.add_metric(list(labels), float(value))
+            yield family
+
+    # ------------------------------------------------------------------ fast text
+    def render_text(self, snapshot: Snapshot | None = None) -> bytes:
+        """The text exposition format (version 0.0.4) of the current run state.
+
+        Args:
+            snapshot: a snapshot to render; a fresh one when None.
+
+        Returns:
+            UTF-8 bytes to serve with ``CONTENT_TYPE``.
+        """
+        if snapshot is None:
+            snapshot = self.state.snapshot()
+        cache = self._label_text
+        if len(cache) > self._CACHE_LIMIT:
+            cache.clear()
+        parts: list[str] = []
+        append = parts.append
+        for spec, samples in snapshot:
+            # 0.0.4 text: HELP/TYPE use the exposed name; info is written as a gauge.
+            kind = "gauge" if spec.type == "info" else spec.type
+            append(f"# HELP {spec.name} {_escape_help(spec.help)}\n# TYPE {spec.name} {kind}\n")
+            names = spec.labels
+            if spec.type == "histogram":
+                bucket_names = names + ("le",)
+                for labels, (cumulative, total, count) in samples:
+                    for le, n in zip(HISTOGRAM_LE, cumulative):
+                        key_le = (spec.name, labels + (le,))
+                        text = cache.get(key_le)
+                        if text is None:
+                            text = cache[key_le] = _label_set(bucket_names, labels + (le,))
+                        append(f"{spec.name}_bucket{text} {float(n)!r}\n")
+                    text = _cached(cache, spec.name, names, labels)
+                    append(f"{spec.name}_count{text} {float(count)!r}\n")
+                    append(f"{spec.name}_sum{text} {format_value(total)}\n")
+                continue
+            name = spec.name
+            for labels, value in samples:
+                text = cache.get((name, labels))
+                if text is None:
+                    text = cache[(name, labels)] = _label_set(names, labels)
+                append(f"{name}{text} {format_value(value)}\n")
+        return "".join(parts).encode("utf-8")
+
+
+def _cached(cache: dict, name: str, names: tuple[str, ...], labels: tuple[str, ...]) -> str:
+    text = cache.get((name, labels))
+    if text is None:
+        text = cache[(name, labels)] = _label_set(names, labels)
+    return text
+
+
+def _label_set(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    if not names:
+        return ""
+    return "{" + ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values)) + "}"
+
+
+def _info_keys(spec: MetricSpec) -> tuple[str, ...]:
+    # The info metric's own labels are everything after job and rank.
+    return spec.labels[2:]
+
+
+def _family(spec: MetricSpec) -> Metric:
+    unit = _unit(spec)
+    if spec.type == "gauge":
+        return GaugeMetricFamily(spec.name, spec.help, labels=list(spec.labels), unit=unit)
+    if spec.type == "counter":
+        return CounterMetricFamily(spec.family_name, spec.help, labels=list(spec.labels), unit=unit)
+    if spec.type == "histogram":
+        return HistogramMetricFamily(spec.name, spec.help, labels=list(spec.labels), unit=unit)
+    if spec.type == "info":
+        return InfoMetricFamily(spec.family_name, spec.help, labels=list(spec.labels[:2]))
+    if spec.type == "summary":
+        return Metric(spec.name, spec.help, "summary", unit=unit)
+    raise AssertionError(f"{spec.name}: unknown metric type {spec.type!r}")

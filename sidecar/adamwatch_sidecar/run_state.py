@@ -1,0 +1,816 @@
+"""What the sidecar knows about every trainer: the state behind /metrics.
+
+The ingest loop applies each accepted message (HELLO, STEP, DROPPED, CHECKPOINT,
+ACK, GOODBYE) to the state of its trainer, keyed by ``TrainerKey(job, rank)``;
+the collector takes a :meth:`RunState.snapshot` at scrape time. One lock guards
+everything: the ingest thread writes, the HTTP scrape thread reads, and the
+scrape side only copies values out under it.
+
+    >>> from adamwatch import wire
+    >>> state = RunState(retention_seconds=60, clock=lambda: 1000.0)
+    >>> key = state.hello("conn-1", {"job": "gpt", "rank": 0, "world_size": 1, "host": "h",
+    ...     "pid": 1, "session": "s1", "adamwatch_version": "0.1.0",
+    ...     "optimizer": {"kind": "AdamW", "param_groups": ["decay", "no_decay"]}})
+    >>> key
+    TrainerKey(job='gpt', rank=0)
+
+Besides the metrics derived from trainer messages, other components
+(remediation) record their own metrics through a small generic store validated
+against the metric table: :meth:`RunState.inc`, :meth:`RunState.set_gauge`
+(per trainer) and :meth:`RunState.inc_global`, :meth:`RunState.set_global_gauge`
+(sidecar-wide).
+
+Listeners added with :meth:`RunState.add_listener` are called as
+``fn(key, message)`` after every accepted message has been applied and as
+``fn(key, None)`` when the trainer's connection closes. They run on the ingest
+loop thread: keep them quick and never block.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Optional
+
+from adamwatch import wire
+
+from .metric_table import BY_NAME, METRICS, STEP_DURATION_BUCKETS, MetricSpec, metric
+
+__all__ = [
+    "TrainerKey",
+    "as_key",
+    "RunState",
+    "Listener",
+    "Snapshot",
+    "MESSAGE_METRICS",
+    "MAX_PARAM_GROUPS",
+    "MAX_LABEL_CHARS",
+    "MAX_SKIP_REASONS",
+]
+
+log = logging.getLogger(__name__)
+
+
+class TrainerKey(NamedTuple):
+    """Identifies one trainer process: its job name and its rank."""
+
+    job: str
+    rank: int
+
+
+def as_key(key: Any) -> TrainerKey:
+    """Normalise ``(job, rank)`` (rank may be given as a digit string) to a TrainerKey.
+
+    Raises:
+        ValueError: naming the bad part.
+    """
+    try:
+        job, rank = key
+    except (TypeError, ValueError):
+        raise ValueError(f"trainer key must be (job, rank), got {key!r}") from None
+    if isinstance(rank, str) and rank.isdigit():
+        rank = int(rank)
+    if not isinstance(job, str) or isinstance(rank, bool) or not isinstance(rank, int):
+        raise ValueError(f"trainer key must be (job: str, rank: int), got {key!r}")
+    return TrainerKey(job, rank)
+
+
+Listener = Callable[[TrainerKey, Optional[wire.Message]], None]
+
+# (spec, [(label values in spec.labels order, value), ...]); histogram values
+# are (cumulative bucket counts aligned with HISTOGRAM_LE, sum, count).
+Snapshot = list[tuple[MetricSpec, list[tuple[tuple[str, ...], Any]]]]
+
+# A trainer's label cardinality is bounded: more groups than this is a bug or
+# an attack, and the message is rejected as a schema violation.
+MAX_PARAM_GROUPS = 256
+MAX_LABEL_CHARS = 256
+MAX_SKIP_REASONS = 16
+
+HISTOGRAM_LE: tuple[str, ...] = tuple(repr(float(b)) for b in STEP_DURATION_BUCKETS) + ("+Inf",)
+_QUANTILE_LABELS: tuple[str, ...] = tuple(str(q) for q in wire.QUANTILES)
+_NQ = len(wire.QUANTILES)
+
+# Metrics maintained from trainer messages (here) and by the ingest server;
+# the generic store refuses them so that no series can have two writers.
+MESSAGE_METRICS: frozenset[str] = frozenset(
+    {
+        "adamwatch_loss",
+        "adamwatch_grad_norm",
+        "adamwatch_learning_rate",
+        "adamwatch_optimizer_step",
+        "adamwatch_steps_total",
+        "adamwatch_nonfinite_steps_total",
+        "adamwatch_skipped_steps_total",
+        "adamwatch_step_duration_seconds",
+        "adamwatch_last_step_timestamp_seconds",
+        "adamwatch_samples_total",
+        "adamwatch_tokens_total",
+        "adamwatch_effective_learning_rate",
+        "adamwatch_update_size",
+        "adamwatch_update_to_weight_ratio",
+        "adamwatch_adam_exp_avg_norm",
+        "adamwatch_adam_exp_avg_sq_norm",
+        "adamwatch_eps_dominated_ratio",
+        "adamwatch_deep_stats_step",
+        "adamwatch_trainer_connected",
+        "adamwatch_optimizer_info",
+        "adamwatch_dropped_summaries_total",
+        "adamwatch_last_checkpoint_timestamp_seconds",
+        "adamwatch_last_known_good_checkpoint_timestamp_seconds",
+        "adamwatch_last_known_good_checkpoint_step",
+    }
+)
+_TRAINER_LABELS = ("job", "rank")
+_DEEP_SCALARS = ("update_to_weight", "exp_avg_norm", "exp_avg_sq_norm", "eps_dominated_ratio")
+_DEEP_LISTS = ("effective_lr", "update_size")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _label_text(value: Any, max_chars: int = 64) -> str:
+    text = str(value)
+    return text if len(text) <= max_chars else text[:max_chars]
+
+
+@dataclass
+class _Trainer:
+    """Everything known about one trainer. Mutated only under RunState._lock."""
+
+    key: TrainerKey
+    base: tuple[str, str]
+    hello: dict[str, Any] | None = None
+    groups: list[str] = field(default_factory=list)
+    group_labels: list[tuple[str, str, str]] = field(default_factory=list)
+    info_labels: tuple[str, ...] | None = None
+    conn_id: Any = None
+    connected: bool = False
+    disconnected_at: float | None = None
+    session: str | None = None
+    dropped_by_session: dict[str, int] = field(default_factory=dict)
+    goodbye: dict[str, Any] | None = None
+    # per step
+    loss: float | None = None
+    grad_norm: float | None = None
+    group_grad_norms: list[float | None] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    step: int | None = None
+    steps_total: int = 0
+    nonfinite_loss: int = 0
+    nonfinite_grad: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    hist_counts: list[int] = field(default_factory=lambda: [0] * len(HISTOGRAM_LE))
+    hist_sum: float = 0.0
+    hist_count: int = 0
+    last_step_time: float | None = None
+    samples_total: float | None = None
+    tokens_total: float | None = None
+    # deep statistics
+    deep: list[dict[str, Any]] | None = None
+    deep_step: int | None = None
+    # checkpoints
+    last_checkpoint_time: float | None = None
+    known_good_time: float | None = None
+    known_good_step: int | None = None
+    # generic store: metric name -> {full label values: value}
+    custom: dict[str, dict[tuple[str, ...], float]] = field(default_factory=dict)
+
+    def group_label(self, index: int) -> tuple[str, str, str]:
+        labels = self.group_labels
+        while len(labels) <= index:
+            i = len(labels)
+            labels.append(self.base + (self.groups[i] if i < len(self.groups) else str(i),))
+        return labels[index]
+
+
+def _validate_hello(payload: dict[str, Any]) -> list[str]:
+    """Checks the schema cannot express; returns the param-group names."""
+    job = payload["job"]
+    if not job or len(job) > MAX_LABEL_CHARS:
+        raise wire.SchemaError(f"HELLO.job must be 1..{MAX_LABEL_CHARS} characters, got {len(job)}")
+    if payload["rank"] < 0:
+        raise wire.SchemaError(f"HELLO.rank must be >= 0, got {payload['rank']}")
+    groups = payload["optimizer"].get("param_groups", [])
+    if not isinstance(groups, list) or not all(isinstance(g, str) and 0 < len(g) <= MAX_LABEL_CHARS for g in groups):
+        raise wire.SchemaError("HELLO.optimizer.param_groups must be a list of non-empty strings")
+    if len(groups) > MAX_PARAM_GROUPS:
+        raise wire.SchemaError(f"HELLO.optimizer.param_groups has {len(groups)} entries, limit {MAX_PARAM_GROUPS}")
+    if len(set(groups)) != len(groups) or "all" in groups:
+        # Duplicates would merge series; "all" is the global grad norm's label.
+        raise wire.SchemaError("HELLO.optimizer.param_groups must be unique and must not contain 'all'")
+    return list(groups)
+
+
+def _validate_step(payload: dict[str, Any]) -> None:
+    """Checks the schema cannot express (inner structure of ``deep``, sizes)."""
+    if len(payload["group_grad_norms"]) > MAX_PARAM_GROUPS or len(payload["lr"]) > MAX_PARAM_GROUPS:
+        raise wire.SchemaError(f"STEP carries more than {MAX_PARAM_GROUPS} param groups")
+    for name in ("samples", "tokens"):
+        value = payload.get(name)
+        if value is not None and value < 0:
+            raise wire.SchemaError(f"STEP.{name} must be >= 0, got {value}")
+    deep = payload.get("deep")
+    if deep is None:
+        return
+    if len(deep) > MAX_PARAM_GROUPS:
+        raise wire.SchemaError(f"STEP.deep carries more than {MAX_PARAM_GROUPS} param groups")
+    for index, entry in enumerate(deep):
+        for name in _DEEP_LISTS:
+            values = entry.get(name)
+            if values is None:
+                continue
+            if not isinstance(values, list) or len(values) != _NQ or not all(
+                v is None or _number(v) for v in values
+            ):
+                raise wire.SchemaError(f"STEP.deep[{index}].{name} must be a list of {_NQ} numbers (wire.QUANTILES)")
+        for name in _DEEP_SCALARS:
+            value = entry.get(name)
+            if value is not None and not _number(value):
+                raise wire.SchemaError(f"STEP.deep[{index}].{name} must be a number, got {type(value).__name__}")
+
+
+def _info_labels(base: tuple[str, str], hello: dict[str, Any]) -> tuple[str, ...]:
+    opt = hello["optimizer"]
+    betas = opt.get("betas")
+    if not (isinstance(betas, list) and len(betas) == 2):
+        betas = ["", ""]
+    amsgrad = opt.get("amsgrad")
+    return base + (
+        _label_text(opt.get("kind", "")),
+        _label_text(opt.get("implementation", "")),
+        _label_text(betas[0]),
+        _label_text(betas[1]),
+        _label_text(opt.get("eps", "")),
+        _label_text(opt.get("weight_decay", "")),
+        ("true" if amsgrad else "false") if isinstance(amsgrad, bool) else _label_text(amsgrad or ""),
+        str(hello["world_size"]),
+        _label_text(hello["host"], MAX_LABEL_CHARS),
+        _label_text(hello.get("torch_version") or ""),
+        _label_text(hello["adamwatch_version"]),
+    )
+
+
+class RunState:
+    """Per-trainer state built from trainer messages, plus a validated generic store.
+
+    Args:
+        retention_seconds: how long a disconnected trainer's series stay before
+            its state is deleted (by :meth:`expire`, called once a second).
+        clock: returns unix seconds; injected so tests need no sleeps.
+    """
+
+    def __init__(self, retention_seconds: float = 300.0, clock: Callable[[], float] = time.time):
+        if not _number(retention_seconds) or retention_seconds < 0:
+            raise ValueError(f"retention_seconds: must be a number >= 0, got {retention_seconds!r}")
+        self.retention_seconds = float(retention_seconds)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._trainers: dict[TrainerKey, _Trainer] = {}
+        self._globals: dict[str, dict[tuple[str, ...], float]] = {}
+        self._listeners: list[Listener] = []
+
+    # ------------------------------------------------------------------ listeners
+    def add_listener(self, fn: Listener) -> None:
+        """Call ``fn(key, message)`` after each accepted message, ``fn(key, None)`` on disconnect.
+
+        Args:
+            fn: runs on the ingest loop thread; exceptions are logged and ignored.
+        """
+        self._listeners.append(fn)
+
+    def _notify(self, key: TrainerKey, message: wire.Message | None) -> None:
+        for fn in self._listeners:
+            try:
+                fn(key, message)
+            except Exception:
+                log.exception("run-state listener %r failed on %s", fn, key)
+
+    # ------------------------------------------------------------------ messages
+    def hello(self, conn_id: Any, payload: dict[str, Any],
+              on_registered: Callable[[TrainerKey], None] | None = None) -> TrainerKey:
+        """Register (or re-register) a trainer from its HELLO; counters are kept.
+
+        Args:
+            conn_id: identifies the connection; a later :meth:`disconnect` only
+                counts when it comes from the trainer's current connection.
+            payload: a HELLO payload already validated by ``wire``.
+            on_registered: called with the key after the state is updated and
+                before the listeners (ingest uses it to route commands, so a
+                listener may already send one to the new trainer).
+
+        Returns:
+            The trainer's key.
+
+        Raises:
+            wire.SchemaError: for what the wire schema cannot express
+                (empty job, negative rank, bad param-group names).
+        """
+        groups = _validate_hello(payload)
+        key = TrainerKey(payload["job"], payload["rank"])
+        with self._lock:
+            trainer = self._trainers.get(key)
+            if trainer is None:
+                trainer = self._trainers[key] = _Trainer(key, (key.job, str(key.rank)))
+            if trainer.groups != groups:
+                trainer.groups = groups
+                trainer.group_labels = []
+            trainer.hello = payload
+            trainer.info_labels = _info_labels(trainer.base, payload)
+            trainer.conn_id = conn_id
+            trainer.connected = True
+            trainer.disconnected_at = None
+            trainer.goodbye = None
+            trainer.session = payload["session"]
+            self._note_dropped(trainer, payload.get("dropped_total"))
+        if on_registered is not None:
+            on_registered(key)
+        self._notify(key, wire.Message(wire.MessageType.HELLO, payload))
+        return key
+
+    def apply(self, key: TrainerKey, message: wire.Message) -> None:
+        """Apply one validated non-HELLO message from the trainer ``key``.
+
+        Args:
+            key: the trainer, as returned by :meth:`hello`.
+            message: a decoded message (STEP, DROPPED, CHECKPOINT, ACK, GOODBYE).
+
+        Raises:
+            wire.SchemaError: the payload breaks a rule the wire schema cannot express.
+            wire.FrameError: reason "unexpected" for a message type a trainer may not send.
+        """
+        mtype = message.type
+        payload = message.payload
+        if mtype is wire.MessageType.STEP:
+            _validate_step(payload)
+            with self._lock:
+                trainer = self._trainers.get(key)
+                if trainer is None:
+                    raise wire.FrameError("unexpected", f"STEP for unknown trainer {key}")
+                self._apply_step(trainer, payload)
+        elif mtype is wire.MessageType.DROPPED:
+            with self._lock:
+                self._note_dropped(self._get(key), payload["dropped_total"])
+        elif mtype is wire.MessageType.CHECKPOINT:
+            with self._lock:
+                trainer = self._get(key)
+                event = payload["event"]
+                if event == "saved":
+                    trainer.last_checkpoint_time = float(payload["time"])
+                elif event == "known_good":
+                    trainer.known_good_time = float(payload["time"])
+                    trainer.known_good_step = payload["step"]
+        elif mtype is wire.MessageType.GOODBYE:
+            with self._lock:
+                self._get(key).goodbye = payload
+        elif mtype is wire.MessageType.ACK:
+            with self._lock:
+                self._get(key)
+        else:
+            raise wire.FrameError("unexpected", f"{mtype.name} is not a trainer message")
+        if self._listeners:
+            self._notify(key, message)
+
+    def _get(self, key: TrainerKey) -> _Trainer:
+        trainer = self._trainers.get(key)
+        if trainer is None:
+            raise wire.FrameError("unexpected", f"message for unknown trainer {key}")
+        return trainer
+
+    @staticmethod
+    def _note_dropped(trainer: _Trainer, dropped_total: Any) -> None:
+        # dropped_total is cumulative per session (one Monitor); a restarted
+        # trainer starts a new session at 0, so the exported counter is the sum
+        # over sessions and never goes backwards.
+        if dropped_total is None or trainer.session is None or dropped_total < 0:
+            return
+        previous = trainer.dropped_by_session.get(trainer.session, 0)
+        if dropped_total > previous:
+            trainer.dropped_by_session[trainer.session] = dropped_total
+
+    @staticmethod
+    def _apply_step(t: _Trainer, p: dict[str, Any]) -> None:
+        get = p.get
+        loss = get("loss")
+        loss_nonfinite = get("loss_nonfinite")
+        if loss is not None:
+            t.loss = loss
+        elif loss_nonfinite:
+            t.loss = math.nan
+        if p["grad_norm"] is not None:
+            t.grad_norm = p["grad_norm"]
+        norms = p["group_grad_norms"]
+        if norms:
+            old = t.group_grad_norms
+            if len(old) == len(norms):
+                # keep the previous value of a group whose norm is unknown (null)
+                t.group_grad_norms = [o if n is None else n for n, o in zip(norms, old)]
+            else:
+                t.group_grad_norms = norms
+        if p["lr"]:
+            t.lr = p["lr"]
+        step = p["step"]
+        t.step = step
+        t.steps_total += 1
+        if loss_nonfinite:
+            t.nonfinite_loss += 1
+        if p["grad_nonfinite"]:
+            t.nonfinite_grad += 1
+        if get("skipped"):
+            reason = get("skip_reason") or "unknown"
+            skipped = t.skipped
+            if reason not in skipped and len(skipped) >= MAX_SKIP_REASONS:
+                reason = "other"  # the reason is free text: bound the label's values
+            skipped[reason] = skipped.get(reason, 0) + 1
+        duration = p["duration_s"]
+        if duration is not None and duration >= 0:  # NaN compares false: not observed
+            t.hist_counts[bisect.bisect_left(STEP_DURATION_BUCKETS, duration)] += 1
+            t.hist_sum += duration
+            t.hist_count += 1
+        t.last_step_time = p["time"]
+        samples = get("samples")
+        if samples is not None:
+            t.samples_total = (t.samples_total or 0.0) + samples
+        tokens = get("tokens")
+        if tokens is not None:
+            t.tokens_total = (t.tokens_total or 0.0) + tokens
+        deep = get("deep")
+        if deep is not None:
+            t.deep = deep
+            t.deep_step = step
+
+    def disconnect(self, key: TrainerKey, conn_id: Any) -> bool:
+        """The connection ``conn_id`` of trainer ``key`` closed.
+
+        Returns:
+            True when it was the trainer's current connection (now marked
+            disconnected; listeners get ``fn(key, None)``), False for a
+            connection that had already been replaced.
+        """
+        with self._lock:
+            trainer = self._trainers.get(key)
+            if trainer is None or trainer.conn_id != conn_id or not trainer.connected:
+                return False
+            trainer.connected = False
+            trainer.conn_id = None
+            trainer.disconnected_at = self._clock()
+        self._notify(key, None)
+        return True
+
+    def expire(self, now: float | None = None) -> list[TrainerKey]:
+        """Delete trainers disconnected for at least ``retention_seconds``.
+
+        Args:
+            now: unix seconds; the injected clock when None.
+
+        Returns:
+            The keys whose state was deleted.
+        """
+        now = self._clock() if now is None else now
+        limit = now - self.retention_seconds
+        with self._lock:
+            gone = [
+                k for k, t in self._trainers.items()
+                if not t.connected and t.disconnected_at is not None and t.disconnected_at <= limit
+            ]
+            for k in gone:
+                del self._trainers[k]
+        for k in gone:
+            log.info("trainer job=%s rank=%s expired after %.0f s disconnected", k.job, k.rank, self.retention_seconds)
+        return gone
+
+    # ------------------------------------------------------------------ queries
+    def keys(self) -> list[TrainerKey]:
+        """Every trainer currently known (connected or within retention)."""
+        with self._lock:
+            return list(self._trainers)
+
+    def is_connected(self, key: TrainerKey) -> bool:
+        """Whether trainer ``key`` has an open connection now."""
+        with self._lock:
+            trainer = self._trainers.get(as_key(key))
+            return bool(trainer and trainer.connected)
+
+    def describe(self, key: TrainerKey) -> dict[str, Any] | None:
+        """A plain summary of one trainer (for status endpoints), or None if unknown.
+
+        Returns:
+            ``{"job", "rank", "connected", "step", "last_step_time", "loss",
+            "grad_norm", "learning_rates", "param_groups", "session", "hello",
+            "known_good_step", "dropped_total", "goodbye"}``.
+        """
+        key = as_key(key)
+        with self._lock:
+            t = self._trainers.get(key)
+            if t is None:
+                return None
+            return {
+                "job": key.job,
+                "rank": key.rank,
+                "connected": t.connected,
+                "step": t.step,
+                "last_step_time": t.last_step_time,
+                "loss": t.loss,
+                "grad_norm": t.grad_norm,
+                "learning_rates": {t.group_label(i)[2]: v for i, v in enumerate(t.lr)},
+                "param_groups": list(t.groups),
+                "session": t.session,
+                "hello": t.hello,
+                "known_good_step": t.known_good_step,
+                "dropped_total": sum(t.dropped_by_session.values()),
+                "goodbye": t.goodbye,
+            }
+
+    # ------------------------------------------------------------------ generic store
+    @staticmethod
+    def _check(name: str, kind: str, labels: dict[str, Any], trainer: bool) -> tuple[MetricSpec, tuple[str, ...]]:
+        spec = metric(name)
+        if name in MESSAGE_METRICS or name not in BY_NAME:
+            raise ValueError(f"{name}: is maintained from trainer messages and cannot be written directly")
+        if spec.type != kind:
+            raise ValueError(f"{name}: is a {spec.type}, not a {kind}")
+        has_trainer = spec.labels[:2] == _TRAINER_LABELS
+        if has_trainer != trainer:
+            where = "per-trainer (use inc/set_gauge with a key)" if has_trainer else "sidecar-wide (use inc_global/set_global_gauge)"
+            raise ValueError(f"{name}: is {where}")
+        expected = spec.labels[2:] if trainer else spec.labels
+        if not isinstance(labels, dict) or set(labels) != set(expected):
+            got = sorted(labels) if isinstance(labels, dict) else labels
+            raise ValueError(f"{name}: labels must be {list(expected)}, got {got!r}")
+        return spec, tuple(str(labels[n]) for n in expected)
+
+    @staticmethod
+    def _amount(name: str, amount: Any) -> float:
+        if not _number(amount) or not amount >= 0:
+            raise ValueError(f"{name}: counter increment must be a number >= 0, got {amount!r}")
+        return float(amount)
+
+    def _trainer_for_store(self, key: TrainerKey) -> _Trainer:
+        key = as_key(key)
+        trainer = self._trainers.get(key)
+        if trainer is None:
+            # A component may record something for a trainer we have not heard
+            # from (e.g. an alert for an expired one): keep it for the retention time.
+            trainer = self._trainers[key] = _Trainer(key, (key.job, str(key.rank)), disconnected_at=self._clock())
+        return trainer
+
+    def inc(self, key: TrainerKey, metric_name: str, labels: dict[str, Any], amount: float = 1.0) -> None:
+        """Add ``amount`` to a per-trainer counter of the metric table.
+
+        Args:
+            key: the trainer (job, rank).
+            metric_name: exposed name, e.g. ``adamwatch_remediations_total``.
+            labels: every label of the metric except job and rank.
+            amount: a number >= 0.
+
+        Raises:
+            KeyError: the metric is not in the table.
+            ValueError: not a counter, wrong label set, negative amount, or a
+                metric maintained from trainer messages.
+        """
+        _, values = self._check(metric_name, "counter", labels, trainer=True)
+        amount = self._amount(metric_name, amount)
+        with self._lock:
+            trainer = self._trainer_for_store(key)
+            series = trainer.custom.setdefault(metric_name, {})
+            full = trainer.base + values
+            series[full] = series.get(full, 0.0) + amount
+
+    def set_gauge(self, key: TrainerKey, metric_name: str, labels: dict[str, Any], value: float) -> None:
+        """Set a per-trainer gauge of the metric table (see :meth:`inc` for the rules)."""
+        _, values = self._check(metric_name, "gauge", labels, trainer=True)
+        if not _number(value):
+            raise ValueError(f"{metric_name}: gauge value must be a number, got {value!r}")
+        with self._lock:
+            trainer = self._trainer_for_store(key)
+            trainer.custom.setdefault(metric_name, {})[trainer.base + values] = float(value)
+
+    def inc_global(self, metric_name: str, labels: dict[str, Any], amount: float = 1.0) -> None:
+        """Add ``amount`` to a sidecar-wide counter (no job/rank labels).
+
+        Raises:
+            KeyError: the metric is not in the table.
+            ValueError: not a counter, wrong label set, or a per-trainer metric.
+        """
+        _, values = self._check(metric_name, "counter", labels, trainer=False)
+        amount = self._amount(metric_name, amount)
+        with self._lock:
+            series = self._globals.setdefault(metric_name, {})
+            series[values] = series.get(values, 0.0) + amount
+
+    def set_global_gauge(self, metric_name: str, labels: dict[str, Any], value: float) -> None:
+        """Set a sidecar-wide gauge (no job/rank labels); rules as :meth:`inc_global`."""
+        _, values = self._check(metric_name, "gauge", labels, trainer=False)
+        if not _number(value):
+            raise ValueError(f"{metric_name}: gauge value must be a number, got {value!r}")
+        with self._lock:
+            self._globals.setdefault(metric_name, {})[values] = float(value)
+
+    def value(self, metric_name: str, labels: dict[str, Any]) -> float | None:
+        """Current value of one series by its full label set (tests, status pages).
+
+        Histograms are not supported; returns None when the series does not exist.
+        """
+        spec = metric(metric_name)
+        try:
+            wanted = tuple(str(labels[n]) for n in spec.labels)
+        except KeyError as exc:
+            raise ValueError(f"{metric_name}: missing label {exc.args[0]!r}") from None
+        for s, samples in self.snapshot(only=metric_name):
+            for values, v in samples:
+                if values == wanted:
+                    return v
+        return None
+
+    # ------------------------------------------------------------------ snapshot
+    def snapshot(self, only: str | None = None) -> Snapshot:
+        """Every series, in METRICS order, copied out under the lock.
+
+        Args:
+            only: restrict to one metric name (tests).
+
+        Returns:
+            ``[(spec, [(label values, value), ...]), ...]`` for every metric in
+            the table (empty lists included, so every family is declared).
+        """
+        with self._lock:
+            trainers = list(self._trainers.values())
+            out: Snapshot = []
+            for spec in METRICS:
+                if only is not None and spec.name != only:
+                    continue
+                render = _RENDERERS.get(spec.name)
+                samples: list[tuple[tuple[str, ...], Any]] = []
+                if render is not None:
+                    for t in trainers:
+                        if t.hello is not None:
+                            render(t, samples)
+                for t in trainers:
+                    custom = t.custom.get(spec.name)
+                    if custom:
+                        samples.extend(custom.items())
+                glob = self._globals.get(spec.name)
+                if glob:
+                    samples.extend(glob.items())
+                out.append((spec, samples))
+            return out
+
+
+# --------------------------------------------------------------------------- renderers
+# One function per message-derived metric: append (label values, value) pairs.
+
+def _r_loss(t: _Trainer, out: list) -> None:
+    if t.loss is not None:
+        out.append((t.base, t.loss))
+
+
+def _r_grad_norm(t: _Trainer, out: list) -> None:
+    if t.grad_norm is not None:
+        out.append((t.base + ("all",), t.grad_norm))
+    for i, v in enumerate(t.group_grad_norms):
+        if v is not None:
+            out.append((t.group_label(i), v))
+
+
+def _r_lr(t: _Trainer, out: list) -> None:
+    for i, v in enumerate(t.lr):
+        out.append((t.group_label(i), v))
+
+
+def _r_step(t: _Trainer, out: list) -> None:
+    if t.step is not None:
+        out.append((t.base, float(t.step)))
+
+
+def _r_steps_total(t: _Trainer, out: list) -> None:
+    out.append((t.base, float(t.steps_total)))
+
+
+def _r_nonfinite(t: _Trainer, out: list) -> None:
+    out.append((t.base + ("loss",), float(t.nonfinite_loss)))
+    out.append((t.base + ("grad",), float(t.nonfinite_grad)))
+
+
+def _r_skipped(t: _Trainer, out: list) -> None:
+    for reason, n in t.skipped.items():
+        out.append((t.base + (reason,), float(n)))
+
+
+def _r_duration(t: _Trainer, out: list) -> None:
+    cumulative = []
+    total = 0
+    for n in t.hist_counts:
+        total += n
+        cumulative.append(total)
+    out.append((t.base, (cumulative, t.hist_sum, t.hist_count)))
+
+
+def _r_last_step(t: _Trainer, out: list) -> None:
+    if t.last_step_time is not None:
+        out.append((t.base, float(t.last_step_time)))
+
+
+def _r_samples(t: _Trainer, out: list) -> None:
+    if t.samples_total is not None:
+        out.append((t.base, t.samples_total))
+
+
+def _r_tokens(t: _Trainer, out: list) -> None:
+    if t.tokens_total is not None:
+        out.append((t.base, t.tokens_total))
+
+
+def _deep_quantiles(field_name: str) -> Callable[[_Trainer, list], None]:
+    def render(t: _Trainer, out: list) -> None:
+        if t.deep is None:
+            return
+        for i, entry in enumerate(t.deep):
+            values = entry.get(field_name)
+            if values is None:
+                continue
+            labels = t.group_label(i)
+            for q, v in zip(_QUANTILE_LABELS, values):
+                if v is not None:
+                    out.append((labels + (q,), v))
+
+    return render
+
+
+def _deep_scalar(field_name: str) -> Callable[[_Trainer, list], None]:
+    def render(t: _Trainer, out: list) -> None:
+        if t.deep is None:
+            return
+        for i, entry in enumerate(t.deep):
+            v = entry.get(field_name)
+            if v is not None:
+                out.append((t.group_label(i), v))
+
+    return render
+
+
+def _r_deep_step(t: _Trainer, out: list) -> None:
+    if t.deep_step is not None:
+        out.append((t.base, float(t.deep_step)))
+
+
+def _r_connected(t: _Trainer, out: list) -> None:
+    out.append((t.base, 1.0 if t.connected else 0.0))
+
+
+def _r_info(t: _Trainer, out: list) -> None:
+    if t.info_labels is not None:
+        out.append((t.info_labels, 1.0))
+
+
+def _r_dropped(t: _Trainer, out: list) -> None:
+    out.append((t.base, float(sum(t.dropped_by_session.values()))))
+
+
+def _r_ckpt(t: _Trainer, out: list) -> None:
+    if t.last_checkpoint_time is not None:
+        out.append((t.base, t.last_checkpoint_time))
+
+
+def _r_known_good_time(t: _Trainer, out: list) -> None:
+    if t.known_good_time is not None:
+        out.append((t.base, t.known_good_time))
+
+
+def _r_known_good_step(t: _Trainer, out: list) -> None:
+    if t.known_good_step is not None:
+        out.append((t.base, float(t.known_good_step)))
+
+
+_RENDERERS: dict[str, Callable[[_Trainer, list], None]] = {
+    "adamwatch_loss": _r_loss,
+    "adamwatch_grad_norm": _r_grad_norm,
+    "adamwatch_learning_rate": _r_lr,
+    "adamwatch_optimizer_step": _r_step,
+    "adamwatch_steps_total": _r_steps_total,
+    "adamwatch_nonfinite_steps_total": _r_nonfinite,
+    "adamwatch_skipped_steps_total": _r_skipped,
+    "adamwatch_step_duration_seconds": _r_duration,
+    "adamwatch_last_step_timestamp_seconds": _r_last_step,
+    "adamwatch_samples_total": _r_samples,
+    "adamwatch_tokens_total": _r_tokens,
+    "adamwatch_effective_learning_rate": _deep_quantiles("effective_lr"),
+    "adamwatch_update_size": _deep_quantiles("update_size"),
+    "adamwatch_update_to_weight_ratio": _deep_scalar("update_to_weight"),
+    "adamwatch_adam_exp_avg_norm": _deep_scalar("exp_avg_norm"),
+    "adamwatch_adam_exp_avg_sq_norm": _deep_scalar("exp_avg_sq_norm"),
+    "adamwatch_eps_dominated_ratio": _deep_scalar("eps_dominated_ratio"),
+    "adamwatch_deep_stats_step": _r_deep_step,
+    "adamwatch_trainer_connected": _r_connected,
+    "adamwatch_optimizer_info": _r_info,
+    "adamwatch_dropped_summaries_total": _r_dropped,
+    "adamwatch_last_checkpoint_timestamp_seconds": _r_ckpt,
+    "adamwatch_last_known_good_checkpoint_timestamp_seconds": _r_known_good_time,
+    "adamwatch_last_known_good_checkpoint_step": _r_known_good_step,
+}
+assert set(_RENDERERS) == MESSAGE_METRICS, "every message-derived metric needs exactly one renderer"
+assert MESSAGE_METRICS <= set(BY_NAME), "renderers must only use names from the metric table"
