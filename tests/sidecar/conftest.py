@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from sidecar_testlib import SidecarProcess
+from .sidecar_testlib import SidecarProcess
 
 
 @pytest.fixture

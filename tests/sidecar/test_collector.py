@@ -15,7 +15,7 @@ from adamwatch import wire
 from adamwatch_sidecar.collector import RunStateCollector
 from adamwatch_sidecar.metric_table import METRICS
 from adamwatch_sidecar.run_state import RunState
-from sidecar_testlib import deep_entry, hello_payload, parse_metrics, series, step_payload
+from .sidecar_testlib import deep_entry, hello_payload, parse_metrics, series, step_payload
 
 M = wire.MessageType
 

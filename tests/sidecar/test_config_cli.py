@@ -11,7 +11,7 @@ import pytest
 
 from adamwatch_sidecar import cli
 from adamwatch_sidecar.config import ConfigError, SidecarConfig, build_config, load_config
-from sidecar_testlib import ROOT
+from .sidecar_testlib import ROOT
 
 
 def write(tmp_path: pathlib.Path, text: str) -> pathlib.Path:

@@ -17,7 +17,7 @@ from adamwatch import wire
 from adamwatch_sidecar.config import build_config
 from adamwatch_sidecar.run_state import TrainerKey
 from adamwatch_sidecar.server import Sidecar
-from sidecar_testlib import TrainerSocket, hello_payload, http_get, step_payload, wait_for
+from .sidecar_testlib import TrainerSocket, hello_payload, http_get, step_payload, wait_for
 
 M = wire.MessageType
 MAX_FRAME = 4096

@@ -10,7 +10,7 @@ from adamwatch import wire
 from adamwatch_sidecar.metric_table import STEP_DURATION_BUCKETS
 from adamwatch_sidecar.run_state import RunState, TrainerKey
 
-from sidecar_testlib import deep_entry, hello_payload, isnan, step_payload
+from .sidecar_testlib import deep_entry, hello_payload, isnan, step_payload
 
 M = wire.MessageType
 

@@ -8,7 +8,7 @@ from adamwatch import wire
 from adamwatch_sidecar.config import build_config
 from adamwatch_sidecar.http_server import HttpServer
 from adamwatch_sidecar.server import Sidecar
-from sidecar_testlib import TrainerSocket, hello_payload, http_get, wait_for
+from .sidecar_testlib import TrainerSocket, hello_payload, http_get, wait_for
 
 M = wire.MessageType
 

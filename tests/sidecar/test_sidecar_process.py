@@ -12,7 +12,7 @@ import time
 import pytest
 
 from adamwatch import wire
-from sidecar_testlib import (
+from .sidecar_testlib import (
     TrainerSocket,
     deep_entry,
     hello_payload,
@@ -213,7 +213,7 @@ def test_a_stale_socket_file_is_replaced_and_a_live_one_is_refused(start_sidecar
     first = start_sidecar()
     # a second sidecar on the live socket must refuse, not steal it
     path = first.socket_path
-    from sidecar_testlib import SidecarProcess
+    from .sidecar_testlib import SidecarProcess
 
     second = SidecarProcess(["--listen", f"unix://{path}", "--metrics-address", "127.0.0.1:0"], path)
     try:
