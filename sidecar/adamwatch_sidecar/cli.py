@@ -89,26 +89,21 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(config.log_level)
     from .server import Sidecar  # imported here: the other subcommands need none of it
 
+    from .remediation.wiring import attach
+
     sidecar = Sidecar(config)
-    remediation = None
     try:
-        from .remediation.wiring import attach
-    except ImportError:  # a build without the remediation package
-        attach = None
-    if attach is not None:
-        try:
-            remediation = attach(sidecar, config.remediation)
-        except ValueError as exc:  # PolicyError names the field: "remediation.x: ..."
-            print(f"config error: {exc}", file=sys.stderr)
-            return 2
+        remediation = attach(sidecar, config.remediation)
+    except ValueError as exc:  # PolicyError names the field: "remediation.x: ..."
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     try:
         sidecar.serve_forever()
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
     finally:
-        if remediation is not None:
-            remediation.shutdown()
+        remediation.shutdown()
     return 0
 
 

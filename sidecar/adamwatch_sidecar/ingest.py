@@ -197,6 +197,10 @@ class IngestServer:
         if ep.scheme == "unix":
             _prepare_unix_path(ep.path)
             self._server = await self._loop.create_unix_server(self._protocol, path=ep.path, backlog=_BACKLOG)
+            # The trainer usually runs under another uid than the sidecar's
+            # non-root user; the socket's folder (the pod's shared emptyDir) is
+            # the access boundary, so the socket itself is open to all.
+            os.chmod(ep.path, 0o666)
             self.endpoint = ep
         else:
             if ep.host not in ("127.0.0.1", "localhost", "::1"):

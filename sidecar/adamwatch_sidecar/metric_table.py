@@ -23,7 +23,7 @@ class MetricSpec:
 
     Args:
         name: exposed name, e.g. ``adamwatch_steps_total``.
-        type: "gauge", "counter", "histogram" or "info".
+        type: "gauge", "counter", "histogram", "summary" (quantiles only) or "info".
         unit: base unit ("seconds", "ratio", "bytes", ...) or "" when unitless.
         help: one sentence for # HELP and the README.
         labels: label names in exposition order.
@@ -88,10 +88,12 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("adamwatch_tokens_total", "counter", "",
                "Training tokens processed, when the trainer reports tokens per step.", T),
     # --- deep statistics (every N steps) ----------------------------------------
-    MetricSpec("adamwatch_effective_learning_rate", "gauge", "",
+    # Quantiles of a sample: exposed as quantile-only summaries (no _sum/_count),
+    # the type Prometheus expects for a quantile label.
+    MetricSpec("adamwatch_effective_learning_rate", "summary", "",
                "Quantiles of Adam's per-coordinate rate lr/(sqrt(v_hat)+eps) over a fixed coordinate sample.",
                T + ("param_group", "quantile"), deep=True),
-    MetricSpec("adamwatch_update_size", "gauge", "",
+    MetricSpec("adamwatch_update_size", "summary", "",
                "Quantiles of the per-coordinate update |lr*m_hat/(sqrt(v_hat)+eps)| over a fixed coordinate sample.",
                T + ("param_group", "quantile"), deep=True),
     MetricSpec("adamwatch_update_to_weight_ratio", "gauge", "ratio",
@@ -109,6 +111,8 @@ METRICS: tuple[MetricSpec, ...] = (
     # --- connection and transport -----------------------------------------------
     MetricSpec("adamwatch_trainer_connected", "gauge", "",
                "1 while the trainer's connection is open, 0 after it closed (until its series expire).", T),
+    MetricSpec("adamwatch_trainer_finished", "gauge", "",
+               "1 once the trainer said goodbye (a clean end of the run, not a crash); 0 before.", T),
     MetricSpec("adamwatch_optimizer_info", "info", "",
                "Optimizer kind, implementation and hyperparameters announced by the trainer.",
                T + ("optimizer", "implementation", "beta1", "beta2", "eps", "weight_decay", "amsgrad",
@@ -135,7 +139,7 @@ METRICS: tuple[MetricSpec, ...] = (
                T + ("action", "outcome")),
     MetricSpec("adamwatch_remediation_ladder_exhausted", "gauge", "",
                "1 when every rung of the remediation ladder has been used up and a human must act.", T),
-    MetricSpec("adamwatch_learning_rate_scale", "gauge", "ratio",
+    MetricSpec("adamwatch_learning_rate_scale", "gauge", "",
                "Cumulative factor adamwatch has applied to the learning rate (1 = untouched).", T),
     MetricSpec("adamwatch_control_requests_rejected_total", "counter", "",
                "Control requests (Alertmanager webhook, ctl) rejected, by endpoint and reason.",

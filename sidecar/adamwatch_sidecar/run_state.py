@@ -118,6 +118,7 @@ MESSAGE_METRICS: frozenset[str] = frozenset(
         "adamwatch_eps_dominated_ratio",
         "adamwatch_deep_stats_step",
         "adamwatch_trainer_connected",
+        "adamwatch_trainer_finished",
         "adamwatch_optimizer_info",
         "adamwatch_dropped_summaries_total",
         "adamwatch_last_checkpoint_timestamp_seconds",
@@ -762,6 +763,12 @@ def _r_connected(t: _Trainer, out: list) -> None:
     out.append((t.base, 1.0 if t.connected else 0.0))
 
 
+def _r_finished(t: _Trainer, out: list) -> None:
+    # A GOODBYE means the run ended on purpose: alerts on a disconnected
+    # trainer exclude it. A new HELLO clears it (see hello()).
+    out.append((t.base, 1.0 if t.goodbye is not None else 0.0))
+
+
 def _r_info(t: _Trainer, out: list) -> None:
     if t.info_labels is not None:
         out.append((t.info_labels, 1.0))
@@ -806,6 +813,7 @@ _RENDERERS: dict[str, Callable[[_Trainer, list], None]] = {
     "adamwatch_eps_dominated_ratio": _deep_scalar("eps_dominated_ratio"),
     "adamwatch_deep_stats_step": _r_deep_step,
     "adamwatch_trainer_connected": _r_connected,
+    "adamwatch_trainer_finished": _r_finished,
     "adamwatch_optimizer_info": _r_info,
     "adamwatch_dropped_summaries_total": _r_dropped,
     "adamwatch_last_checkpoint_timestamp_seconds": _r_ckpt,

@@ -74,7 +74,8 @@ def _sidecar(tmp: pathlib.Path, name: str, processes: list) -> dict:
     }
     (folder / "sidecar.yaml").write_text(yaml.safe_dump(config))
     log = folder / "sidecar.log"
-    process = start([sys.executable, str(HERE / "_sidecar.py"), str(folder / "sidecar.yaml")], log)
+    sidecar_cli = str(pathlib.Path(sys.executable).with_name("adamwatch-sidecar"))
+    process = start([sidecar_cli, "serve", "--config", str(folder / "sidecar.yaml")], log)
     processes.append(process)
     wait_http(f"http://{metrics}/healthz", process, 30, log)
     return {"endpoint": config["listen"], "metrics": metrics, "control": control, "folder": folder}
