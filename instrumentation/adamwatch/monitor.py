@@ -58,6 +58,8 @@ class MonitorConfig:
         samples_per_step, tokens_per_step: throughput, if known and constant.
         max_queued: summaries buffered while the sidecar is slow.
         lr_floor: learning-rate cuts never go below this.
+        lr_recovery_steps: after a cut, double the learning rate back (up to
+            the schedule) after every this many healthy steps; None keeps cuts.
         command_interval: under torch.distributed, rank 0 broadcasts pending
             actions every this many steps (one tiny collective each time).
     """
@@ -74,6 +76,7 @@ class MonitorConfig:
     max_queued: int = 4096
     seed: int = 0
     lr_floor: float = 0.0
+    lr_recovery_steps: int | None = None
     command_interval: int = 1
 
     def validate(self) -> None:
@@ -87,6 +90,9 @@ class MonitorConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be an int >= 0 or None, got {value!r}")
+        if self.lr_recovery_steps is not None and (not isinstance(self.lr_recovery_steps, int)
+                                                   or self.lr_recovery_steps < 1):
+            raise ValueError(f"lr_recovery_steps must be an int >= 1 or None, got {self.lr_recovery_steps!r}")
         if not isinstance(self.command_interval, int) or self.command_interval < 1:
             raise ValueError(f"command_interval must be an int >= 1, got {self.command_interval!r}")
         if self.endpoint is not None:
@@ -421,10 +427,13 @@ class Monitor:
     # ------------------------------------------------------------------ remediation
     def _setup_remediation(self, on_stop: Callable[[], None] | None) -> None:
         from adamwatch.distributed import StepCoordinator
+        from adamwatch.lr_control import LRRecovery
         from adamwatch.remediation import Remediator
 
+        recovery = LRRecovery(after_steps=self.config.lr_recovery_steps) if self.config.lr_recovery_steps else None
         self._remediator = Remediator(
-            self.optimizer, self.scheduler, self.checkpointer, lr_floor=self.config.lr_floor, on_stop=on_stop
+            self.optimizer, self.scheduler, self.checkpointer, lr_floor=self.config.lr_floor,
+            lr_recovery=recovery, on_stop=on_stop,
         )
         coordinator = StepCoordinator(interval=self.config.command_interval, resolve=self._remediator.resolve)
         self._coordinator = coordinator if coordinator.active() else None
@@ -565,7 +574,7 @@ def watch(
         guard: "auto" (skip non-finite steps where free), "sync" or "off".
         on_stop: called when a "stop" action is applied (``monitor.stop_requested`` turns True too).
         **options: further MonitorConfig fields (sample_size, max_queued, world_size, seed,
-            lr_floor, command_interval).
+            lr_floor, lr_recovery_steps, command_interval).
 
     Returns:
         The Monitor; use it as a context manager or call ``close()``.
