@@ -18,6 +18,7 @@ from grafana_foundation_sdk.models import prometheus as prometheus_models
 from grafana_foundation_sdk.models import text as text_models
 
 __all__ = [
+    "base_dashboard",
     "DATASOURCE",
     "EVENT_ONLY",
     "NEEDS_HISTORY",
@@ -87,6 +88,35 @@ def label_variable(name: str, label: str, query_expr: str, *, multi: bool) -> da
     if multi:
         variable = variable.multi(True).include_all(True).all_value(".*")
     return variable
+
+
+def base_dashboard(title: str, uid: str, description: str, *, since: str, multi: bool) -> dashboard_builders.Dashboard:
+    """The part every adamwatch dashboard shares: fixed uid, tag, refresh, UTC, and the
+    datasource, job and rank variables (several at once, or one job and rank).
+
+    Args:
+        title: the dashboard title.
+        uid: its fixed uid.
+        description: one sentence.
+        since: start of the default time range, e.g. "now-3h".
+        multi: whether several jobs and ranks can be selected.
+
+    Returns:
+        The builder, ready for more variables, rows and panels.
+    """
+    job_match = 'job=~"$job"' if multi else 'job="$job"'
+    return (
+        dashboard_builders.Dashboard(title)
+        .uid(uid)
+        .tags(["adamwatch"])
+        .description(description)
+        .refresh("30s")
+        .time(since, "now")
+        .timezone("utc")
+        .with_variable(datasource_variable())
+        .with_variable(label_variable("job", "Job", "adamwatch_trainer_connected", multi=multi))
+        .with_variable(label_variable("rank", "Rank", f"adamwatch_trainer_connected{{{job_match}}}", multi=multi))
+    )
 
 
 def query(expr: str, legend: str = "", *, instant: bool = False) -> prometheus.Dataquery:

@@ -8,9 +8,8 @@ import yaml
 from grafana_foundation_sdk.builders import dashboard as dashboard_builders
 
 from adamwatch_dashboards.common import (
+    base_dashboard,
     PanelIds,
-    datasource_variable,
-    label_variable,
     query,
     stat_panel,
     table_panel,
@@ -52,16 +51,7 @@ def oncall_dashboard() -> dashboard_builders.Dashboard:
     """Returns: the On-call dashboard builder."""
     ids = PanelIds()
     return (
-        dashboard_builders.Dashboard("adamwatch / On-call")
-        .uid(UID)
-        .tags(["adamwatch"])
-        .description("What is wrong now with the training jobs adamwatch watches, and what was already done about it.")
-        .refresh("30s")
-        .time("now-6h", "now")
-        .timezone("utc")
-        .with_variable(datasource_variable())
-        .with_variable(label_variable("job", "Job", "adamwatch_trainer_connected", multi=True))
-        .with_variable(label_variable("rank", "Rank", 'adamwatch_trainer_connected{job=~"$job"}', multi=True))
+        base_dashboard("adamwatch / On-call", UID, "What is wrong now with the training jobs adamwatch watches, and what was already done about it.", since="now-6h", multi=True)
         .with_row(dashboard_builders.Row("Now"))
         .with_panel(stat_panel(
             ids, "Critical alerts", "adamwatch alerts with severity critical firing for the selected jobs.",

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from grafana_foundation_sdk.builders import dashboard as dashboard_builders
 
-from adamwatch_dashboards.common import PanelIds, datasource_variable, label_variable, query, table_panel, timeseries_panel
+from adamwatch_dashboards.common import (
+    PanelIds,
+    base_dashboard,
+    label_variable,
+    query,
+    table_panel,
+    timeseries_panel,
+)
 
 __all__ = ["UID", "optimizer_debug_dashboard"]
 
@@ -19,16 +26,7 @@ def optimizer_debug_dashboard() -> dashboard_builders.Dashboard:
     """Returns: the Optimizer debug dashboard builder."""
     ids = PanelIds()
     return (
-        dashboard_builders.Dashboard("adamwatch / Optimizer debug")
-        .uid(UID)
-        .tags(["adamwatch"])
-        .description("One job and rank: loss, gradients, scheduled and effective learning rates, Adam's state.")
-        .refresh("30s")
-        .time("now-1h", "now")
-        .timezone("utc")
-        .with_variable(datasource_variable())
-        .with_variable(label_variable("job", "Job", "adamwatch_trainer_connected", multi=False))
-        .with_variable(label_variable("rank", "Rank", 'adamwatch_trainer_connected{job="$job"}', multi=False))
+        base_dashboard("adamwatch / Optimizer debug", UID, "One job and rank: loss, gradients, scheduled and effective learning rates, Adam's state.", since="now-1h", multi=False)
         .with_variable(label_variable(
             "param_group", "Param group", 'adamwatch_learning_rate{job="$job", rank="$rank"}', multi=True))
         .with_row(dashboard_builders.Row("Loss and gradients"))

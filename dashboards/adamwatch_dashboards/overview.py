@@ -5,9 +5,8 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard as dashboard_builders
 
 from adamwatch_dashboards.common import (
+    base_dashboard,
     PanelIds,
-    datasource_variable,
-    label_variable,
     query,
     stat_panel,
     table_panel,
@@ -27,16 +26,7 @@ def overview_dashboard() -> dashboard_builders.Dashboard:
     """Returns: the Overview dashboard builder."""
     ids = PanelIds()
     return (
-        dashboard_builders.Dashboard("adamwatch / Overview")
-        .uid(UID)
-        .tags(["adamwatch"])
-        .description("Every training job adamwatch watches: who reports, who is healthy, what was repaired.")
-        .refresh("30s")
-        .time("now-3h", "now")
-        .timezone("utc")
-        .with_variable(datasource_variable())
-        .with_variable(label_variable("job", "Job", "adamwatch_trainer_connected", multi=True))
-        .with_variable(label_variable("rank", "Rank", 'adamwatch_trainer_connected{job=~"$job"}', multi=True))
+        base_dashboard("adamwatch / Overview", UID, "Every training job adamwatch watches: who reports, who is healthy, what was repaired.", since="now-3h", multi=True)
         .with_row(dashboard_builders.Row("Fleet"))
         .with_panel(stat_panel(
             ids, "Jobs reporting", "Training jobs with at least one rank connected to its sidecar.",

@@ -324,7 +324,7 @@ class Monitor:
         duration = None if self._last_end is None else now - self._last_end
         self._last_end = now
         pending, self._pending = self._pending, None
-        loss, self._loss = self._loss, None
+        self._loss = None
         if pending is None:
             return
         vector, layout = pending

@@ -43,7 +43,7 @@ from adamwatch import wire
 from .audit import AuditLog
 from .detectors import Incident, RankDetectors
 from .ladder import Decision, Ladder
-from .policy import COMMAND_ACTIONS, RemediationConfig
+from .policy import RemediationConfig
 from .tracing import SPAN_NAME_PREFIX
 
 __all__ = ["MetricsSink", "RemediationService", "ActionError", "MANUAL_ACTIONS"]
