@@ -220,9 +220,8 @@ class Monitor:
 
     @property
     def dropped_total(self) -> int:
-        """Summaries that never reached the sidecar."""
-        client = self._client.dropped_total if self._client else 0
-        return client + self._transfer.dropped
+        """Summaries that never reached the sidecar (also reported to it, when it is there)."""
+        return self._client.dropped_total if self._client else self._transfer.dropped
 
     @property
     def stop_requested(self) -> bool:
@@ -321,8 +320,11 @@ class Monitor:
     def _finish_step(self, skip_reason: str | None = None) -> None:
         self.step += 1
         now = time.time()
-        duration = None if self._last_end is None else now - self._last_end
-        self._last_end = now
+        # Durations from the monotonic clock: a wall-clock jump must not make a
+        # step look negative or an hour long.
+        ended = time.monotonic()
+        duration = None if self._last_end is None else ended - self._last_end
+        self._last_end = ended
         pending, self._pending = self._pending, None
         self._loss = None
         if pending is None:
@@ -339,7 +341,8 @@ class Monitor:
         layout.meta.update(step=self.step, time=now, duration_s=duration, samples=samples, tokens=tokens)
         if skip_reason is not None:
             layout.meta["skip_reason"] = skip_reason
-        self._transfer.submit(vector, layout)
+        if not self._transfer.submit(vector, layout) and self._client is not None:
+            self._client.count_dropped(1)  # the reader fell behind: reported like any other drop
 
     # ------------------------------------------------------------------ GradScaler
     def _wrap_scaler(self, scaler: Any) -> None:
@@ -478,25 +481,30 @@ class Monitor:
         as it was after that step's own ``scheduler.step()``, so stepping it
         again would run the schedule one step ahead. The skip stays armed only
         until the next optimizer step, so a scheduler stepped per epoch is not
-        affected; it is an instance attribute for that short window only.
+        affected (unless the restore lands on an epoch's last iteration: that
+        epoch's step is then skipped, which matches the restored state too).
         """
         if self.scheduler is None or self._scheduler_skip_armed:
             return
+        # The scheduler's class is swapped for a subclass whose step() skips once
+        # and swaps back. Not an instance attribute: torch schedulers put every
+        # instance attribute into state_dict(), and a checkpoint saved meanwhile
+        # would then fail to pickle.
+        original = type(self.scheduler)
+        monitor = self
 
-        def skipped_step(*args: Any, **kwargs: Any) -> None:
-            self._disarm_scheduler_skip()
+        def step(scheduler: Any, *args: Any, **kwargs: Any) -> None:
+            monitor._disarm_scheduler_skip()
             log.info("adamwatch: scheduler.step() of the iteration abandoned by the restore was skipped")
 
-        self.scheduler.step = skipped_step
+        self.scheduler.__class__ = type(original.__name__, (original,), {"step": step, "__module__": original.__module__})
+        self._scheduler_class = original
         self._scheduler_skip_armed = True
 
     def _disarm_scheduler_skip(self) -> None:
         if self._scheduler_skip_armed:
             self._scheduler_skip_armed = False
-            try:
-                del self.scheduler.step
-            except AttributeError:
-                pass
+            self.scheduler.__class__ = self._scheduler_class
 
     def _ack(self, result: Any) -> None:
         """Report an outcome to the sidecar: its commands, and actions taken in process too

@@ -66,12 +66,19 @@ class _SamplePlan:
         self.key = tuple(id(p) for p in params)
         self.indices: list[torch.Tensor] = []
         counts = []
-        for p, n in zip(params, numels):
+        # Exactly sample_size coordinates, shared out in proportion to size
+        # (largest remainders), so many small tensors cannot inflate the sample.
+        if total > sample_size:
+            shares = [sample_size * n / total for n in numels]
+            quota = [int(x) for x in shares]
+            by_remainder = sorted(range(len(numels)), key=lambda i: shares[i] - quota[i], reverse=True)
+            for i in by_remainder[: sample_size - sum(quota)]:
+                quota[i] += 1
+        for i, (p, n) in enumerate(zip(params, numels)):
             if total <= sample_size:
                 idx = torch.arange(n)
             else:
-                k = max(1, round(sample_size * n / total))
-                idx = torch.randint(0, n, (k,), generator=generator)
+                idx = torch.randint(0, n, (quota[i],), generator=generator)
             self.indices.append(idx.to(p.device, non_blocking=True))
             counts.append(len(idx))
         self.size = sum(counts)

@@ -57,7 +57,9 @@ class SummaryTransfer:
             n = vector.numel()
             buffer[:n].copy_(vector, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            # The copy runs on the stream of the vector's device, which need not
+            # be the current device.
+            event.record(torch.cuda.current_stream(vector.device))
             self._pending.put((buffer, n, event, layout))
             return True
         if self._submitted - self._collected >= self.capacity:

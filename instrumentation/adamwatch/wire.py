@@ -177,7 +177,7 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
     },
     MessageType.COMMAND: {
         "id": _f("str"),
-        # "reduce_lr" | "restore_checkpoint" | "stop" | "set_guard"
+        # "reduce_lr" | "restore_checkpoint" | "stop" (adamwatch.remediation.ACTION_KINDS)
         "action": _f("str"),
         "args": _f("dict", required=False),
         "reason": _f("str", required=False, nullable=True),
@@ -215,16 +215,20 @@ class Message:
     unknown_fields: tuple[str, ...] = field(default=())
 
 
-def _is_number(value: Any) -> bool:
-    # bool is an int subclass; a JSON true must not pass as a number.
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+# JSON integers are unbounded in Python; a 400-digit "step" would later fail
+# float() at scrape time. Integers must fit in 64 bits.
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and _INT_MIN <= value <= _INT_MAX
 
 
 def _check(kind: str, value: Any) -> bool:
     if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
+        return _is_int(value)
     if kind == "float":
-        return _is_number(value)
+        return isinstance(value, float) or _is_int(value)
     if kind == "str":
         return isinstance(value, str)
     if kind == "bool":
@@ -232,9 +236,9 @@ def _check(kind: str, value: Any) -> bool:
     if kind == "dict":
         return isinstance(value, dict)
     if kind == "list[float]":
-        return isinstance(value, list) and all(_is_number(v) for v in value)
+        return isinstance(value, list) and all(isinstance(v, float) or _is_int(v) for v in value)
     if kind == "list[float|null]":
-        return isinstance(value, list) and all(v is None or _is_number(v) for v in value)
+        return isinstance(value, list) and all(v is None or isinstance(v, float) or _is_int(v) for v in value)
     if kind == "list[str]":
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind == "list[dict]":

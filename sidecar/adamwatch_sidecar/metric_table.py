@@ -74,7 +74,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("adamwatch_optimizer_step", "gauge", "", "Optimizer step index the trainer reached.", T),
     MetricSpec("adamwatch_steps_total", "counter", "", "Optimizer steps reported by the trainer.", T),
     MetricSpec("adamwatch_nonfinite_steps_total", "counter", "",
-               "Steps whose loss (source=\"loss\") or gradients (source=\"grad\") held NaN or Inf.",
+               "Steps whose loss (source=\"loss\") or gradients (source=\"grad\") held NaN or Inf "
+               "(GradScaler overflows count as skipped steps, not here).",
                T + ("source",)),
     MetricSpec("adamwatch_skipped_steps_total", "counter", "",
                "Steps whose update was not applied, by reason (grad_scaler overflow, adamwatch guard).",
@@ -97,7 +98,8 @@ METRICS: tuple[MetricSpec, ...] = (
                "Quantiles of the per-coordinate update |lr*m_hat/(sqrt(v_hat)+eps)| over a fixed coordinate sample.",
                T + ("param_group", "quantile"), deep=True),
     MetricSpec("adamwatch_update_to_weight_ratio", "gauge", "ratio",
-               "L2 norm of the Adam update divided by the L2 norm of the weights, per param group.",
+               "L2 norm of the Adam update lr*m_hat/(sqrt(v_hat)+eps) divided by the L2 norm of the weights, "
+               "per param group (AdamW's decoupled weight decay is not included).",
                T + ("param_group",), deep=True),
     MetricSpec("adamwatch_adam_exp_avg_norm", "gauge", "",
                "L2 norm of Adam's first moment m (exp_avg), per param group.", T + ("param_group",), deep=True),

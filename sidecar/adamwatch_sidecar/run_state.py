@@ -132,7 +132,10 @@ _DEEP_LISTS = ("effective_lr", "update_size")
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # An int too large for a float would break float() at scrape time.
+    if isinstance(value, float):
+        return True
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
 
 
 def _label_text(value: Any, max_chars: int = 64) -> str:
@@ -420,7 +423,10 @@ class RunState:
         t.steps_total += 1
         if loss_nonfinite:
             t.nonfinite_loss += 1
-        if p["grad_nonfinite"]:
+        # A GradScaler overflow is the scaler doing its job (fp16 start-up, each
+        # growth interval): counted as a skipped step, not as a non-finite one,
+        # so the critical non-finite alert does not page on routine mixed precision.
+        if p["grad_nonfinite"] and not (get("skipped") and get("skip_reason") == "grad_scaler"):
             t.nonfinite_grad += 1
         if get("skipped"):
             reason = get("skip_reason") or "unknown"

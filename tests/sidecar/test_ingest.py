@@ -274,3 +274,30 @@ def test_a_connection_without_hello_is_closed_after_the_hello_timeout(sidecar: S
     finally:
         sidecar.ingest.hello_timeout = 60.0
         silent.close()
+
+
+def test_huge_integers_are_rejected_and_cannot_break_metrics() -> None:
+    """A 400-digit step or dropped count passes JSON but would break float() at scrape time."""
+    from adamwatch import wire
+    from adamwatch_sidecar.collector import RunStateCollector
+    from adamwatch_sidecar.run_state import RunState
+
+    state = RunState(retention_seconds=60, clock=lambda: 1000.0)
+    key = state.hello("c1", hello_payload())
+    for payload in (
+        step_payload(step=1) | {"step": 10**400},
+        step_payload(step=2) | {"lr": [10**400, 1e-3]},
+        step_payload(step=3) | {"deep": [{"update_to_weight": 10**400}]},
+    ):
+        frame = wire.encode_frame(wire.MessageType.STEP, payload)
+        (item,) = wire.FrameDecoder().feed(frame)
+        if isinstance(item, wire.FrameError):
+            assert item.reason == "schema"
+            continue
+        with pytest.raises(wire.SchemaError):
+            state.apply(key, item)
+    dropped = wire.encode_frame(wire.MessageType.DROPPED, {"dropped_total": 10**400})
+    (item,) = wire.FrameDecoder().feed(dropped)
+    assert isinstance(item, wire.FrameError) and item.reason == "schema"
+    text = RunStateCollector(state).render_text().decode()
+    assert 'adamwatch_trainer_connected{job="gpt",rank="0"} 1' in text

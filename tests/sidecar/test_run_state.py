@@ -86,16 +86,18 @@ def test_counters_accumulate_and_nonfinite_and_skips_are_counted(state: RunState
                                               grad_norm=float("inf"), skipped=True, skip_reason="grad_scaler",
                                               samples=10)))
     state.apply(key, msg(M.STEP, step_payload(3, skipped=True, skip_reason=None, duration_s=None)))
-    assert value(state, "adamwatch_steps_total", **T()) == 3
+    state.apply(key, msg(M.STEP, step_payload(4, grad_nonfinite=True, grad_norm=float("nan"))))
+    assert value(state, "adamwatch_steps_total", **T()) == 4
     assert value(state, "adamwatch_nonfinite_steps_total", **T(source="loss")) == 1
+    # The GradScaler overflow of step 2 is a skip, not a non-finite step; step 4's NaN is one.
     assert value(state, "adamwatch_nonfinite_steps_total", **T(source="grad")) == 1
     assert value(state, "adamwatch_skipped_steps_total", **T(reason="grad_scaler")) == 1
     assert value(state, "adamwatch_skipped_steps_total", **T(reason="unknown")) == 1
     assert value(state, "adamwatch_samples_total", **T()) == 20
     assert value(state, "adamwatch_tokens_total", **T()) is None  # never reported
     [(_, [(_, (_, _, count))])] = state.snapshot(only="adamwatch_step_duration_seconds")
-    assert count == 2  # the step without a duration is not observed
-    assert value(state, "adamwatch_loss", **T()) == 2.5  # step 3 carried 2.5 again
+    assert count == 3  # the step without a duration is not observed
+    assert value(state, "adamwatch_loss", **T()) == 2.5  # steps 3 and 4 carried 2.5 again
 
 
 def test_a_step_without_loss_keeps_the_previous_loss_and_nan_is_kept(state: RunState) -> None:

@@ -34,7 +34,7 @@ def test_frames_from_a_plain_socket_show_up_in_metrics(start_sidecar) -> None:
     t.send(M.HELLO, hello_payload(job="gpt", rank=3, dropped_total=2))
     t.send(M.STEP, step_payload(1, loss=4.0, samples=16, tokens=2048))
     t.send(M.STEP, step_payload(2, loss=float("nan"), loss_nonfinite=True, grad_nonfinite=True,
-                                skipped=True, skip_reason="grad_scaler", samples=16, tokens=2048,
+                                skipped=True, skip_reason="guard", samples=16, tokens=2048,
                                 deep=[deep_entry(1.0), deep_entry(2.0)]))
     t.send(M.CHECKPOINT, {"event": "known_good", "step": 2, "time": 1_700_000_500.0})
     t.send(M.DROPPED, {"dropped_total": 9})
@@ -47,7 +47,7 @@ def test_frames_from_a_plain_socket_show_up_in_metrics(start_sidecar) -> None:
     assert series(values, "adamwatch_grad_norm", **T, param_group="all") == 1.5
     assert series(values, "adamwatch_learning_rate", **T, param_group="no_decay") == 5e-4
     assert series(values, "adamwatch_nonfinite_steps_total", **T, source="grad") == 1
-    assert series(values, "adamwatch_skipped_steps_total", **T, reason="grad_scaler") == 1
+    assert series(values, "adamwatch_skipped_steps_total", **T, reason="guard") == 1
     assert series(values, "adamwatch_samples_total", **T) == 32
     assert series(values, "adamwatch_tokens_total", **T) == 4096
     assert series(values, "adamwatch_step_duration_seconds_count", **T) == 2

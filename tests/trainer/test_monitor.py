@@ -359,3 +359,12 @@ def test_rejects_non_adam_and_bad_options():
         adamwatch.watch(opt, deep_stats_every=-1)
     with pytest.raises(ValueError, match="scheme"):
         adamwatch.watch(opt, endpoint="http://x")
+
+
+def test_the_coordinate_sample_has_exactly_the_requested_size():
+    from adamwatch.step_stats import _SamplePlan
+
+    params = [torch.zeros(3) for _ in range(500)] + [torch.zeros(10_000)]
+    plan = _SamplePlan(params, 256, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert plan.size == 256 == sum(len(i) for i in plan.indices)
+    assert len(plan.indices[-1]) >= 190  # the big tensor gets its share

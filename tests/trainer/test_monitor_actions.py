@@ -135,3 +135,22 @@ def test_restore_keeps_the_schedule_exact(sink, tmp_path):
         train(model, opt, sched, monitor, 1, start=9)
         assert [g["lr"] for g in opt.param_groups] == lrs[6]
     assert "step" not in vars(sched)  # the temporary skip is gone
+
+
+def test_a_checkpoint_saved_right_after_a_restore_still_pickles(sink, tmp_path):
+    """With a per-epoch scheduler, the next save can come before the next scheduler.step()."""
+    model = make_model()
+    opt = make_optimizer(model, "AdamW", "foreach")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+    ckpt = adamwatch.Checkpointer(tmp_path / "ckpt", model=model, optimizer=opt, scheduler=sched, good_window=0)
+    with adamwatch.watch(opt, scheduler=sched, endpoint=sink.endpoint, checkpointer=ckpt) as monitor:
+        train(model, opt, None, monitor, 3)
+        ckpt.save(monitor.step)
+        train(model, opt, None, monitor, 2, start=3)
+        monitor.restore_checkpoint(step=3)
+        train(model, opt, None, monitor, 1, start=5)  # restored; no scheduler.step() this epoch yet
+        assert monitor.step == 3
+        ckpt.save(10)  # must not fail to pickle the scheduler
+        assert type(sched) is not torch.optim.lr_scheduler.StepLR  # the one-shot skip is armed
+        train(model, opt, None, monitor, 1, start=6)  # next optimizer step disarms it
+        assert type(sched) is torch.optim.lr_scheduler.StepLR

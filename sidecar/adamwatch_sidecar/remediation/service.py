@@ -18,8 +18,17 @@ Rules that are not the ladder's:
   waits for its ACK, and until the cooldown of the rung that acted has passed,
   incidents of every ladder of that job are suppressed (a loss spike brings a
   grad-norm spike; the pair must not cut the learning rate twice).
-- Commands go to rank 0 of the job, which broadcasts to the other ranks. A
-  sidecar that has no rank 0 of the job connected records outcome ``failed``.
+- Commands go to rank 0 of the job, which broadcasts to the other ranks.
+- **A sidecar acts for a job only while rank 0 of that job is connected to it.**
+  In a multi-pod job every pod runs a sidecar, and a grad-norm spike (the same
+  on every rank after the all-reduce) is seen by all of them; only the sidecar
+  of rank 0 can deliver a command, so only it walks the ladder. The others
+  still run their detectors, count ``adamwatch_detections_total`` and audit
+  the detection, then audit the incident as ``deferred``: no command, no
+  outcome, no ladder budget, no exhausted gauge. The same holds on the rank-0
+  pod while rank 0 is disconnected (it is restarting): acting resumes when it
+  reconnects. Manual actions and webhook alerts for such a job are refused
+  (``no_trainer``, counted as rejected control requests).
 - ``dry_run``: decide, audit, count outcome ``dry_run``, open and close the
   span; send nothing and change nothing (not even the exhausted gauge).
 - Manual actions (``ctl``) bypass the ladder and are sent even in dry-run mode:
@@ -107,6 +116,7 @@ class _JobState:
     pending: str | None = None  # command id in flight
     alerts_firing: dict[str, int] = field(default_factory=dict)  # alert fingerprint -> deliveries
     suppressed: int = 0
+    deferred: int = 0  # deferred incidents since the last "deferred" audit line
     # Job-wide cooldown of the latest action: (action, until_steps, until_time).
     cooldown: tuple[str, int, float] | None = None
 
@@ -312,6 +322,13 @@ class RemediationService:
         ladder = job.ladders.get(incident.ladder)
         if ladder is None:
             return None, None, f"no ladder named {incident.ladder!r}"
+        deferral = self.deferral(incident.job)
+        if deferral is not None:
+            # Checked before the pending command and the cooldown: whatever else
+            # holds, this sidecar cannot act for the job, and must not record a
+            # failure (a false page on every worker pod) or use up the ladder.
+            self._defer(incident, job, deferral)
+            return None, None, deferral
         now = self._clock()
         if job.pending is not None:
             reason = f"command {job.pending} is waiting for its ACK"
@@ -353,6 +370,40 @@ class RemediationService:
             job.suppressed = 0
         else:
             job.suppressed += 1
+
+    def deferral(self, job: str) -> str | None:
+        """Why this sidecar does not act for ``job`` now, or None when it does (rank 0 is connected here).
+
+        Args:
+            job: the job name.
+
+        Returns:
+            None, or a reason starting with ``"deferred: "`` for the audit log and the control API.
+        """
+        with self._lock:
+            rank0 = self._ranks.get((job, 0))
+            if rank0 is not None and rank0.connected:
+                return None
+            if rank0 is not None:
+                return (f"deferred: rank 0 of job {job!r} is disconnected from this sidecar; "
+                        "this sidecar acts for the job again when it reconnects")
+            local = ", ".join(str(k[1]) for k in sorted(self._ranks) if k[0] == job) or "none"
+            return (f"deferred: rank 0 of job {job!r} reports to another sidecar (ranks here: {local}); "
+                    "only the sidecar of rank 0 acts for the job")
+
+    def _defer(self, incident: Incident, job: _JobState, reason: str) -> None:
+        # Like a suppression: one line per streak, the rest counted into the next line.
+        if incident.new:
+            self.audit.write("deferred", job=incident.job, rank=incident.rank, detector=incident.detector,
+                             ladder=incident.ladder, step=incident.step, evidence=incident.evidence,
+                             detail=reason + (f" ({job.deferred} more deferred since the last line)"
+                                              if job.deferred else ""),
+                             dry_run=self.config.dry_run,
+                             source="alertmanager" if incident.detector.startswith("alert:") else "detector")
+            log.info("no action for %s: %s", incident.summary(), reason)
+            job.deferred = 0
+        else:
+            job.deferred += 1
 
     def _act(self, incident: Incident, decision: Decision, job: _JobState, sends: list, source: str) -> str:
         if decision.action == "escalate":
@@ -410,6 +461,8 @@ class RemediationService:
             return pending
         rank0 = self._ranks.get(target)
         if rank0 is None or not rank0.connected:
+            # Not reached in normal operation: incidents and manual actions for a job
+            # whose rank 0 is not here are deferred or refused before any decision.
             self._finish(pending, "failed", f"rank 0 of job {incident.job!r} is not connected to this sidecar", None)
             return pending
         self._pending[command_id] = pending
@@ -540,7 +593,8 @@ class RemediationService:
             payload: the decoded webhook body (already checked to be a mapping with a list of alerts).
 
         Returns:
-            ``{"results": [{"alertname", "job", "result"}, ...]}``.
+            ``{"results": [{"alertname", "job", "result"}, ...]}``; an alert for a job whose
+            rank 0 is not connected here is refused with ``"reason": "no_trainer"`` in its entry.
         """
         results = []
         sends: list = []
@@ -570,6 +624,13 @@ class RemediationService:
                 if alert.get("status") != "firing":
                     job.alerts_firing.pop(fingerprint, None)
                     entry["result"] = "resolved"
+                    continue
+                deferral = self.deferral(job_name)
+                if deferral is not None and self.config.enabled:
+                    # Misrouted (the webhook should reach the rank-0 pod's sidecar) or
+                    # rank 0 is restarting: refuse, and let the control API count it.
+                    entry["result"] = "refused: " + deferral
+                    entry["reason"] = "no_trainer"
                     continue
                 deliveries = job.alerts_firing.get(fingerprint, 0) + 1
                 job.alerts_firing[fingerprint] = deliveries
@@ -603,7 +664,8 @@ class RemediationService:
             ``{"command_id", "action", "job", "outcome"}`` (outcome "sent", "failed" or "reset").
 
         Raises:
-            ActionError: the request is malformed or names no connected job.
+            ActionError: the request is malformed, names no connected job, or names a job
+                whose rank 0 is not connected here (409, reason ``no_trainer``).
         """
         action = request.get("action")
         if action == "restore":
@@ -638,6 +700,10 @@ class RemediationService:
                 self.audit.write("decision", job=job_name, action="reset", source="manual",
                                  detail="ladders and exhausted flag cleared by a human")
                 return {"command_id": None, "action": "reset", "job": job_name, "outcome": "reset"}
+            deferral = self.deferral(job_name)
+            if deferral is not None:
+                raise ActionError(f"job: cannot {action} {job_name!r} from this sidecar: "
+                                  + deferral[len("deferred: "):], status=409, reason="no_trainer")
             rank0 = self._ranks.get((job_name, 0))
             incident = Incident(detector="manual", ladder="manual", job=job_name, rank=0,
                                 step=rank0.last_step if rank0 else None, time=self._clock(),
@@ -688,6 +754,8 @@ class RemediationService:
                                           "loss_window": r.detectors.loss_spike.samples,
                                           "grad_norm_window": r.detectors.grad_norm_spike.samples}
                               for k, r in sorted(self._ranks.items()) if k[0] == name},
+                    "acting_here": self.deferral(name) is None,
+                    "deferred_reason": self.deferral(name),
                     "learning_rate_scale": state.lr_scale,
                     "exhausted": state.exhausted,
                     "pending_command": state.pending,
