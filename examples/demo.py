@@ -209,7 +209,7 @@ def print_audit(path: str) -> None:
     with open(path) as f:
         for raw in f:
             entry = json.loads(raw)
-            fields = [f"{k}={entry[k]}" for k in ("kind", "detector", "action", "step", "outcome") if entry.get(k) is not None]
+            fields = [f"{k}={entry[k]}" for k in ("event", "detector", "action", "step", "outcome") if entry.get(k) is not None]
             print("  " + "  ".join(fields))
 
 

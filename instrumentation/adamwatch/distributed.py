@@ -1,27 +1,45 @@
-"""Make every rank apply the same remediation at the same step.
+"""Make every rank apply the same remediation at the same step, without waiting in the step path.
 
 Only rank 0 talks to its sidecar, and user code may issue actions on any rank,
-so at each step boundary rank 0's actions are broadcast and every rank applies
-exactly that list. Without it, one replica would cut its LR or restore a
+so rank 0's actions are broadcast and every rank applies exactly that list at
+the same step. Without it, one replica would cut its LR or restore a
 checkpoint alone and the replicas would diverge.
 
-    coordinator = StepCoordinator()          # the default process group
+    coordinator = StepCoordinator(interval=1)   # constructor: a collective on every rank
     actions = coordinator.exchange(step, local_actions)
     for action in actions:
         remediator.apply(action, step)
+    ...
+    coordinator.close()
 
-Cost while a process group is initialised: one broadcast of one int64 per
-exchange, plus one broadcast of the JSON payload on the rare steps that carry
-actions. The collective is blocking (on gloo the CPU waits for every rank; on
-NCCL reading the flag is one device-to-host sync). ``interval=N`` exchanges only
-on steps that are multiples of N: an action then waits for the next multiple,
-and still takes effect at the same step on every rank. When torch.distributed
-is not initialised, :meth:`StepCoordinator.exchange` returns the local actions
-unchanged and costs nothing.
+How it stays off the step path's critical section:
 
-A hung rank makes the broadcast wait for the process group's timeout (the
-``timeout=`` of ``init_process_group``), after which torch raises on every
-rank that is still alive.
+* **A CPU side channel.** Commands travel as a fixed-size uint8 CPU tensor over
+  gloo, never over NCCL, so no step waits on the device. When the default
+  backend is gloo it is used directly; otherwise the constructor creates one
+  gloo group with the same ranks (``dist.new_group(backend="gloo")``, a
+  collective every rank performs once).
+* **Asynchronous, with a one-interval lag.** At each exchange point (steps
+  with ``step % interval == 0``) rank 0 encodes its pending actions into the
+  buffer and every rank launches ``broadcast(async_op=True)``; the call
+  returns at once. The actions of the broadcast launched at exchange point
+  ``s`` are applied by every rank at the next exchange point, ``s + interval``,
+  after ``wait()`` on that broadcast. By then it has long completed, so the
+  wait returns at once unless a rank is more than an interval behind rank 0
+  (then it waits for it, as the next gradient all-reduce would anyway).
+  :attr:`StepCoordinator.late_waits` counts the waits that found the
+  broadcast still running.
+
+So an action that rank 0 hands to :meth:`StepCoordinator.exchange` at step
+``s`` is broadcast at the first exchange point ``e >= s`` and applied by every
+rank at step ``e + interval`` (``s + 1`` with ``interval=1``).
+
+The buffer holds a 4-byte little-endian length and the JSON list of actions
+(:meth:`Action.to_dict`). Actions that do not fit in one round stay pending for
+the next; an action too large for any round is dropped with a log line.
+
+When torch.distributed is not initialised, :meth:`StepCoordinator.exchange`
+returns the local actions unchanged, with no lag and no cost.
 """
 
 from __future__ import annotations
@@ -29,6 +47,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -36,20 +55,36 @@ import torch.distributed as dist
 
 from .remediation import Action
 
-__all__ = ["StepCoordinator"]
+__all__ = ["StepCoordinator", "DEFAULT_BUFFER_BYTES"]
 
 log = logging.getLogger(__name__)
+
+#: size of the broadcast buffer: a 4-byte length, then the JSON of the actions
+DEFAULT_BUFFER_BYTES = 4096
+_LENGTH_BYTES = 4
+
+
+def _is_gloo(backend: Any) -> bool:
+    """Whether ``backend`` is plain gloo (a mixed "cpu:gloo,cuda:nccl" is not)."""
+    return str(backend).lower() == "gloo"
 
 
 class StepCoordinator:
     """Broadcast rank 0's actions so that all ranks apply the same list at the same step.
 
+    Construct it on every rank (when a process group is initialised, the
+    constructor may create a gloo group: a collective).
+
     Args:
-        process_group: the group to coordinate (None: the default group).
+        process_group: the group to coordinate (None: the default group). If its
+            backend is not gloo, every rank of the default group must construct
+            the coordinator, since creating the gloo side group is a collective
+            of the default group.
         interval: exchange only when ``step % interval == 0`` (>= 1).
         resolve: called on rank 0 for each action before it is broadcast,
             e.g. :meth:`adamwatch.remediation.Remediator.resolve` to pin a
             restore to one concrete checkpoint step for all ranks.
+        buffer_bytes: size of the broadcast buffer (>= 64); the same on every rank.
     """
 
     def __init__(
@@ -58,17 +93,30 @@ class StepCoordinator:
         *,
         interval: int = 1,
         resolve: Callable[[Action], Action] | None = None,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     ):
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval: must be an int >= 1, got {interval!r}")
+        if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < 64:
+            raise ValueError(f"buffer_bytes: must be an int >= 64, got {buffer_bytes!r}")
         self.process_group = process_group
         self.interval = interval
         self.resolve = resolve
+        self.buffer_bytes = buffer_bytes
         self._pending: list[Action] = []
-        #: local actions issued on ranks other than 0, which are not applied
+        self._work: Any = None  # the broadcast in flight, launched at the last exchange point
+        self._buffer: torch.Tensor | None = None  # its buffer (kept alive until it completes)
+        self._channel: Any = None
+        self._channel_ready = False
+        self._closed = False
+        #: actions not applied: issued on ranks other than 0, or too large for the buffer
         self.dropped = 0
-        #: collectives issued so far (for cost accounting)
+        #: broadcasts launched so far (for cost accounting)
         self.exchanges = 0
+        #: waits that found the previous broadcast still running (a rank an interval behind)
+        self.late_waits = 0
+        if self.active():
+            self._setup_channel()
 
     def active(self) -> bool:
         """Whether a process group is initialised (else exchange is a no-op).
@@ -78,16 +126,21 @@ class StepCoordinator:
         """
         return dist.is_available() and dist.is_initialized()
 
-    def _device(self) -> torch.device:
+    def _setup_channel(self) -> None:
+        """Pick the gloo group that carries the commands (creating it is a collective)."""
         backend = dist.get_backend(self.process_group)
-        if "nccl" in str(backend).lower() and torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        if _is_gloo(backend):
+            self._channel = self.process_group
+        else:
+            ranks = None if self.process_group is None else dist.get_process_group_ranks(self.process_group)
+            self._channel = dist.new_group(ranks=ranks, backend="gloo")
+            log.info("adamwatch: commands between ranks travel over a gloo side group (default backend %s)", backend)
+        self._channel_ready = True
 
     def _src(self) -> int:
-        if self.process_group is None:
+        if self._channel is None:
             return 0
-        return dist.get_global_rank(self.process_group, 0)
+        return dist.get_global_rank(self._channel, 0)
 
     def _resolved(self, action: Action) -> Action:
         if self.resolve is None:
@@ -98,23 +151,78 @@ class StepCoordinator:
             log.exception("adamwatch: resolving %s failed", action.kind)
             return action
 
+    def _encode_pending(self) -> bytes:
+        """Take as many pending actions (in order) as fit in the buffer; return their JSON."""
+        room = self.buffer_bytes - _LENGTH_BYTES - 2  # the list's brackets
+        encoded: list[bytes] = []
+        used = 0
+        keep: list[Action] = []
+        for index, action in enumerate(self._pending):
+            action = self._resolved(action)
+            item = json.dumps(action.to_dict()).encode()
+            cost = len(item) + (1 if encoded else 0)  # the comma
+            if len(item) > room:
+                self.dropped += 1
+                log.error(
+                    "adamwatch: %s action %s dropped: %d bytes of JSON do not fit the %d-byte broadcast buffer",
+                    action.kind, action.id, len(item), self.buffer_bytes,
+                )
+                continue
+            if used + cost > room:
+                keep = self._pending[index:]  # the rest go in the next round, order kept
+                keep[0] = action  # already resolved
+                break
+            encoded.append(item)
+            used += cost
+        self._pending = keep
+        if not encoded:
+            return b""
+        return b"[" + b",".join(encoded) + b"]"
+
+    def _decode(self, buffer: torch.Tensor) -> list[Action]:
+        length = int.from_bytes(bytes(buffer[:_LENGTH_BYTES].tolist()), "little")
+        if length == 0:
+            return []
+        payload = bytes(buffer[_LENGTH_BYTES:_LENGTH_BYTES + length].tolist())
+        return [Action.from_dict(d) for d in json.loads(payload.decode())]
+
+    def _collect(self, timeout: timedelta | None = None) -> list[Action]:
+        """Wait for the broadcast in flight (if any) and return its actions."""
+        work, buffer = self._work, self._buffer
+        self._work = self._buffer = None
+        if work is None or buffer is None:
+            return []
+        if not work.is_completed():
+            self.late_waits += 1
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(timeout=timeout)
+        return self._decode(buffer)
+
     def exchange(self, step: int, local_actions: list[Action]) -> list[Action]:
         """Return the actions every rank applies at this step boundary.
 
-        Must be called on every rank at every step boundary, with the same
-        ``step`` (it is a collective when initialised).
+        Call it on every rank at every step boundary, with the same ``step``.
+        It never waits for other ranks while they are less than an interval
+        behind: at an exchange point it collects the broadcast launched one
+        interval ago (completed by then) and launches the next one asynchronously.
 
         Args:
             step: the current step.
             local_actions: actions issued on this rank since the last call.
 
         Returns:
-            Rank 0's actions (identical on every rank), or ``local_actions``
-            when torch.distributed is not initialised.
+            The actions rank 0 handed over up to the previous exchange point
+            (identical on every rank; empty except at exchange points), or
+            ``local_actions`` when torch.distributed is not initialised.
         """
         if not self.active():
             return list(local_actions)
         rank = dist.get_rank(self.process_group)
+        if self._closed:
+            self.dropped += len(local_actions)
+            return []
         if rank == 0:
             self._pending.extend(local_actions)
         elif local_actions:
@@ -127,20 +235,48 @@ class StepCoordinator:
             )
         if step % self.interval != 0:
             return []
-        payload = b""
-        if rank == 0 and self._pending:
-            actions, self._pending = self._pending, []
-            payload = json.dumps([self._resolved(a).to_dict() for a in actions]).encode()
-        device = self._device()
-        length = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+        if not self._channel_ready:  # initialised after construction: every rank gets here at this step
+            self._setup_channel()
+        received = self._collect()
+        payload = self._encode_pending() if rank == 0 and self._pending else b""
+        buffer = torch.zeros(self.buffer_bytes, dtype=torch.uint8)  # length 0: no actions
+        if payload:
+            framed = bytearray(len(payload).to_bytes(_LENGTH_BYTES, "little") + payload)
+            buffer[:len(framed)] = torch.frombuffer(framed, dtype=torch.uint8)
+        self._buffer = buffer
+        self._work = dist.broadcast(self._buffer, src=self._src(), group=self._channel, async_op=True)
         self.exchanges += 1
-        dist.broadcast(length, src=self._src(), group=self.process_group)
-        n = int(length.item())
-        if n == 0:
+        return received
+
+    def close(self, timeout: float = 2.0) -> list[Action]:
+        """Stop exchanging; wait up to ``timeout`` seconds for the broadcast in flight.
+
+        Actions in that last broadcast, and actions still pending on rank 0,
+        are not applied (no later step boundary exists to apply them at the
+        same step on every rank): they are logged and returned. A broadcast
+        that does not complete in time (a rank died or stopped exchanging
+        earlier) is abandoned with a warning; it never raises. Idempotent.
+
+        Args:
+            timeout: seconds to wait for the broadcast in flight.
+
+        Returns:
+            The actions that were not applied.
+        """
+        if self._closed:
             return []
-        if rank == 0:
-            buffer = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
-        else:
-            buffer = torch.empty(n, dtype=torch.uint8, device=device)
-        dist.broadcast(buffer, src=self._src(), group=self.process_group)
-        return [Action.from_dict(d) for d in json.loads(bytes(buffer.cpu().tolist()).decode())]
+        self._closed = True
+        lost: list[Action] = []
+        if self._work is not None:
+            try:
+                lost = self._collect(timedelta(seconds=max(timeout, 0.001)))
+            except Exception as exc:  # noqa: BLE001 - closing must not take the process down
+                log.warning("adamwatch: the last command broadcast did not complete at close: %s", exc)
+        lost += self._pending
+        self._pending = []
+        if lost:
+            log.warning(
+                "adamwatch: %d action(s) not applied: closed before their step boundary (%s)",
+                len(lost), ", ".join(a.kind for a in lost),
+            )
+        return lost

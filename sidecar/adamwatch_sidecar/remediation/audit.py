@@ -17,6 +17,7 @@ not apply), so ``jq`` and log shippers need no special cases::
 | ``detection`` | a detector opens an incident (first step of a streak) |
 | ``decision`` | the ladder (or a human, or an alert) chose an action |
 | ``suppressed`` | an incident got no action (cooldown, command pending, exhausted) |
+| ``deferred`` | an incident got no action because rank 0 of its job is not connected to this sidecar (it reports to another pod's sidecar, or is reconnecting); ``detail`` says which |
 | ``outcome`` | an action finished: applied, failed, rejected, timeout or dry_run |
 
 The file is opened in append mode for each line (rotation-friendly), written
@@ -80,7 +81,7 @@ class AuditLog:
         """Append one line.
 
         Args:
-            event: detection, decision, suppressed or outcome.
+            event: detection, decision, suppressed, deferred or outcome.
             **fields: any of :data:`AUDIT_FIELDS`; unknown names are a programming error.
 
         Returns:

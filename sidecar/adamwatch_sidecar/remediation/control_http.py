@@ -12,7 +12,10 @@ secret takes effect) or ``$ADAMWATCH_CONTROL_TOKEN``, and is compared in
 constant time. Without a configured token every request is refused: the
 control API never runs open. Refusals answer 401 (token) or 400/404/409 (the
 request), are counted in ``adamwatch_control_requests_rejected_total{endpoint,reason}``
-and logged (rate-limited).
+and logged (rate-limited). A webhook alert for a job whose rank 0 does not
+report to this sidecar is refused in its result entry (the webhook itself is
+answered 200) and counted with reason ``no_trainer``; a manual action for such
+a job answers 409 ``no_trainer``.
 
 Handlers follow the core's :class:`~adamwatch_sidecar.http_server.HttpServer`
 contract: ``handler(headers, body) -> (status, content_type, body)``.
@@ -49,7 +52,7 @@ REJECT_REASONS = (
     "malformed",  # body is not the JSON the endpoint expects
     "unknown_action",  # /api/v1/actions with an action we do not know
     "unknown_job",  # names a job this sidecar has never seen
-    "no_trainer",  # no trainer is connected to act on
+    "no_trainer",  # no trainer to act on: none connected, or rank 0 of the job not connected here
 )
 
 Response = tuple[int, str, bytes]
@@ -124,13 +127,16 @@ class ControlRoutes:
         }
 
     # ------------------------------------------------------------------ helpers
-    def _reject(self, endpoint: str, reason: str, status: int, message: str) -> Response:
+    def _count_rejection(self, endpoint: str, reason: str, message: str) -> None:
         try:
             self._counter.inc_global("adamwatch_control_requests_rejected_total",
                                      {"endpoint": endpoint, "reason": reason})
         except Exception:
             log.exception("could not count a control rejection")
         self._log("control request to %s rejected (%s): %s", endpoint, reason, message)
+
+    def _reject(self, endpoint: str, reason: str, status: int, message: str) -> Response:
+        self._count_rejection(endpoint, reason, message)
         extra = {"error": message, "reason": reason}
         return _json(status, extra)
 
@@ -177,7 +183,15 @@ class ControlRoutes:
         ):
             return self._reject("alertmanager", "malformed", 400,
                                 "alerts: must be a list of objects with string labels")
-        return _json(200, self.service.handle_alerts(payload))
+        answer = self.service.handle_alerts(payload)
+        # The webhook is answered 200 (a non-2xx makes Alertmanager re-send the
+        # batch), but an alert this sidecar refused to act on, because rank 0 of
+        # its job is not connected here, is a rejected control request: count it.
+        for entry in answer["results"]:
+            if entry.get("reason") in REJECT_REASONS:
+                self._count_rejection("alertmanager", entry["reason"],
+                                      f"{entry.get('alertname')} for job {entry.get('job')!r}: {entry['result']}")
+        return _json(200, answer)
 
     def actions(self, headers: Any, body: bytes) -> Response:
         """``POST /api/v1/actions``: a manual action or a status query."""
