@@ -178,7 +178,26 @@ def test_sidecar_config_file_should_carry_the_config_values():
         "retention_seconds": 600,
         "log_level": "debug",
         "max_frame_bytes": 1048576,
+        "remediation": {"audit": {"path": "/var/log/adamwatch/audit.jsonl"}},
     }
+
+
+@pytest.mark.parametrize("case", WORKLOAD_CASES)
+def test_sidecar_should_keep_its_audit_log_on_a_writable_volume(case):
+    for where, pod in trainer_pods(case):
+        mounts = {m["name"]: m["mountPath"] for m in sidecar_of(pod)["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert mounts["adamwatch-audit"] == "/var/log/adamwatch", where
+        assert "emptyDir" in volumes["adamwatch-audit"], where
+
+
+def test_audit_log_should_be_switchable_and_a_policy_audit_path_should_win():
+    manifests = render(values={"sidecar": {"auditLog": {"enabled": False}}})
+    config = next(m for m in of_kind(manifests, "ConfigMap") if m["metadata"]["name"].endswith("-config"))
+    assert "remediation" not in yaml.safe_load(config["data"]["config.yaml"])
+    manifests = render(values={"sidecar": {"config": {"remediation": {"audit": {"path": "/tmp/a.jsonl"}}}}})
+    config = next(m for m in of_kind(manifests, "ConfigMap") if m["metadata"]["name"].endswith("-config"))
+    assert yaml.safe_load(config["data"]["config.yaml"])["remediation"] == {"audit": {"path": "/tmp/a.jsonl"}}
 
 
 @pytest.mark.parametrize("case", WORKLOAD_CASES)

@@ -200,3 +200,29 @@ def test_status_lists_jobs_ladders_and_recent_actions(control):
     assert job["ranks"]["0"]["connected"] and job["pending_command"] == control.sent[0][1]["id"]
     assert job["ladders"]["loss_spike"]["rungs"][0]["uses_in_window"] == 1
     assert answer["recent"] == [] and answer["dry_run"] is False
+
+
+def test_a_worker_pods_sidecar_refuses_alerts_and_actions_as_rejected_requests_not_failures(control):
+    # rank 0 of "gpt" reports to another pod's sidecar; rank 1 reports here
+    control.hello(rank=1)
+    control.warm_up(rank=1)
+    status, answer = call(control.url, "POST", "/api/v1/alertmanager",
+                          webhook(alert("AdamwatchLossSpike", rank="1"), alert("AdamwatchLossSpike", status="resolved",
+                                                                              fingerprint="f2")))
+    assert status == 200  # a non-2xx would make Alertmanager re-send the batch
+    refused, resolved = answer["results"]
+    assert refused["result"].startswith("refused: deferred: rank 0 of job 'gpt' reports to another sidecar")
+    assert refused["reason"] == "no_trainer" and "command_id" not in refused
+    assert resolved["result"] == "resolved"
+    assert rejected(control, "alertmanager", "no_trainer") == 1
+
+    status, answer = call(control.url, "POST", "/api/v1/actions", {"action": "reduce_lr", "factor": 0.5})
+    assert status == 409 and answer["reason"] == "no_trainer"
+    assert "rank 0 of job 'gpt' reports to another sidecar" in answer["error"]
+    assert rejected(control, "actions", "no_trainer") == 1
+
+    assert control.sent == []
+    ((_, samples),) = control.state.snapshot(only="adamwatch_remediations_total")
+    assert samples == []  # refused requests are not failed remediations
+    status, answer = call(control.url, "GET", "/api/v1/status")
+    assert answer["jobs"]["gpt"]["acting_here"] is False and answer["recent"] == []

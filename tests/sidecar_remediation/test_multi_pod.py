@@ -109,17 +109,23 @@ def test_the_sidecar_of_rank_0_still_acts_as_before(tmp_path):
     assert ("deferred", "loss_spike") not in events and ("deferred", "grad_norm_spike") not in events
     assert ("decision", "loss_spike") in events and ("suppressed", "grad_norm_spike") in events
 
-    # and it still walks the ladder to the end: restore, then escalate
+    # and it still walks the ladder to the end: reduce_lr again, restore, then escalate
     nxt = last + 2
-    for _ in range(3):
-        for i in range(nxt, nxt + 11):
+    for expected in ("reduce_lr", "restore_checkpoint", None):
+        # past the job-wide cooldown, and re-arms the detectors a restore emptied
+        for i in range(nxt, nxt + 40):
             rig.step(i, rank=1, loss=noisy(i), grad_norm=noisy(i, 1.0))
-        nxt += 11
+        nxt += 40
+        sent_before = len(rig.sent)
         rig.step(nxt, rank=1, loss=20.0)
-        if rig.sent[-1][1]["id"] not in {c["command_id"] for c in rig.service.status()["recent"]}:
+        if expected is None:  # escalate sends no command
+            assert len(rig.sent) == sent_before
+        else:
+            assert rig.sent[-1][1]["action"] == expected
             rig.ack(rig.sent[-1][1], step=nxt + 1)
         nxt += 1
     assert rig.value("adamwatch_remediation_ladder_exhausted", job="gpt", rank="0") == 1.0
+    assert rig.value("adamwatch_remediation_ladder_exhausted", job="gpt", rank="1") == 1.0
     assert rig.value("adamwatch_remediations_total", job="gpt", rank="0", action="escalate", outcome="applied") == 1
 
 

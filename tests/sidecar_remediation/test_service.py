@@ -177,17 +177,20 @@ def test_a_disconnected_trainer_does_not_stall(rig):
     assert rig.value("adamwatch_detections_total", job="gpt", rank="0", detector="stall") is None
 
 
-def test_an_incident_on_a_rank_without_rank_0_here_fails_with_a_reason(rig):
+def test_an_incident_on_a_rank_without_rank_0_here_is_deferred_not_failed(rig):
+    # A worker pod of a multi-pod job: rank 0 reports to another sidecar, which acts.
     rig.hello(rank=1)
     last = rig.warm_up(rank=1)
     rig.step(last + 1, rank=1, loss=20.0)
     assert rig.sent == []
-    # counted on the local rank: a (gpt, 0) series here would invent a disconnected rank 0
-    assert rig.value("adamwatch_remediations_total", job="gpt", rank="1", action="reduce_lr", outcome="failed") == 1
+    assert rig.value("adamwatch_detections_total", job="gpt", rank="1", detector="loss_spike") == 1
+    assert rig.value("adamwatch_remediations_total", job="gpt", rank="1", action="reduce_lr", outcome="failed") is None
+    # gauges hang on the local rank: a (gpt, 0) series here would invent a disconnected rank 0
     assert rig.value("adamwatch_trainer_connected", job="gpt", rank="0") is None
     assert rig.value("adamwatch_learning_rate_scale", job="gpt", rank="0") is None
     assert rig.value("adamwatch_learning_rate_scale", job="gpt", rank="1") == 1.0
-    assert "rank 0 of job 'gpt' is not connected" in rig.audit()[-1]["detail"]
+    assert rig.audit()[-1]["event"] == "deferred"
+    assert "rank 0 of job 'gpt' reports to another sidecar" in rig.audit()[-1]["detail"]
 
 
 def test_spike_on_another_rank_sends_the_command_to_rank_0(rig):

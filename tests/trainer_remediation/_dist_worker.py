@@ -1,6 +1,8 @@
 """One rank of the gloo tests: train a small DDP model, remediate on rank 0 only.
 
-argv: rank world_size workdir scenario   (scenario: "ladder" | "interval" | "cost")
+argv: rank world_size workdir scenario [side]
+scenario: "ladder" (interval 1) | "interval" (interval 4) | "noblock" | "close" | "buffer" | "cost";
+"side" forces the gloo side group that a non-gloo default backend (NCCL) gets.
 Rank 0 writes workdir/result.json with what it compared.
 """
 
@@ -18,6 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from adamwatch.checkpoint import Checkpointer
+from adamwatch import distributed
 from adamwatch.distributed import StepCoordinator
 from adamwatch.remediation import Action, Remediator
 
@@ -79,11 +82,104 @@ def same(a: dict, b: dict) -> list[str]:
     return problems
 
 
+# what rank 0 issues, per scenario: step -> action
+ISSUES = {
+    "ladder": {5: ("reduce_lr", {"factor": 0.5}), 9: ("restore_checkpoint", {"step": None})},
+    "interval": {4: ("reduce_lr", {"factor": 0.5}), 9: ("restore_checkpoint", {"step": None})},
+}
+FILE_WAIT_S = 30
+
+
+def wait_for_file(path: Path) -> None:
+    deadline = time.monotonic() + FILE_WAIT_S
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {path}")
+        time.sleep(0.01)
+
+
+def noblock(rank: int, world: int, workdir: Path) -> None:
+    """Rank 1 runs steps 1..7 (interval 4) before rank 0 even starts: none of them may wait for rank 0."""
+    coordinator = StepCoordinator(interval=4)
+    applied = []
+    timings = []
+    if rank == 0:
+        wait_for_file(workdir / "rank1-done-7")  # the old blocking broadcast never gets rank 1 here
+    for step in range(1, 13):
+        local = [Action("reduce_lr", {"factor": 0.5})] if rank == 0 and step == 4 else []
+        start = time.perf_counter()
+        actions = coordinator.exchange(step, local)
+        timings.append(time.perf_counter() - start)
+        applied += [[a.kind, step] for a in actions]
+        if rank == 1 and step == 7:
+            (workdir / "rank1-done-7").write_text("")
+    meta = gather_json({"applied": applied, "exchanges": coordinator.exchanges, "late_waits": coordinator.late_waits,
+                        "first7_max_s": max(timings[:7])}, world)
+    coordinator.close()
+    if rank == 0:
+        (workdir / "result.json").write_text(json.dumps({"ranks": meta}))
+
+
+def close_scenario(rank: int, world: int, workdir: Path) -> None:
+    """close() with a broadcast in flight: returns its actions; abandons one that cannot complete."""
+    coordinator = StepCoordinator(interval=1)
+    local = [Action("reduce_lr", {"factor": 0.5})] if rank == 0 else []
+    first = coordinator.exchange(1, local)
+    lost = coordinator.close(timeout=10)
+    after_close = coordinator.exchange(2, local)
+    # a broadcast that never completes: rank 0 never joins, on a group of its own
+    group = dist.new_group(backend="gloo")
+    stuck = StepCoordinator(group)
+    start = time.perf_counter()
+    stuck_lost = []
+    if rank != 0:
+        stuck.exchange(1, [])
+        stuck_lost = stuck.close(timeout=1.0)
+    close_s = time.perf_counter() - start
+    meta = gather_json({"first": [a.kind for a in first], "lost": [a.kind for a in lost],
+                        "after_close": [a.kind for a in after_close], "stuck_lost": stuck_lost,
+                        "stuck_close_s": close_s}, world)
+    if rank == 0:
+        (workdir / "result.json").write_text(json.dumps({"ranks": meta}))
+
+
+def buffer_scenario(rank: int, world: int, workdir: Path) -> None:
+    """A 256-byte buffer carries one action per round: the rest wait in order; an oversized one is dropped."""
+    coordinator = StepCoordinator(interval=1, buffer_bytes=256)
+    applied = []
+    for step in range(1, 7):
+        local = []
+        if rank == 0 and step == 1:
+            local = [Action("reduce_lr", {"factor": f}, reason="r" * 100) for f in (0.5, 0.6)]
+            local.insert(1, Action("reduce_lr", {"factor": 0.9}, reason="too big " * 100))
+            local.append(Action("reduce_lr", {"factor": 0.7}, reason="r" * 100))
+        applied += [[a.args["factor"], step] for a in coordinator.exchange(step, local)]
+    meta = gather_json({"applied": applied, "dropped": coordinator.dropped}, world)
+    coordinator.close()
+    if rank == 0:
+        (workdir / "result.json").write_text(json.dumps({"ranks": meta}))
+
+
 def main() -> None:
     rank, world, workdir, scenario = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+    if sys.argv[5:] == ["side"]:
+        distributed._is_gloo = lambda backend: False  # as under NCCL: a gloo side group carries the commands
     dist.init_process_group(
         "gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world, timeout=timedelta(seconds=30)
     )
+    if scenario == "noblock":
+        noblock(rank, world, workdir)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
+    if scenario == "buffer":
+        buffer_scenario(rank, world, workdir)
+        dist.destroy_process_group()
+        return
+    if scenario == "close":
+        close_scenario(rank, world, workdir)
+        dist.destroy_process_group()
+        return
     torch.manual_seed(0)  # same init on every rank
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
     ddp = DistributedDataParallel(model)
@@ -93,6 +189,7 @@ def main() -> None:
     remediator = Remediator(optimizer, scheduler, ckpt)
     interval = 4 if scenario == "interval" else 1
     coordinator = StepCoordinator(interval=interval, resolve=remediator.resolve)
+    side_group = coordinator._channel is not None
     torch.manual_seed(100 + rank)  # different data on every rank
     random.seed(rank)
 
@@ -104,6 +201,7 @@ def main() -> None:
         for step in range(n):
             coordinator.exchange(step, [])
         per_call = (time.perf_counter() - start) / n
+        coordinator.close()
         if rank == 0:
             (workdir / "result.json").write_text(json.dumps({"seconds_per_exchange": per_call, "world": world}))
         dist.barrier()
@@ -111,6 +209,7 @@ def main() -> None:
         return
 
     applied = []
+    issued = []
     for step in range(1, 19):
         x = torch.randn(16, 8)
         loss = torch.nn.functional.mse_loss(ddp(x), x.sum(dim=1, keepdim=True))
@@ -125,10 +224,10 @@ def main() -> None:
         if rank == 0 and step == 7:
             # the sidecar saw a spike at 7: only rank 0 knows, so only rank 0 rejects checkpoint 6
             ckpt.note_incident(7)
-        if rank == 0 and step == 5:
-            local.append(Action("reduce_lr", {"factor": 0.5}, source="sidecar"))
-        if rank == 0 and step == 9:
-            local.append(Action("restore_checkpoint", {"step": None}, source="sidecar"))
+        if rank == 0 and step in ISSUES[scenario]:
+            kind, args = ISSUES[scenario][step]
+            local.append(Action(kind, dict(args), source="sidecar"))
+            issued.append([kind, step])
         if rank == world - 1 and rank != 0 and step == 11:
             local.append(Action("stop"))  # issued off rank 0: must not be applied anywhere
         for action in coordinator.exchange(step, local):
@@ -137,7 +236,9 @@ def main() -> None:
         if step == 12:
             mid = snapshot(model, optimizer)
     final = snapshot(model, optimizer)
-    meta = gather_json({"applied": applied, "stop": remediator.stop_requested, "dropped": coordinator.dropped}, world)
+    lost = coordinator.close()
+    meta = gather_json({"applied": applied, "stop": remediator.stop_requested, "dropped": coordinator.dropped,
+                        "lost": len(lost), "late_waits": coordinator.late_waits}, world)
     mids, finals = gather_snapshot(mid, world), gather_snapshot(final, world)
     gathered = [dict(m, mid=mi, final=fi) for m, mi, fi in zip(meta, mids, finals)]
     if rank == 0:
@@ -149,9 +250,13 @@ def main() -> None:
             problems += [f"rank {other_rank} final {p}" for p in same(gathered[0]["final"], other["final"])]
         (workdir / "result.json").write_text(json.dumps({
             "problems": problems,
+            "issued": issued,
             "applied": applied,
+            "side_group": side_group,
             "stop": [g["stop"] for g in gathered],
             "dropped": [g["dropped"] for g in gathered],
+            "lost": [g["lost"] for g in gathered],
+            "late_waits": [g["late_waits"] for g in gathered],
             "lrs": final["lrs"],
             "steps": [int(s) for s in final["step"]],
         }))

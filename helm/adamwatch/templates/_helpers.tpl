@@ -173,6 +173,10 @@ trainer exits, so a Job still completes. Use under initContainers:.
       readOnly: true
     - name: adamwatch-tmp
       mountPath: /tmp
+    {{- if .Values.sidecar.auditLog.enabled }}
+    - name: adamwatch-audit
+      mountPath: /var/log/adamwatch
+    {{- end }}
 {{- end -}}
 
 {{/* Environment of the trainer container: where the sidecar listens and the job's name. */}}
@@ -214,6 +218,11 @@ trainer exits, so a Job still completes. Use under initContainers:.
 - name: adamwatch-tmp
   emptyDir:
     sizeLimit: 16Mi
+{{- if .Values.sidecar.auditLog.enabled }}
+- name: adamwatch-audit
+  emptyDir:
+    sizeLimit: {{ .Values.sidecar.auditLog.sizeLimit }}
+{{- end }}
 {{- end -}}
 
 {{/* AlertmanagerConfig matchers, quoted: a bare "=" is not a plain string to every YAML parser. */}}
