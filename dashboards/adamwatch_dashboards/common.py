@@ -7,7 +7,10 @@ so the consistency tests can read every query back from the generated JSON.
 from __future__ import annotations
 
 import itertools
+import pathlib
 from typing import Iterable
+
+import yaml
 
 from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.builders import dashboard as dashboard_builders
@@ -23,6 +26,7 @@ __all__ = [
     "EVENT_ONLY",
     "NEEDS_HISTORY",
     "RUNBOOK_BASE_URL",
+    "RULES_FILE",
     "PanelIds",
     "datasource_variable",
     "label_variable",
@@ -41,8 +45,20 @@ DATASOURCE = dashboard_models.DataSourceRef(type_val="prometheus", uid="${dataso
 EVENT_ONLY = "Event-only: empty while nothing has happened. "
 NEEDS_HISTORY = "Needs history: fills once the baseline window (35 minutes) has data. "
 
-# Same base as the runbook_url annotations in alerts/adamwatch-rules.yaml.
-RUNBOOK_BASE_URL = "https://github.com/adamwatch/adamwatch/blob/main/alerts/runbooks/"
+RULES_FILE = pathlib.Path(__file__).resolve().parents[2] / "alerts" / "adamwatch-rules.yaml"
+
+
+def _runbook_base_url(rules_file: pathlib.Path = RULES_FILE) -> str:
+    """The folder of the rules' runbook_url annotations: one source for the base URL."""
+    for group in yaml.safe_load(rules_file.read_text())["groups"]:
+        for rule in group["rules"]:
+            url = rule.get("annotations", {}).get("runbook_url")
+            if url:
+                return url.rsplit("/", 1)[0] + "/"
+    raise ValueError(f"{rules_file}: no alert carries a runbook_url")
+
+
+RUNBOOK_BASE_URL = _runbook_base_url()
 
 
 class PanelIds:

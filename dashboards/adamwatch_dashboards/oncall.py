@@ -8,6 +8,7 @@ import yaml
 from grafana_foundation_sdk.builders import dashboard as dashboard_builders
 
 from adamwatch_dashboards.common import (
+    RULES_FILE,
     base_dashboard,
     PanelIds,
     query,
@@ -20,7 +21,6 @@ from adamwatch_dashboards.common import (
 __all__ = ["UID", "RULES_FILE", "oncall_dashboard", "runbook_table_markdown"]
 
 UID = "adamwatch-oncall"
-RULES_FILE = pathlib.Path(__file__).resolve().parents[2] / "alerts" / "adamwatch-rules.yaml"
 
 SEL = 'job=~"$job", rank=~"$rank"'
 FIRING = 'ALERTS{alertname=~"Adamwatch.*", alertstate="firing", job=~"$job"}'

@@ -390,3 +390,12 @@ def test_notes_should_warn_when_the_pagerduty_secret_is_not_provided():
 def test_chart_should_carry_its_files_inside_the_chart():
     assert (CHART / "files" / "rules" / "adamwatch-rules.yaml").is_file()
     assert list((CHART / "files" / "dashboards").glob("*.json"))
+
+
+def test_dashboard_runbook_links_should_follow_the_runbook_base_url():
+    base = "https://wiki.example.com/runbooks/adamwatch"
+    config_maps = [m for m in of_kind(render(values={"rules": {"runbookBaseURL": base}}), "ConfigMap")
+                   if "-dashboard-" in m["metadata"]["name"]]
+    texts = [text for m in config_maps for text in m["data"].values()]
+    assert any(base + "/" in text for text in texts)
+    assert not any("github.com/adamwatch/adamwatch/blob/main/alerts/runbooks" in text for text in texts)

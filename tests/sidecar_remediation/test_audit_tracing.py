@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 
-import pytest
 from opentelemetry import trace
 
 from adamwatch_sidecar.remediation.audit import AUDIT_FIELDS, AuditLog
