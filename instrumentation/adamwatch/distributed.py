@@ -27,8 +27,8 @@ How it stays off the step path's critical section:
   after ``wait()`` on that broadcast. By then it has long completed, so the
   wait returns at once unless a rank is more than an interval behind rank 0
   (then it waits for it, as the next gradient all-reduce would anyway).
-  :attr:`StepCoordinator.late_waits` counts the waits that found the
-  broadcast still running.
+  :attr:`StepCoordinator.late_waits` and ``late_wait_seconds`` count the
+  waits that found the broadcast still running, and their time.
 
 So an action that rank 0 hands to :meth:`StepCoordinator.exchange` at step
 ``s`` is broadcast at the first exchange point ``e >= s`` and applied by every
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -113,8 +114,10 @@ class StepCoordinator:
         self.dropped = 0
         #: broadcasts launched so far (for cost accounting)
         self.exchanges = 0
-        #: waits that found the previous broadcast still running (a rank an interval behind)
+        #: waits that found the previous broadcast still running (a rank behind, or gloo not done yet)
         self.late_waits = 0
+        #: seconds spent in those waits
+        self.late_wait_seconds = 0.0
         if self.active():
             self._setup_channel()
 
@@ -192,12 +195,17 @@ class StepCoordinator:
         self._work = self._buffer = None
         if work is None or buffer is None:
             return []
-        if not work.is_completed():
-            self.late_waits += 1
-        if timeout is None:
-            work.wait()
-        else:
-            work.wait(timeout=timeout)
+        late = not work.is_completed()
+        started = time.perf_counter() if late else 0.0
+        try:
+            if timeout is None:
+                work.wait()
+            else:
+                work.wait(timeout=timeout)
+        finally:
+            if late:
+                self.late_waits += 1
+                self.late_wait_seconds += time.perf_counter() - started
         return self._decode(buffer)
 
     def exchange(self, step: int, local_actions: list[Action]) -> list[Action]:

@@ -61,7 +61,9 @@ class MonitorConfig:
         lr_recovery_steps: after a cut, double the learning rate back (up to
             the schedule) after every this many healthy steps; None keeps cuts.
         command_interval: under torch.distributed, rank 0 broadcasts pending
-            actions every this many steps (one tiny collective each time).
+            actions every this many steps: one asynchronous 4 KiB broadcast on a
+            CPU/gloo channel, never waited on in the step path; actions apply on
+            every rank one interval after their exchange point.
     """
 
     endpoint: str | None = None
@@ -246,6 +248,13 @@ class Monitor:
                 del self._scaler.step  # back to the class's method
             except AttributeError:
                 pass
+        if self._coordinator is not None:
+            from adamwatch.remediation import ActionResult
+
+            for action in self._coordinator.close(timeout):
+                # Broadcast but never reached a step boundary: say so to the sidecar.
+                if self.rank == 0:
+                    self._ack(ActionResult(action, "rejected", None, "the monitor closed before its step boundary"))
         self._transfer.wake()
         if self._client is not None:
             self._client.close(timeout, goodbye={"reason": "closed", "step": self.step})

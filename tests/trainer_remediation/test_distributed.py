@@ -103,6 +103,24 @@ def test_a_step_never_waits_for_a_rank_less_than_an_interval_behind(tmp_path: Pa
 
 
 @pytest.mark.slow
+def test_the_monitor_applies_rank0_actions_one_interval_later_on_every_rank(tmp_path: Path) -> None:
+    # adamwatch.watch(..., command_interval=2); reduce_lr called on every rank after step 4,
+    # restore_checkpoint(step=3) on rank 0 only after step 9
+    result = _run_ranks(tmp_path, 2, "monitor")
+    assert result["problems"] == []  # params, m, v, step and lrs bit-identical at the end
+    rank0, rank1 = result["ranks"]
+    assert rank0["trace"] == rank1["trace"]  # same monitor step, lr scale and lr after every iteration
+    assert rank0["errors"] == rank1["errors"] == 0
+    assert [r["dropped"] for r in result["ranks"]] == [0, 1]  # rank 1's reduce_lr: rank 0's copy counts
+    steps = [t[0] for t in rank0["trace"]]
+    scales = [t[1] for t in rank0["trace"]]
+    # picked up at 5, broadcast at exchange point 6, applied at 8
+    assert scales[:7] == [1.0] * 7 and scales[7:] == [0.5] * 9
+    # picked up at 10 (an exchange point), applied at 12: the monitor's step goes back to 3
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 3, 4, 5, 6, 7]
+
+
+@pytest.mark.slow
 def test_close_with_a_broadcast_in_flight_returns_its_actions_and_never_hangs(tmp_path: Path) -> None:
     result = _run_ranks(tmp_path, 2, "close")
     for rank in result["ranks"]:
