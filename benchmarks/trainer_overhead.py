@@ -31,6 +31,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 import adamwatch  # noqa: E402
+from demo import BATCH, MODEL  # noqa: E402  (the demo's model and batch size)
 from tiny_gpt import ArithmeticCorpus, GPTConfig, TinyGPT  # noqa: E402
 
 
@@ -53,7 +54,7 @@ def start_sidecar(workdir: str) -> tuple[subprocess.Popen, str]:
 def make(cfg: GPTConfig, device: str, fused: bool) -> tuple[TinyGPT, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = TinyGPT(cfg).to(device)
-    opt = torch.optim.AdamW(model.param_groups(), lr=3e-4, fused=fused or None)
+    opt = torch.optim.AdamW(model.param_groups(), lr=3e-4, fused=fused or None)  # torch's default: for-loop on CPU
     return model, opt
 
 
@@ -67,7 +68,7 @@ def train_step(model, opt, x, y, monitor=None) -> None:
 
 
 def measure(label: str, deep_every: int, pairs: int, args, endpoint: str) -> float:
-    cfg = GPTConfig(n_layer=args.layers, n_embd=args.width, block_size=64)
+    cfg = GPTConfig(n_layer=args.layers, n_embd=args.width, block_size=MODEL.block_size)
     corpus = ArithmeticCorpus(cfg.block_size, seed=1)
     bare_model, bare_opt = make(cfg, args.device, args.fused)
     model, opt = make(cfg, args.device, args.fused)
@@ -96,13 +97,17 @@ def measure(label: str, deep_every: int, pairs: int, args, endpoint: str) -> flo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--pairs", type=int, default=120)
+    parser.add_argument("--pairs", type=int, default=700)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--layers", type=int, default=MODEL.n_layer)
+    parser.add_argument("--width", type=int, default=MODEL.n_embd)
     parser.add_argument("--fused", action="store_true", help="fused AdamW (default: torch's default implementation)")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                        help="torch threads (default: all cores but one, which the sidecar process uses; "
+                             "in Kubernetes it has its own CPU request)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     workdir = tempfile.mkdtemp(prefix="aw-bench-")
     sidecar, endpoint = start_sidecar(workdir)

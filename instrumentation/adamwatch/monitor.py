@@ -57,6 +57,10 @@ class MonitorConfig:
             only reports.
         samples_per_step, tokens_per_step: throughput, if known and constant.
         max_queued: summaries buffered while the sidecar is slow.
+        batch_interval: seconds between sends to the sidecar. None (auto):
+            every step as soon as it is summarised when steps take 40 ms or
+            more, else every 50 ms (a wake-up per short step would cost the
+            trainer more than its budget; 50 ms keeps detection fast in time).
         lr_floor: learning-rate cuts never go below this.
         lr_recovery_steps: after a cut, double the learning rate back (up to
             the schedule) after every this many healthy steps; None keeps cuts.
@@ -77,6 +81,7 @@ class MonitorConfig:
     tokens_per_step: int | None = None
     max_queued: int = 4096
     seed: int = 0
+    batch_interval: float | None = None
     lr_floor: float = 0.0
     lr_recovery_steps: int | None = None
     command_interval: int = 1
@@ -95,6 +100,9 @@ class MonitorConfig:
         if self.lr_recovery_steps is not None and (not isinstance(self.lr_recovery_steps, int)
                                                    or self.lr_recovery_steps < 1):
             raise ValueError(f"lr_recovery_steps must be an int >= 1 or None, got {self.lr_recovery_steps!r}")
+        if self.batch_interval is not None and (not isinstance(self.batch_interval, (int, float))
+                                                or not 0 <= self.batch_interval <= 10):
+            raise ValueError(f"batch_interval must be None or seconds in [0, 10], got {self.batch_interval!r}")
         if not isinstance(self.command_interval, int) or self.command_interval < 1:
             raise ValueError(f"command_interval must be an int >= 1, got {self.command_interval!r}")
         if self.endpoint is not None:
@@ -160,6 +168,7 @@ class Monitor:
         self._remediator = None
         self._coordinator = None
         self._scheduler_skip_armed = False
+        self._step_seconds: float | None = None
         self._setup_remediation(on_stop)
 
         endpoint = config.endpoint or os.environ.get(wire.ENDPOINT_ENV)
@@ -172,6 +181,7 @@ class Monitor:
                 on_command=self._on_command,
                 poll=self._poll_summaries,
                 max_queued=config.max_queued,
+                batch_interval=self._batch_interval,
             )
         else:
             log.warning("adamwatch: no endpoint (set %s): step summaries are not streamed", wire.ENDPOINT_ENV)
@@ -280,22 +290,24 @@ class Monitor:
             grad_scale = getattr(optimizer, "grad_scale", None)
             found_inf = getattr(optimizer, "found_inf", None)
             guard_fused = self._fused and self.config.guard != "off"
+            guard_sync = self.config.guard == "sync" and not self._fused
             vector, bad, layout = self._stats.per_step(
                 self._loss,
                 grad_scale=grad_scale if isinstance(grad_scale, torch.Tensor) else None,
                 found_inf=found_inf if isinstance(found_inf, torch.Tensor) else None,
                 guard=guard_fused,
+                need_flag=guard_sync,
             )
             if guard_fused:
                 # The fused kernel leaves params, m, v and the step count alone
                 # when found_inf is non-zero: a skip with no host sync.
-                flag = bad.to(torch.float32)
+                flag = bad.to(torch.float32).reshape(())
                 if isinstance(found_inf, torch.Tensor):
                     flag = torch.maximum(found_inf.to(flag.device, torch.float32), flag)
                 else:
                     self._found_inf_set = True
                 optimizer.found_inf = flag
-            elif self.config.guard == "sync" and not self._fused:
+            elif guard_sync:
                 # Opt-in, documented: one host sync per step buys the skip for
                 # optimizers without a found_inf input. Dropping every grad
                 # makes torch's Adam skip each param (no update, no state change).
@@ -334,6 +346,10 @@ class Monitor:
         ended = time.monotonic()
         duration = None if self._last_end is None else ended - self._last_end
         self._last_end = ended
+        if duration is not None:
+            # Smoothed step time, for the client's batching (read racily by its
+            # thread: a float assignment is atomic, and a stale value is fine).
+            self._step_seconds = duration if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * duration
         pending, self._pending = self._pending, None
         self._loss = None
         if pending is None:
@@ -381,6 +397,17 @@ class Monitor:
         scaler.step = step
 
     # ------------------------------------------------------------------ background
+    _FAST_STEP_SECONDS = 0.04
+    _FAST_STEP_BATCH_SECONDS = 0.05
+
+    def _batch_interval(self) -> float:
+        if self.config.batch_interval is not None:
+            return float(self.config.batch_interval)
+        step = self._step_seconds
+        if step is not None and step < self._FAST_STEP_SECONDS:
+            return self._FAST_STEP_BATCH_SECONDS
+        return 0.0
+
     def _hello(self) -> dict[str, Any]:
         return {
             "job": self.job,

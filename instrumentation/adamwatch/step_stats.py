@@ -4,7 +4,6 @@
 | --- | --- | --- |
 | loss, non-finite loss | every step | the tensor given to ``observe_loss`` |
 | global and per-group gradient L2 norm | every step | ``torch._foreach_norm``, summed in float64, unscaled by GradScaler's scale |
-| parameter tensors with a NaN/Inf gradient | every step | non-finite per-tensor norms |
 | skipped flag | every step | GradScaler's / adamwatch's ``found_inf`` |
 | effective LR and update-size quantiles | every N steps | fixed random coordinate sample per group, sorted on device |
 | update L2 norm, weight norm, m and v norms | every N steps | exact, one parameter at a time (bounded extra memory) |
@@ -27,8 +26,8 @@ from adamwatch.wire import QUANTILES
 
 __all__ = ["StepLayout", "StepStats", "decode_step", "DEEP_FIELDS_PER_GROUP"]
 
-# Per-step vector: [loss, total_sq_norm, skipped, nonfinite_tensors, group_sq_norm × G, lr tensors...]
-_FIXED = 4
+# Per-step vector: [loss, total_sq_norm, skip code, group_sq_norm × G, lr tensors...]
+_FIXED = 3
 # Per group in the deep block: quantiles of effective lr and update size, then
 # update norm, weight norm, m norm, v norm, eps-dominated share.
 DEEP_FIELDS_PER_GROUP = 2 * len(QUANTILES) + 5
@@ -93,6 +92,17 @@ class _SamplePlan:
         self.q_lo = torch.tensor(lo).to(device, non_blocking=True)
         self.q_hi = torch.tensor(hi).to(device, non_blocking=True)
         self.q_w = torch.tensor([p - i for p, i in zip(positions, lo)], dtype=torch.float32).to(device, non_blocking=True)
+        self.q_lo_mirror = torch.tensor([self.size - 1 - i for i in lo]).to(device, non_blocking=True)
+        self.q_hi_mirror = torch.tensor([self.size - 1 - i for i in hi]).to(device, non_blocking=True)
+
+    def decreasing_quantiles(self, values: torch.Tensor, transform) -> torch.Tensor:
+        """Quantiles of ``transform(values)`` for a decreasing ``transform``, sorting
+        ``values`` instead: the k-th smallest transformed value is the transform of
+        the k-th largest value. Saves a sort when ``values`` is needed sorted anyway."""
+        ordered = torch.sort(values).values
+        low = transform(ordered.index_select(0, self.q_lo_mirror))
+        high = transform(ordered.index_select(0, self.q_hi_mirror))
+        return low + (high - low) * self.q_w
 
     def quantiles(self, values: torch.Tensor) -> torch.Tensor:
         ordered = torch.sort(values).values
@@ -121,8 +131,15 @@ class StepStats:
         self._generator = torch.Generator().manual_seed(seed)
         self._plans: dict[int, _SamplePlan] = {}
         self._nan = torch.full((1,), float("nan"), dtype=self.dtype, device=self.device)
-        self._zero = torch.zeros((), dtype=self.dtype, device=self.device)
-        self._false = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._zero = torch.zeros(1, dtype=self.dtype, device=self.device)
+        self._false = torch.zeros(1, dtype=torch.bool, device=self.device)
+        # With every parameter on one device (the usual case) per-step tensors
+        # need no device moves; model-parallel layouts take the general path.
+        self._single_device = all(
+            p.device == self.device for g in optimizer.param_groups for p in g["params"]
+        )
+        self._owners_key: tuple[int, ...] | None = None
+        self._owners = self._zero
 
     def _to_dev(self, t: torch.Tensor) -> torch.Tensor:
         if t.device != self.device:
@@ -137,7 +154,8 @@ class StepStats:
         grad_scale: torch.Tensor | None = None,
         found_inf: torch.Tensor | None = None,
         guard: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, StepLayout]:
+        need_flag: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, StepLayout]:
         """Reduce the gradients (pre-step: they are about to be applied).
 
         Args:
@@ -145,46 +163,62 @@ class StepStats:
             grad_scale: GradScaler's scale when the grads are still scaled (fused path).
             found_inf: GradScaler's overflow flag, if any.
             guard: the non-finite flag marks the step as skipped (fused guard).
+            need_flag: return the non-finite flag as a device tensor (implied by guard).
 
         Returns:
-            (vector, nonfinite flag as a 0-dim bool tensor, layout).
+            (vector, non-finite flag as a 1-element bool tensor or None, layout).
         """
+        need_flag = need_flag or guard
         groups = self.optimizer.param_groups
-        group_sq: list[torch.Tensor] = []
-        all_norms: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        owners: list[int] = []  # the group of each grad
         has_grads: list[bool] = []
-        for group in groups:
-            grads = [p.grad for p in group["params"] if p.grad is not None]
-            has_grads.append(bool(grads))
-            if not grads:
-                group_sq.append(self._zero)
-                continue
+        for index, group in enumerate(groups):
+            before = len(grads)
+            for p in group["params"]:
+                if p.grad is not None:
+                    grads.append(p.grad)
+                    owners.append(index)
+            has_grads.append(len(grads) > before)
+        # Few, small ops: after backward every dispatch costs ~10 µs of cold
+        # caches, and this runs on every step.
+        if grads:
+            # One foreach kernel for every gradient of every group, then
+            # per-group sums of squares (float64: an exploding norm of 1e20
+            # squared stays finite).
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-            stacked = torch.stack([self._to_dev(n) for n in norms]).to(self.dtype)
-            all_norms.append(stacked)
-            group_sq.append(stacked.square().sum())
-        sq = torch.stack(group_sq)
+            if not self._single_device:
+                norms = [self._to_dev(n) for n in norms]
+            squares = torch.stack(norms).to(self.dtype).square()
+            if len(groups) == 1:
+                sq = squares.sum(0, keepdim=True)
+            else:
+                sq = torch.zeros(len(groups), dtype=self.dtype, device=self.device).index_add_(
+                    0, self._owner_index(owners), squares
+                )
+        else:
+            sq = torch.zeros(len(groups), dtype=self.dtype, device=self.device)
         if grad_scale is not None:
             scale = self._to_dev(grad_scale).to(self.dtype)
             sq = sq / (scale * scale)
-        total = sq.sum()
-        if all_norms:
-            nonfinite_tensors = (~torch.isfinite(torch.cat(all_norms))).sum().to(self.dtype)
-            grad_bad = ~torch.isfinite(total)
-        else:
-            nonfinite_tensors = self._zero
-            grad_bad = self._false
+        total = sq.sum(0, keepdim=True)
 
         host_loss = None
         if isinstance(loss, torch.Tensor):
-            loss_t = self._to_dev(loss.detach()).reshape(-1)[:1].to(self.dtype)
-            loss_bad = ~torch.isfinite(loss_t[0])
+            loss_t = self._to_dev(loss.detach())
+            # (torch.cat below promotes it to the vector's float64)
+            loss_t = loss_t.reshape(1) if loss_t.numel() == 1 else loss_t.reshape(-1)[:1]
         else:
             loss_t = self._nan
-            loss_bad = self._false
             if loss is not None:
                 host_loss = float(loss)
-        bad = grad_bad | loss_bad
+        # The non-finite flag on the device is only needed to skip the step
+        # (the fused guard); otherwise the host derives it from the values.
+        bad = None
+        if need_flag:
+            bad = ~torch.isfinite(total) if grads else self._false
+            if isinstance(loss, torch.Tensor):
+                bad = bad | ~torch.isfinite(loss_t)
 
         # Skip code: 0 applied, 1 skipped by the adamwatch guard, 2 skipped by GradScaler.
         skipped = bad.to(self.dtype) if guard else self._zero
@@ -203,7 +237,7 @@ class StepStats:
             else:
                 host_lrs.append(float(lr))
 
-        parts = [loss_t, total.reshape(1), skipped.reshape(1), nonfinite_tensors.reshape(1), sq]
+        parts = [loss_t, total, skipped.reshape(1), sq]
         parts.extend(lr_tensors)
         vector = torch.cat(parts)
         layout = StepLayout(
@@ -215,6 +249,15 @@ class StepStats:
             tensor_lr_groups=tensor_lr_groups,
         )
         return vector, bad, layout
+
+    def _owner_index(self, owners: list[int]) -> torch.Tensor:
+        """Device tensor of group indices per grad, cached: the set of params
+        with a grad rarely changes between steps."""
+        key = tuple(owners)
+        if key != self._owners_key:
+            self._owners_key = key
+            self._owners = torch.tensor(owners).to(self.device, non_blocking=True)
+        return self._owners
 
     # ------------------------------------------------------------------ deep
     def _plan(self, index: int, params: list[torch.Tensor]) -> _SamplePlan:
@@ -255,21 +298,24 @@ class StepStats:
         second = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
         plan = self._plan(index, params)
 
-        steps = torch.stack(
-            [self._to_dev(state[p]["step"].detach()).reshape(()).to(torch.float32) for p in params]
-        )
+        step_tensors = [state[p]["step"].detach().reshape(()) for p in params]
+        if self._single_device or all(t.device == step_tensors[0].device for t in step_tensors):
+            steps = torch.stack(step_tensors).to(self.device, torch.float32, non_blocking=True)
+        else:
+            steps = torch.stack([self._to_dev(t).to(torch.float32) for t in step_tensors])
         # Tensor betas (capturable) become device scalars; floats stay floats.
         b1 = self._to_dev(beta1).to(torch.float32) if isinstance(beta1, torch.Tensor) else beta1
         b2 = self._to_dev(beta2).to(torch.float32) if isinstance(beta2, torch.Tensor) else beta2
         bc1 = 1 - torch.pow(b1, steps)
         bc2 = 1 - torch.pow(b2, steps)
 
-        m_sample = torch.cat(
-            [self._to_dev(state[p]["exp_avg"].reshape(-1).index_select(0, idx)) for p, idx in zip(params, plan.indices)]
-        ).to(torch.float32)
-        v_sample = torch.cat(
-            [self._to_dev(state[p][second].reshape(-1).index_select(0, idx)) for p, idx in zip(params, plan.indices)]
-        ).to(torch.float32)
+        take = (lambda t: t) if self._single_device else self._to_dev
+        m_sample = _as_float32(torch.cat(
+            [take(state[p]["exp_avg"].reshape(-1).index_select(0, idx)) for p, idx in zip(params, plan.indices)]
+        ))
+        v_sample = _as_float32(torch.cat(
+            [take(state[p][second].reshape(-1).index_select(0, idx)) for p, idx in zip(params, plan.indices)]
+        ))
         bc1_c = torch.repeat_interleave(bc1, plan.counts, output_size=plan.size)
         bc2_c = torch.repeat_interleave(bc2, plan.counts, output_size=plan.size)
         sqrt_v_hat = (v_sample / bc2_c).sqrt()
@@ -277,22 +323,36 @@ class StepStats:
         update_size = (m_sample.abs() / bc1_c) * effective_lr
         eps_dominated = (sqrt_v_hat <= eps).to(torch.float32).mean()
 
-        # Exact norms, one parameter at a time so the extra memory is bounded
-        # by the largest tensor, not the model.
+        # Exact update norms with foreach kernels over chunks of parameters:
+        # few kernel launches, and extra memory bounded by the chunk size
+        # (or the largest tensor), not the model.
         update_sq = []
-        for i, p in enumerate(params):
-            st = state[p]
-            denom = (st[second].to(torch.float32) / bc2[i].to(st[second].device)).sqrt_().add_(eps)
-            upd = (st["exp_avg"].to(torch.float32) / bc1[i].to(denom.device)).div_(denom)
-            update_sq.append(self._to_dev(torch.linalg.vector_norm(upd)).to(self.dtype).square())
-        update_norm = torch.stack(update_sq).sum().sqrt() * lr
+        bc1_each, bc2_each = bc1.unbind(), bc2.unbind()
+        for chunk in _chunks(params, _DEEP_CHUNK_ELEMENTS):
+            ms = [_as_float32(state[p]["exp_avg"]) for _, p in chunk]
+            vs = [_as_float32(state[p][second]) for _, p in chunk]
+            if self._single_device:
+                b2s, b1s = [bc2_each[i] for i, _ in chunk], [bc1_each[i] for i, _ in chunk]
+            else:
+                b2s = [bc2_each[i].to(v.device) for (i, _), v in zip(chunk, vs)]
+                b1s = [bc1_each[i].to(m.device) for (i, _), m in zip(chunk, ms)]
+            denom = torch._foreach_div(vs, b2s)
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, eps)
+            upd = torch._foreach_div(ms, b1s)
+            torch._foreach_div_(upd, denom)
+            norms = torch._foreach_norm(upd)
+            update_sq.append(torch.stack(norms if self._single_device else [self._to_dev(n) for n in norms]))
+            del ms, vs, denom, upd
+        update_norm = torch.cat(update_sq).to(self.dtype).square().sum().sqrt() * lr
         weight_norm = self._group_norm([p.detach() for p in params])
         m_norm = self._group_norm([state[p]["exp_avg"] for p in params])
         v_norm = self._group_norm([state[p]["exp_avg_sq"] for p in params])
 
         return torch.cat(
             [
-                plan.quantiles(effective_lr).to(self.dtype),
+                # lr/(sqrt(v_hat)+eps) decreases with sqrt(v_hat): no second sort.
+                plan.decreasing_quantiles(sqrt_v_hat, lambda x: lr / (x + eps)).to(self.dtype),
                 plan.quantiles(update_size).to(self.dtype),
                 torch.stack([
                     update_norm.reshape(()).to(self.dtype),
@@ -307,6 +367,27 @@ class StepStats:
     def _group_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
         return torch.stack([self._to_dev(n) for n in norms]).to(self.dtype).square().sum().sqrt()
+
+
+def _as_float32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+
+# Elements per foreach chunk of the deep update-norm pass (temporaries ~ 3x this in fp32).
+_DEEP_CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunks(params: list[torch.Tensor], max_elements: int) -> list[list[tuple[int, torch.Tensor]]]:
+    """Consecutive (index, param) runs of at most ``max_elements`` (a bigger tensor stands alone)."""
+    chunks: list[list[tuple[int, torch.Tensor]]] = [[]]
+    size = 0
+    for i, p in enumerate(params):
+        if chunks[-1] and size + p.numel() > max_elements:
+            chunks.append([])
+            size = 0
+        chunks[-1].append((i, p))
+        size += p.numel()
+    return chunks
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -343,7 +424,6 @@ def decode_step(values: list[float], layout: StepLayout) -> dict[str, Any]:
         "grad_norm": grad_norm,
         "group_grad_norms": group_norms,
         "grad_nonfinite": bool(any_grads and not math.isfinite(total_sq)),
-        "grad_nonfinite_tensors": int(values[3]) if math.isfinite(values[3]) else 0,
         "lr": [float(x) for x in lrs],
         "skipped": bool(values[2] > 0),
     }

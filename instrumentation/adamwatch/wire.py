@@ -137,9 +137,6 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "grad_norm": _f("float", nullable=True),  # global L2 norm (unscaled)
         "group_grad_norms": _f("list[float|null]"),
         "grad_nonfinite": _f("bool"),
-        # how many parameter tensors had a NaN/Inf gradient (a full element
-        # count would cost another pass over every gradient)
-        "grad_nonfinite_tensors": _f("int", required=False),
         "lr": _f("list[float]"),  # scheduled lr per param group
         "skipped": _f("bool", required=False),  # the update was not applied
         "skip_reason": _f("str", required=False, nullable=True),
