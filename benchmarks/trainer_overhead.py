@@ -31,23 +31,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 import adamwatch  # noqa: E402
-from demo import BATCH, MODEL  # noqa: E402  (the demo's model and batch size)
+from demo import BATCH, MODEL, free_port, sidecar_command, wait_ready  # noqa: E402  (the demo's model)
 from tiny_gpt import ArithmeticCorpus, GPTConfig, TinyGPT  # noqa: E402
 
 
 def start_sidecar(workdir: str) -> tuple[subprocess.Popen, str]:
+    """A real sidecar on a Unix socket, started and awaited the way the demo does it."""
     sock = os.path.join(workdir, "aw.sock")
-    exe = shutil.which("adamwatch-sidecar", path=os.path.dirname(sys.executable)) or shutil.which("adamwatch-sidecar")
-    cmd = [exe] if exe else [sys.executable, "-m", "adamwatch_sidecar.cli"]
+    port = free_port(0)
     proc = subprocess.Popen(
-        cmd + ["serve", "--listen", f"unix://{sock}", "--metrics-address", "127.0.0.1:0"],
+        sidecar_command() + ["serve", "--listen", f"unix://{sock}", "--metrics-address", f"127.0.0.1:{port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 15
-    while not os.path.exists(sock):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("adamwatch-sidecar did not start")
-        time.sleep(0.05)
+    wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
     return proc, f"unix://{sock}"
 
 

@@ -183,6 +183,9 @@ class StepCoordinator:
         return b"[" + b",".join(encoded) + b"]"
 
     def _decode(self, buffer: torch.Tensor) -> list[Action]:
+        # Runs at exchange points, inside the step path: the buffer is a CPU
+        # tensor of the gloo channel whose broadcast has completed, so these
+        # reads are plain memory reads, never a device synchronisation.
         length = int.from_bytes(bytes(buffer[:_LENGTH_BYTES].tolist()), "little")
         if length == 0:
             return []

@@ -29,8 +29,11 @@ import torch
 
 from adamwatch import __version__, wire
 from adamwatch.client import StreamClient, default_job_name
+from adamwatch.distributed import StepCoordinator
+from adamwatch.lr_control import LRRecovery
 from adamwatch.optimizer_info import describe_optimizer, group_names, is_fused
-from adamwatch.step_stats import DEEP_FIELDS_PER_GROUP, StepLayout, StepStats, decode_step
+from adamwatch.remediation import Action, ActionResult, Remediator, SchedulerStepHook, skip_next_scheduler_step
+from adamwatch.step_stats import StepLayout, StepStats, decode_step
 from adamwatch.transfer import SummaryTransfer
 
 __all__ = ["watch", "Monitor", "MonitorConfig"]
@@ -161,13 +164,9 @@ class Monitor:
         self._actions: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
 
         self._stats = StepStats(optimizer, sample_size=config.sample_size, seed=config.seed)
-        groups = len(optimizer.param_groups)
-        max_length = 4 + 2 * groups + groups * DEEP_FIELDS_PER_GROUP
-        self._transfer = SummaryTransfer(self._stats.device, max_length, self._stats.dtype)
+        self._transfer = SummaryTransfer(self._stats.device, self._stats.max_length, self._stats.dtype)
 
-        self._remediator = None
-        self._coordinator = None
-        self._scheduler_skip_armed = False
+        self._scheduler_skip: SchedulerStepHook | None = None
         self._step_seconds: float | None = None
         self._setup_remediation(on_stop)
 
@@ -259,8 +258,6 @@ class Monitor:
             except AttributeError:
                 pass
         if self._coordinator is not None:
-            from adamwatch.remediation import ActionResult
-
             for action in self._coordinator.close(timeout):
                 # Broadcast but never reached a step boundary: say so to the sidecar.
                 if self.rank == 0:
@@ -465,10 +462,6 @@ class Monitor:
 
     # ------------------------------------------------------------------ remediation
     def _setup_remediation(self, on_stop: Callable[[], None] | None) -> None:
-        from adamwatch.distributed import StepCoordinator
-        from adamwatch.lr_control import LRRecovery
-        from adamwatch.remediation import Remediator
-
         recovery = LRRecovery(after_steps=self.config.lr_recovery_steps) if self.config.lr_recovery_steps else None
         self._remediator = Remediator(
             self.optimizer, self.scheduler, self.checkpointer, lr_floor=self.config.lr_floor,
@@ -481,8 +474,6 @@ class Monitor:
 
     def _queue_action(self, kind: str, args: dict[str, Any], reason: str | None, source: str = "local",
                       action_id: str | None = None) -> str:
-        from adamwatch.remediation import Action
-
         action = Action(kind, args, source=source, reason=reason)
         if action_id is not None:
             action.id = action_id
@@ -520,27 +511,17 @@ class Monitor:
         affected (unless the restore lands on an epoch's last iteration: that
         epoch's step is then skipped, which matches the restored state too).
         """
-        if self.scheduler is None or self._scheduler_skip_armed:
-            return
-        # The scheduler's class is swapped for a subclass whose step() skips once
-        # and swaps back. Not an instance attribute: torch schedulers put every
-        # instance attribute into state_dict(), and a checkpoint saved meanwhile
-        # would then fail to pickle.
-        original = type(self.scheduler)
-        monitor = self
+        if self.scheduler is not None and not self._scheduler_skip_armed:
+            self._scheduler_skip = skip_next_scheduler_step(self.scheduler)
 
-        def step(scheduler: Any, *args: Any, **kwargs: Any) -> None:
-            monitor._disarm_scheduler_skip()
-            log.info("adamwatch: scheduler.step() of the iteration abandoned by the restore was skipped")
-
-        self.scheduler.__class__ = type(original.__name__, (original,), {"step": step, "__module__": original.__module__})
-        self._scheduler_class = original
-        self._scheduler_skip_armed = True
+    @property
+    def _scheduler_skip_armed(self) -> bool:
+        return self._scheduler_skip is not None and self._scheduler_skip.active
 
     def _disarm_scheduler_skip(self) -> None:
-        if self._scheduler_skip_armed:
-            self._scheduler_skip_armed = False
-            self.scheduler.__class__ = self._scheduler_class
+        if self._scheduler_skip is not None:
+            self._scheduler_skip.remove()
+            self._scheduler_skip = None
 
     def _ack(self, result: Any) -> None:
         """Report an outcome to the sidecar: its commands, and actions taken in process too
@@ -557,16 +538,13 @@ class Monitor:
         Under torch.distributed rank 0 decides: its actions are broadcast and
         every rank applies the same list at the same step, or replicas diverge.
         """
-        from adamwatch.remediation import ActionResult
-
         local = []
-        while True:
-            try:
-                local.append(self._actions.get_nowait())
-            except queue.Empty:
-                break
+        while not self._actions.empty():  # the usual step has none: no exception raised per step
+            local.append(self._actions.get_nowait())
         local.extend(self._remediator.pending_actions())
         if self._coordinator is None:
+            if not local:
+                return
             actions = [self._remediator.resolve(a) for a in local]
         else:
             if self.rank != 0:

@@ -29,7 +29,15 @@ from torch.optim import Optimizer
 
 from .lr_control import LRRecovery, current_lr_scales, scale_learning_rate, set_learning_rate_scale
 
-__all__ = ["ACTION_KINDS", "Action", "ActionResult", "Remediator", "SchedulerStepHook", "after_scheduler_step"]
+__all__ = [
+    "ACTION_KINDS",
+    "Action",
+    "ActionResult",
+    "Remediator",
+    "SchedulerStepHook",
+    "after_scheduler_step",
+    "skip_next_scheduler_step",
+]
 
 log = logging.getLogger(__name__)
 
@@ -354,17 +362,38 @@ class Remediator:
 
 
 class SchedulerStepHook:
-    """Handle returned by :func:`after_scheduler_step`; ``remove()`` undoes it."""
+    """Handle returned by :func:`after_scheduler_step` and :func:`skip_next_scheduler_step`;
+    ``remove()`` undoes it."""
 
     def __init__(self, scheduler: Any, original_class: type):
         self._scheduler = scheduler
         self._original_class = original_class
+
+    @property
+    def active(self) -> bool:
+        """Whether the scheduler still runs the swapped ``step``."""
+        return self._scheduler is not None
 
     def remove(self) -> None:
         """Give the scheduler its own class back (idempotent)."""
         if self._scheduler is not None:
             self._scheduler.__class__ = self._original_class
             self._scheduler = None
+
+
+def _swap_step(scheduler: Any, make_step: Callable[[type, SchedulerStepHook], Callable[..., Any]]) -> SchedulerStepHook:
+    """Swap the scheduler's class for a subclass with another ``step``.
+
+    A subclass, not an instance attribute: torch schedulers put every instance
+    attribute into ``state_dict()``, and a checkpoint saved meanwhile would
+    then fail to pickle.
+    """
+    original_class = type(scheduler)
+    hook = SchedulerStepHook(scheduler, original_class)
+    step = make_step(original_class, hook)
+    scheduler.__class__ = type(original_class.__name__, (original_class,),
+                               {"step": step, "__module__": original_class.__module__})
+    return hook
 
 
 def after_scheduler_step(scheduler: Any, callback: Callable[[], None]) -> SchedulerStepHook:
@@ -374,10 +403,6 @@ def after_scheduler_step(scheduler: Any, callback: Callable[[], None]) -> Schedu
     restore is exact: a checkpoint saved after ``scheduler.step()`` holds the
     scheduler of that step, so restoring between ``optimizer.step()`` and
     ``scheduler.step()`` would advance the schedule one step too far.
-
-    The scheduler's class is swapped for a subclass whose ``step`` calls the
-    callback, rather than setting an instance attribute: torch schedulers put
-    every instance attribute into ``state_dict()``.
 
         hook = after_scheduler_step(scheduler, monitor_apply_actions)
         ...
@@ -390,13 +415,37 @@ def after_scheduler_step(scheduler: Any, callback: Callable[[], None]) -> Schedu
     Returns:
         A handle with ``remove()``.
     """
-    original_class = type(scheduler)
 
-    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
-        result = original_class.step(self, *args, **kwargs)
-        callback()
-        return result
+    def make_step(original_class: type, hook: SchedulerStepHook) -> Callable[..., Any]:
+        def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+            result = original_class.step(self, *args, **kwargs)
+            callback()
+            return result
 
-    hooked = type(original_class.__name__, (original_class,), {"step": step, "__module__": original_class.__module__})
-    scheduler.__class__ = hooked
-    return SchedulerStepHook(scheduler, original_class)
+        return step
+
+    return _swap_step(scheduler, make_step)
+
+
+def skip_next_scheduler_step(scheduler: Any) -> SchedulerStepHook:
+    """Make the next ``scheduler.step(...)`` do nothing, then restore the scheduler.
+
+    Used after a restore applied between ``optimizer.step()`` and the user's
+    ``scheduler.step()``: the checkpoint already holds the scheduler as it was
+    after its own step's ``scheduler.step()``. ``remove()`` disarms it early.
+
+    Args:
+        scheduler: any torch LR scheduler.
+
+    Returns:
+        A handle with ``remove()`` and ``active``.
+    """
+
+    def make_step(original_class: type, hook: SchedulerStepHook) -> Callable[..., Any]:
+        def step(self: Any, *args: Any, **kwargs: Any) -> None:
+            hook.remove()
+            log.info("adamwatch: scheduler.step() of the iteration abandoned by the restore was skipped")
+
+        return step
+
+    return _swap_step(scheduler, make_step)

@@ -146,6 +146,16 @@ class StepStats:
             t = t.to(self.device, non_blocking=True)
         return t
 
+    def _on_device(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors on the statistics device: as they are when every param lives there."""
+        return tensors if self._single_device else [self._to_dev(t) for t in tensors]
+
+    @property
+    def max_length(self) -> int:
+        """Longest vector this optimizer's summaries can take (per step plus deep block)."""
+        groups = len(self.optimizer.param_groups)
+        return _FIXED + 2 * groups + groups * DEEP_FIELDS_PER_GROUP
+
     # ------------------------------------------------------------------ per step
     def per_step(
         self,
@@ -187,9 +197,7 @@ class StepStats:
             # per-group sums of squares (float64: an exploding norm of 1e20
             # squared stays finite).
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-            if not self._single_device:
-                norms = [self._to_dev(n) for n in norms]
-            squares = torch.stack(norms).to(self.dtype).square()
+            squares = torch.stack(self._on_device(norms)).to(self.dtype).square()
             if len(groups) == 1:
                 sq = squares.sum(0, keepdim=True)
             else:
@@ -309,13 +317,12 @@ class StepStats:
         bc1 = 1 - torch.pow(b1, steps)
         bc2 = 1 - torch.pow(b2, steps)
 
-        take = (lambda t: t) if self._single_device else self._to_dev
-        m_sample = _as_float32(torch.cat(
-            [take(state[p]["exp_avg"].reshape(-1).index_select(0, idx)) for p, idx in zip(params, plan.indices)]
-        ))
-        v_sample = _as_float32(torch.cat(
-            [take(state[p][second].reshape(-1).index_select(0, idx)) for p, idx in zip(params, plan.indices)]
-        ))
+        m_sample = _as_float32(torch.cat(self._on_device(
+            [state[p]["exp_avg"].reshape(-1).index_select(0, idx) for p, idx in zip(params, plan.indices)]
+        )))
+        v_sample = _as_float32(torch.cat(self._on_device(
+            [state[p][second].reshape(-1).index_select(0, idx) for p, idx in zip(params, plan.indices)]
+        )))
         bc1_c = torch.repeat_interleave(bc1, plan.counts, output_size=plan.size)
         bc2_c = torch.repeat_interleave(bc2, plan.counts, output_size=plan.size)
         sqrt_v_hat = (v_sample / bc2_c).sqrt()
@@ -341,8 +348,7 @@ class StepStats:
             torch._foreach_add_(denom, eps)
             upd = torch._foreach_div(ms, b1s)
             torch._foreach_div_(upd, denom)
-            norms = torch._foreach_norm(upd)
-            update_sq.append(torch.stack(norms if self._single_device else [self._to_dev(n) for n in norms]))
+            update_sq.append(torch.stack(self._on_device(torch._foreach_norm(upd))))
             del ms, vs, denom, upd
         update_norm = torch.cat(update_sq).to(self.dtype).square().sum().sqrt() * lr
         weight_norm = self._group_norm([p.detach() for p in params])
@@ -366,7 +372,7 @@ class StepStats:
 
     def _group_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-        return torch.stack([self._to_dev(n) for n in norms]).to(self.dtype).square().sum().sqrt()
+        return torch.stack(self._on_device(norms)).to(self.dtype).square().sum().sqrt()
 
 
 def _as_float32(t: torch.Tensor) -> torch.Tensor:
@@ -388,10 +394,6 @@ def _chunks(params: list[torch.Tensor], max_elements: int) -> list[list[tuple[in
         chunks[-1].append((i, p))
         size += p.numel()
     return chunks
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 def decode_step(values: list[float], layout: StepLayout) -> dict[str, Any]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
@@ -432,7 +431,3 @@ def parse_endpoint(text: str) -> Endpoint:
         return Endpoint("tcp", host=host, port=port)
     raise ValueError(f"endpoint {text!r}: scheme must be unix:// or tcp://")
 
-
-def finite_or_none(value: float) -> float | None:
-    """Helper for encoders: keep finite floats, map NaN/Inf to None."""
-    return value if math.isfinite(value) else None

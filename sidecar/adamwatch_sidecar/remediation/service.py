@@ -115,7 +115,7 @@ class _JobState:
     exhausted: bool = False
     pending: str | None = None  # command id in flight
     alerts_firing: dict[str, int] = field(default_factory=dict)  # alert fingerprint -> deliveries
-    suppressed: int = 0
+    suppressed: int = 0  # suppressed incidents since the last "suppressed" audit line (see _audit_streak)
     deferred: int = 0  # deferred incidents since the last "deferred" audit line
     # Job-wide cooldown of the latest action: (action, until_steps, until_time).
     cooldown: tuple[str, int, float] | None = None
@@ -358,18 +358,29 @@ class RemediationService:
                                source="alertmanager" if incident.detector.startswith("alert:") else "detector")
         return decision.action, command_id, decision.reason
 
+    def _audit_streak(self, event: str, incident: Incident, job: _JobState, reason: str, **fields: Any) -> bool:
+        """Audit a "suppressed" or "deferred" incident once per streak.
+
+        Persisting anomalies arrive every step: the first of a streak gets a
+        line, the rest are counted (in the job's counter of the same name) into
+        the next line.
+
+        Returns:
+            True when a line was written.
+        """
+        if not incident.new:
+            setattr(job, event, getattr(job, event) + 1)
+            return False
+        missed = getattr(job, event)
+        self.audit.write(event, job=incident.job, rank=incident.rank, detector=incident.detector,
+                         ladder=incident.ladder, step=incident.step, evidence=incident.evidence,
+                         detail=reason + (f" ({missed} more {event} since the last line)" if missed else ""),
+                         dry_run=self.config.dry_run, **fields)
+        setattr(job, event, 0)
+        return True
+
     def _suppress(self, incident: Incident, job: _JobState, reason: str) -> None:
-        # Persisting anomalies arrive every step: audit the first suppression of
-        # a streak and count the rest into the next line.
-        if incident.new:
-            self.audit.write("suppressed", job=incident.job, rank=incident.rank, detector=incident.detector,
-                             ladder=incident.ladder, step=incident.step, evidence=incident.evidence,
-                             detail=reason + (f" ({job.suppressed} more suppressed since the last line)"
-                                              if job.suppressed else ""),
-                             dry_run=self.config.dry_run)
-            job.suppressed = 0
-        else:
-            job.suppressed += 1
+        self._audit_streak("suppressed", incident, job, reason)
 
     def deferral(self, job: str) -> str | None:
         """Why this sidecar does not act for ``job`` now, or None when it does (rank 0 is connected here).
@@ -392,18 +403,9 @@ class RemediationService:
                     "only the sidecar of rank 0 acts for the job")
 
     def _defer(self, incident: Incident, job: _JobState, reason: str) -> None:
-        # Like a suppression: one line per streak, the rest counted into the next line.
-        if incident.new:
-            self.audit.write("deferred", job=incident.job, rank=incident.rank, detector=incident.detector,
-                             ladder=incident.ladder, step=incident.step, evidence=incident.evidence,
-                             detail=reason + (f" ({job.deferred} more deferred since the last line)"
-                                              if job.deferred else ""),
-                             dry_run=self.config.dry_run,
-                             source="alertmanager" if incident.detector.startswith("alert:") else "detector")
+        source = "alertmanager" if incident.detector.startswith("alert:") else "detector"
+        if self._audit_streak("deferred", incident, job, reason, source=source):
             log.info("no action for %s: %s", incident.summary(), reason)
-            job.deferred = 0
-        else:
-            job.deferred += 1
 
     def _act(self, incident: Incident, decision: Decision, job: _JobState, sends: list, source: str) -> str:
         if decision.action == "escalate":
