@@ -171,32 +171,32 @@ def api(url: str, payload: Any = None) -> Any:
     return json.loads(body) if body else None
 
 
+def start_ready(args: list[str], log: pathlib.Path, port: int, timeout: float) -> subprocess.Popen:
+    """Start a Prometheus-style server and wait until its ``/-/ready`` on ``port`` answers; stop it if it never does."""
+    process = start(args, log)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/-/ready", process, timeout, log)
+    except Exception:
+        stop(process)
+        raise
+    return process
+
+
 def start_prometheus(tmp: pathlib.Path, config: dict, *extra_args: str,
                      port: int | None = None) -> tuple[subprocess.Popen, str]:
     """A real Prometheus with ``config`` on ``port`` (a free one by default), data in ``tmp``; returns (process, base URL)."""
     port = port or free_port()
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = tmp / "prometheus.log"
-    process = start([PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'prom-data'}",
-                     f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn", *extra_args], log)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/-/ready", process, 60, log)
-    except Exception:
-        stop(process)
-        raise
+    process = start_ready([PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}",
+                           f"--storage.tsdb.path={tmp / 'prom-data'}", f"--web.listen-address=127.0.0.1:{port}",
+                           "--log.level=warn", *extra_args], tmp / "prometheus.log", port, 60)
     return process, f"http://127.0.0.1:{port}"
 
 
 def start_alertmanager(tmp: pathlib.Path, config: pathlib.Path) -> tuple[subprocess.Popen, str]:
     """A real Alertmanager on a free port; returns (process, base URL of its v2 API)."""
     port = free_port()
-    log = tmp / "alertmanager.log"
-    process = start([ALERTMANAGER, f"--config.file={config}", f"--storage.path={tmp / 'am-data'}",
-                     f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=",
-                     "--log.level=info"], log)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/-/ready", process, 30, log)
-    except Exception:
-        stop(process)
-        raise
+    process = start_ready([ALERTMANAGER, f"--config.file={config}", f"--storage.path={tmp / 'am-data'}",
+                           f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=",
+                           "--log.level=info"], tmp / "alertmanager.log", port, 30)
     return process, f"http://127.0.0.1:{port}/api/v2"
