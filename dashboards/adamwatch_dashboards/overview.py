@@ -20,6 +20,10 @@ UID = "adamwatch-overview"
 SEL = 'job=~"$job", rank=~"$rank"'
 # A trainer is unhealthy while any adamwatch alert fires for its job and rank.
 FIRING = 'ALERTS{alertname=~"Adamwatch.*", alertstate="firing"}'
+# Fleet scale: the per-job recording rules (group adamwatch-job of the rules),
+# one series per job, which a global Prometheus or Thanos/Mimir keeps above the shards.
+JOB_AGGREGATES = ("trainers_connected:sum", "loss:avg", "grad_norm:max", "steps:min_rate5m", "tokens:rate5m",
+                  "nonfinite_ranks:count5m")
 
 
 def overview_dashboard() -> dashboard_builders.Dashboard:
@@ -49,6 +53,12 @@ def overview_dashboard() -> dashboard_builders.Dashboard:
                 query(f'adamwatch_optimizer_step{{{SEL}}}', instant=True),
                 query(f'adamwatch_optimizer_info{{{SEL}}}', instant=True),
             ], height=8))
+        .with_panel(table_panel(
+            ids, "Jobs",
+            "One row per training job from the per-job recording rules (adamwatch_job:*): ranks connected, mean "
+            "loss, largest global gradient norm, the slowest rank's steps/s, tokens/s, ranks with a non-finite step "
+            "in the last 5 minutes. Works on a global Prometheus that federates only these (alerts/README.md).",
+            [query(f'adamwatch_job:{name}{{job=~"$job"}}', instant=True) for name in JOB_AGGREGATES], height=8))
         .with_row(dashboard_builders.Row("Alerts and remediation"))
         .with_panel(stat_panel(
             ids, "Critical alerts firing", "adamwatch alerts with severity critical that are firing now.",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import pathlib
+import shutil
 import socket
 import subprocess
 import threading
@@ -22,6 +23,7 @@ import yaml
 from .assets_under_test import ALERTMANAGER_FILE
 
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 
 
 def free_port() -> int:
@@ -90,10 +92,11 @@ class Recorder:
 
 
 def local_alertmanager_config(tmp: pathlib.Path, *, pagerduty: str, ticket: str, sidecar: str,
-                              control_token: str, routing_key: str, group_wait: str = "1s") -> pathlib.Path:
+                              control_token: str, routing_key: str, group_wait: str | None = "1s") -> pathlib.Path:
     """The shipped alerts/alertmanager.yaml with only endpoints, secrets and timers made local.
 
-    The routing tree, grouping, matchers and inhibition stay exactly as shipped.
+    The routing tree, grouping, matchers and inhibition stay exactly as shipped;
+    ``group_wait=None`` keeps the shipped timers too (group_wait, group_interval).
 
     Returns:
         the path of the written config.
@@ -116,7 +119,8 @@ def local_alertmanager_config(tmp: pathlib.Path, *, pagerduty: str, ticket: str,
         for child in route.get("routes", []):
             fast(child)
 
-    fast(config["route"])
+    if group_wait is not None:
+        fast(config["route"])
     path = tmp / "alertmanager.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -167,16 +171,32 @@ def api(url: str, payload: Any = None) -> Any:
     return json.loads(body) if body else None
 
 
-def start_alertmanager(tmp: pathlib.Path, config: pathlib.Path) -> tuple[subprocess.Popen, str]:
-    """A real Alertmanager on a free port; returns (process, base URL of its v2 API)."""
-    port = free_port()
-    log = tmp / "alertmanager.log"
-    process = start([ALERTMANAGER, f"--config.file={config}", f"--storage.path={tmp / 'am-data'}",
-                     f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=",
-                     "--log.level=info"], log)
+def start_ready(args: list[str], log: pathlib.Path, port: int, timeout: float) -> subprocess.Popen:
+    """Start a Prometheus-style server and wait until its ``/-/ready`` on ``port`` answers; stop it if it never does."""
+    process = start(args, log)
     try:
-        wait_http(f"http://127.0.0.1:{port}/-/ready", process, 30, log)
+        wait_http(f"http://127.0.0.1:{port}/-/ready", process, timeout, log)
     except Exception:
         stop(process)
         raise
+    return process
+
+
+def start_prometheus(tmp: pathlib.Path, config: dict, *extra_args: str,
+                     port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A real Prometheus with ``config`` on ``port`` (a free one by default), data in ``tmp``; returns (process, base URL)."""
+    port = port or free_port()
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+    process = start_ready([PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}",
+                           f"--storage.tsdb.path={tmp / 'prom-data'}", f"--web.listen-address=127.0.0.1:{port}",
+                           "--log.level=warn", *extra_args], tmp / "prometheus.log", port, 60)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def start_alertmanager(tmp: pathlib.Path, config: pathlib.Path) -> tuple[subprocess.Popen, str]:
+    """A real Alertmanager on a free port; returns (process, base URL of its v2 API)."""
+    port = free_port()
+    process = start_ready([ALERTMANAGER, f"--config.file={config}", f"--storage.path={tmp / 'am-data'}",
+                           f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=",
+                           "--log.level=info"], tmp / "alertmanager.log", port, 30)
     return process, f"http://127.0.0.1:{port}/api/v2"

@@ -118,3 +118,29 @@ def test_real_alertmanager_routes_inhibits_and_authenticates(alertmanager):
     assert not receivers["sidecar"].matching(lambda r: _job_of(r, "gpt"))
     assert not receivers["ticket"].matching(lambda r: _job_of(r, "gpt"))
     assert len(receivers["pagerduty"].requests) == 1
+
+
+@pytest.mark.skipif(not shutil.which(ALERTMANAGER), reason="prometheus-alertmanager not installed")
+@pytest.mark.slow
+def test_a_nan_on_every_rank_of_a_large_job_is_one_page_that_lists_twenty(alertmanager):
+    # 300 alerts of one job (150 ranks, loss and gradients): the full list would
+    # grow with the job until PagerDuty's 512 KB limit made Alertmanager drop
+    # every detail (benchmarks/fleet_scale.py shows it at 1,024 ranks).
+    base, receivers = alertmanager
+    summary = "A training step produced a non-finite loss or gradient."
+    api(f"{base}/alerts", [
+        {"labels": {"alertname": "AdamwatchNonFiniteStep", "severity": "critical", "source": source, "job": "big",
+                    "rank": str(rank)},
+         "annotations": {"summary": summary, "description": f"Job big rank {rank} reported NaN/Inf in its {source}.",
+                         "runbook_url": "https://example.invalid/AdamwatchNonFiniteStep.md"}}
+        for rank in range(150) for source in ("loss", "grad")])
+    page = receivers["pagerduty"].wait_for(lambda r: r["path"] == "/v2/enqueue", timeout=15)
+    assert page, "no PagerDuty event"
+    time.sleep(2)  # two group_intervals: a group split by rank or source would have sent more by now
+    assert len(receivers["pagerduty"].requests) == 1
+    assert page["json"]["payload"]["summary"] == f"[FIRING] big: {summary}"
+    details = page["json"]["payload"]["custom_details"]
+    assert details["job"] == "big" and details["num_firing"] == "300"
+    assert details["firing"].count("AdamwatchNonFiniteStep rank=") == 20
+    assert details["firing"].rstrip().endswith("... the first 20 of 300: all are in Alertmanager.")
+    assert details["description"].count("Job big rank ") == 20
