@@ -397,14 +397,14 @@ class Checkpointer:
         delivered to ``fn`` first. Exceptions ``fn`` raises are logged and ignored.
 
         Args:
-            fn: called on the thread that saves, restores or notes steps; keep it quick.
+            fn: called on the thread that saves, restores or notes steps, under the
+                Checkpointer's lock: keep it quick.
         """
-        with self._lock:
+        with self._lock:  # held while replaying: no newer event can overtake the backlog
             self._listeners.append(fn)
-            backlog = list(self._backlog)
+            for event in self._backlog:
+                self._call(fn, event)
             self._backlog.clear()
-        for event in backlog:
-            self._call(fn, event)
 
     def remove_listener(self, fn: Callable[[CheckpointEvent], None]) -> None:
         """Stop calling ``fn`` (no error if it was not registered).
@@ -872,12 +872,12 @@ class Checkpointer:
                 self.on_event(kind, step, event.path, detail)
             except Exception:  # noqa: BLE001 - a callback must never break a save
                 log.exception("adamwatch: checkpoint on_event callback failed")
+        # Listeners run under the lock, so they see events in the order they happened.
         with self._lock:
-            listeners = list(self._listeners)
-            if not listeners:
+            if not self._listeners:
                 self._backlog.append(event)
-        for fn in listeners:
-            self._call(fn, event)
+            for fn in list(self._listeners):
+                self._call(fn, event)
 
     @staticmethod
     def _call(fn: Callable[[CheckpointEvent], None], event: CheckpointEvent) -> None:

@@ -50,6 +50,7 @@ __all__ = [
     "MAX_PARAM_GROUPS",
     "MAX_LABEL_CHARS",
     "MAX_SKIP_REASONS",
+    "CHECKPOINT_OUTCOMES",
 ]
 
 log = logging.getLogger(__name__)
