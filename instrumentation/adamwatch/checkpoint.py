@@ -7,7 +7,10 @@
         ...
         optimizer.step(); scheduler.step()
         if step % 50 == 0:
-            ckpt.save(step)
+            try:
+                ckpt.save(step)
+            except adamwatch.checkpoint.CheckpointSaveError as exc:
+                log.error("no checkpoint this time: %s", exc)   # counted and reported already
 
 On disk, one folder per checkpoint::
 
@@ -22,62 +25,157 @@ fsynced. A folder without a valid manifest is never used, so a process killed
 at any moment leaves every earlier checkpoint intact. Marking a checkpoint
 known-good rewrites its manifest the same way (temporary file, fsync, rename).
 
+Manifests are read strictly (:mod:`adamwatch.checkpoint_manifest`); a folder
+that breaks a rule, a file whose size or sha256 differs from its manifest, a
+file torch cannot load, or state that does not fit the live model and
+optimizer (:mod:`adamwatch.checkpoint_state`) makes the checkpoint *unusable*:
+it is skipped, counted in :attr:`Checkpointer.corrupt_checkpoints`, logged and
+reported once as a ``corrupt`` event, and a restore tries the next older one.
+
 A checkpoint at step ``s`` becomes known-good once the steps ``s+1 ..
 s+good_window`` have been reported by :meth:`Checkpointer.note_step` and no
 step in ``[s-good_window, s+good_window]`` was unhealthy (a step reported
 unhealthy, or one named by :meth:`Checkpointer.note_incident`). An incident
 reported late revokes the flag of the checkpoints whose window it falls into.
+
+Events (:data:`adamwatch.wire.CHECKPOINT_EVENTS`) go to ``on_event(kind, step,
+path, detail)`` and, with durations and sizes, to every listener added with
+:meth:`Checkpointer.add_listener` (the Monitor adds one and forwards them to the
+sidecar, which exports checkpoint health from them).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
-import io
-import json
 import logging
 import os
-import random
 import shutil
+import stat
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["CheckpointInfo", "Checkpointer", "NoUsableCheckpointError"]
+from .checkpoint_manifest import (
+    DATA_FILES,
+    FOLDER_PREFIX,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    CheckpointInfo,
+    InvalidManifestError,
+    encode_manifest,
+    folder_name,
+    parse_manifest,
+    step_of_folder,
+)
+from .checkpoint_state import apply_loaded_state, capture_rng, check_loaded_state
+
+__all__ = [
+    "CheckpointEvent",
+    "CheckpointInfo",
+    "CheckpointSaveError",
+    "Checkpointer",
+    "NoUsableCheckpointError",
+]
 
 log = logging.getLogger(__name__)
 
-_PREFIX = "step-"
+# Temporary names start with these, then "<pid>-<hex>": a save's folder, a
+# replaced or pruned folder on its way out, a known-good manifest being rewritten.
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
-_MANIFEST = "manifest.json"
-_FORMAT = 1
+# Events kept while no listener is registered (a restore at start-up, corrupt
+# folders found by the constructor), delivered to the next listener added.
+_BACKLOG = 32
 
-#: on_event(kind, step, path, detail); kind in "saved", "known_good", "restored", "corrupt"
+#: on_event(kind, step, path, detail); kind in adamwatch.wire.CHECKPOINT_EVENTS
 EventCallback = Callable[[str, int, "str | None", "str | None"], None]
 
 
 class NoUsableCheckpointError(RuntimeError):
-    """No checkpoint in the directory could be restored."""
+    """No checkpoint in the directory could be restored; the live state was left unchanged."""
+
+
+class CheckpointSaveError(OSError):
+    """:meth:`Checkpointer.save` failed; nothing of the new checkpoint is left and earlier ones are intact.
+
+    An ``OSError``, so ``except OSError`` in a training loop keeps working.
+    ``errno``/``strerror`` are the underlying OS error's (ENOSPC, EACCES, EFBIG,
+    EIO, ENOENT for a vanished directory, ...) or None when the failure was not
+    an OS error (a state that cannot be serialised); the original exception is
+    ``__cause__``. Every failure is counted in ``Checkpointer.save_failures``
+    and reported as a ``save_failed`` event.
+
+    Args:
+        step: the step that was being saved.
+        directory: the checkpoint directory.
+        cause: the exception that stopped the save.
+    """
+
+    def __init__(self, step: int, directory: Path, cause: BaseException):
+        code = cause.errno if isinstance(cause, OSError) else None
+        why = cause.strerror if isinstance(cause, OSError) and cause.strerror else f"{type(cause).__name__}: {cause}"
+        where = f" ({cause.filename})" if isinstance(cause, OSError) and cause.filename else ""
+        message = (f"could not save the checkpoint of step {step} in {directory}: {why}{where}; "
+                   f"nothing of it was kept and earlier checkpoints are intact")
+        if code is None:
+            super().__init__(message)
+        else:
+            super().__init__(code, message)
+        self.step = step
+        self.directory = directory
+
+    def __str__(self) -> str:
+        return self.strerror if self.errno is not None else super().__str__()
 
 
 @dataclass(frozen=True)
-class CheckpointInfo:
-    """One complete checkpoint on disk (its manifest was read)."""
+class CheckpointEvent:
+    """Something that happened to a checkpoint (what listeners and the sidecar receive).
 
+    Args:
+        kind: one of :data:`adamwatch.wire.CHECKPOINT_EVENTS`.
+        step: the checkpoint's step (``restore_failed``: the step asked for, or
+            the newest step reported to :meth:`Checkpointer.note_step`, or 0).
+        time: unix seconds (the Checkpointer's clock).
+        path: the checkpoint's folder, when there is one.
+        detail: why (corrupt, save_failed, restore_failed).
+        duration_s: how long the save or restore took.
+        size_bytes: bytes of the checkpoint's data files (saved, restored).
+    """
+
+    kind: str
     step: int
-    path: Path
     time: float
-    known_good: bool
-    files: dict[str, dict[str, Any]]
+    path: str | None = None
+    detail: str | None = None
+    duration_s: float | None = None
+    size_bytes: int | None = None
+
+    def as_payload(self) -> dict[str, Any]:
+        """The CHECKPOINT message payload (adamwatch.wire.SCHEMAS)."""
+        payload: dict[str, Any] = {"event": self.kind, "step": self.step, "time": self.time,
+                                   "path": self.path, "detail": self.detail}
+        if self.duration_s is not None:
+            payload["duration_s"] = self.duration_s
+        if self.size_bytes is not None:
+            payload["size_bytes"] = self.size_bytes
+        return payload
 
 
+class _Unusable(Exception):
+    """A checkpoint that cannot be restored; the message says why."""
+
+
+# --------------------------------------------------------------------------- files
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -89,23 +187,100 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
+def _write_bytes_durably(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+class _HashingWriter:
+    """A write-only file for ``torch.save`` that hashes and counts what passes through.
+
+    It also keeps the OSError of a failed write: torch wraps it into a
+    RuntimeError that loses the errno.
+    """
+
+    def __init__(self, file: BinaryIO):
+        self._file = file
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            written = self._file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+        self.digest.update(data)
+        self.size += memoryview(data).nbytes
+        return written
+
+    def flush(self) -> None:
+        self._file.flush()
 
 
-def _folder_name(step: int) -> str:
-    return f"{_PREFIX}{step:012d}"
+def _save_durably(path: Path, obj: Any) -> dict[str, Any]:
+    """torch.save ``obj`` straight to ``path`` (no in-memory copy), fsync; return its manifest entry.
+
+    Raises:
+        OSError: with ``filename`` set, whatever stage failed.
+    """
+    try:
+        with open(path, "xb") as f:
+            writer = _HashingWriter(f)
+            try:
+                torch.save(obj, writer)
+            except Exception:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+    return {"sha256": writer.digest.hexdigest(), "bytes": writer.size}
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """Open a regular file for reading; a symlink, FIFO or device is refused, never followed or waited on."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _Unusable(f"{path.name} is not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_manifest(folder: Path) -> CheckpointInfo:
+    try:
+        with _open_regular(folder / MANIFEST) as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        raise _Unusable(f"{MANIFEST} is missing") from None
+    except OSError as exc:
+        raise _Unusable(f"{MANIFEST} cannot be read: {exc}") from None
+    try:
+        return parse_manifest(folder, raw)
+    except InvalidManifestError as exc:
+        raise _Unusable(f"invalid {MANIFEST}: {exc}") from None
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or folder, whatever is left of it (errors ignored: leftovers are swept at start-up)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _pid_alive(pid: int) -> bool:
@@ -118,53 +293,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _capture_rng() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        # tuples -> lists so that weights_only loading accepts them
-        "python": _to_lists(random.getstate()),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy  # optional: only when the user has it
-    except ImportError:
-        pass
-    else:
-        kind, keys, pos, has_gauss, cached = numpy.random.get_state()
-        state["numpy"] = [kind, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(cached)]
-    return state
+def _abandoned(name: str) -> bool:
+    """A temporary name whose writer is gone (or this process, which writes nothing at start-up)."""
+    pid_text = name.split("-")[1] if name.count("-") >= 2 else ""
+    return not (pid_text.isdigit() and int(pid_text) != os.getpid() and _pid_alive(int(pid_text)))
 
 
-def _to_lists(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_to_lists(v) for v in value]
-    return value
-
-
-def _to_tuples(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_to_tuples(v) for v in value)
-    return value
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_to_tuples(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        try:
-            import numpy
-        except ImportError:
-            log.warning("adamwatch: checkpoint holds a numpy RNG state but numpy is not importable")
-        else:
-            kind, keys, pos, has_gauss, cached = state["numpy"]
-            numpy.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+def _temp_name(prefix: str, suffix: str = "") -> str:
+    return f"{prefix}{os.getpid()}-{uuid.uuid4().hex}{suffix}"
 
 
 class Checkpointer:
-    """Atomic, checksummed checkpoints with a known-good flag.
+    """Atomic, checksummed, strictly validated checkpoints with a known-good flag.
 
     Args:
         directory: where checkpoints live (created if missing). Give every rank
@@ -177,13 +317,19 @@ class Checkpointer:
             never deleted. Choose ``keep * save_interval > good_window`` or
             checkpoints are pruned before they can be proven good.
         good_window: healthy steps needed on each side of a checkpoint.
-        on_event: ``(kind, step, path, detail)`` for "saved", "known_good",
-            "restored", "corrupt"; exceptions it raises are logged and ignored.
+        on_event: ``(kind, step, path, detail)`` for every event
+            (:data:`adamwatch.wire.CHECKPOINT_EVENTS`); exceptions it raises are
+            logged and ignored. :meth:`add_listener` gives the whole event.
         on_restore: ``(step) -> None`` after a restore, to reposition the data
             loader and skip the batches around the incident.
         weights_only: load with ``torch.load(weights_only=True)`` (default). Set
             False only for schedulers whose state holds arbitrary objects.
-        clock: returns the wall time written to the manifest (injectable).
+        clock: returns the wall time written to manifests and events (injectable).
+        timer: a monotonic clock for save and restore durations (injectable).
+
+    Attributes:
+        save_failures: saves that raised :class:`CheckpointSaveError`.
+        corrupt_checkpoints: checkpoints found unusable and skipped (each counted once).
     """
 
     def __init__(
@@ -200,6 +346,7 @@ class Checkpointer:
         on_restore: Callable[[int], None] | None = None,
         weights_only: bool = True,
         clock: Callable[[], float] = time.time,
+        timer: Callable[[], float] = time.perf_counter,
     ):
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep: must be an int >= 1, got {keep!r}")
@@ -220,62 +367,122 @@ class Checkpointer:
         self.on_restore = on_restore
         self.weights_only = weights_only
         self._clock = clock
-        # guards the health history and every manifest write: note_step runs on
-        # the Monitor's background thread while save/restore run on the trainer's
+        self._timer = timer
+        self.save_failures = 0
+        self.corrupt_checkpoints = 0
+        # guards the health history, the index and every manifest write: note_step
+        # runs on the Monitor's background thread while save/restore run on the trainer's
         self._lock = threading.RLock()
         self._unhealthy: set[int] = set()
         self._last_noted: int | None = None
+        self._listeners: list[Callable[[CheckpointEvent], None]] = []
+        self._backlog: deque[CheckpointEvent] = deque(maxlen=_BACKLOG)
+        # folder name -> why it is unusable; reported once, skipped from then on
+        # (until a save of that step replaces it)
+        self._unusable: dict[str, str] = {}
+        # steps whose known-good flag could not be written: retried after the next save
+        self._marking_failed: set[int] = set()
         self.directory.mkdir(parents=True, exist_ok=True)
         self._remove_leftovers()
         # step -> info of what is on disk; note_step consults this, not the disk
         self._index: dict[int, CheckpointInfo] = {}
         self._refresh_index()
 
-    def _refresh_index(self) -> None:
-        self._index = {info.step: info for info in self.checkpoints()}
+    # ------------------------------------------------------------------ listeners
+    def add_listener(self, fn: Callable[[CheckpointEvent], None]) -> None:
+        """Call ``fn(event)`` for every :class:`CheckpointEvent` from now on.
+
+        Events that happened while no listener was registered (the newest 32:
+        a restore at start-up, corrupt folders found by the constructor) are
+        delivered to ``fn`` first. Exceptions ``fn`` raises are logged and ignored.
+
+        Args:
+            fn: called on the thread that saves, restores or notes steps, under the
+                Checkpointer's lock: keep it quick.
+        """
+        with self._lock:  # held while replaying: no newer event can overtake the backlog
+            self._listeners.append(fn)
+            for event in self._backlog:
+                self._call(fn, event)
+            self._backlog.clear()
+
+    def remove_listener(self, fn: Callable[[CheckpointEvent], None]) -> None:
+        """Stop calling ``fn`` (no error if it was not registered).
+
+        Args:
+            fn: a function given to :meth:`add_listener`.
+        """
+        with self._lock:
+            if fn in self._listeners:
+                self._listeners.remove(fn)
 
     # ------------------------------------------------------------------ listing
+    def _entries(self) -> list[Path]:
+        try:
+            return list(self.directory.iterdir())
+        except OSError as exc:
+            log.warning("adamwatch: cannot list checkpoint directory %s: %s", self.directory, exc)
+            return []
+
+    def _refresh_index(self) -> None:
+        self._index = {info.step: info for info in self.checkpoints()}
+        self._marking_failed.clear()
+
     def checkpoints(self) -> list[CheckpointInfo]:
-        """Complete checkpoints on disk, oldest first (unreadable manifests skipped).
+        """Usable-looking checkpoints on disk (valid manifest), oldest first.
+
+        A folder whose manifest breaks a rule is reported once as corrupt and
+        left out; its files are verified only by a restore.
 
         Returns:
-            One :class:`CheckpointInfo` per folder with a readable manifest.
+            One :class:`CheckpointInfo` per checkpoint folder with a valid manifest.
         """
         found = []
-        for entry in self.directory.iterdir():
-            if not entry.name.startswith(_PREFIX) or not entry.is_dir():
-                continue
-            manifest = self._read_manifest(entry)
-            if manifest is not None:
-                found.append(manifest)
+        with self._lock:
+            for entry in self._entries():
+                if not entry.name.startswith(FOLDER_PREFIX) or entry.name in self._unusable:
+                    continue
+                try:
+                    if entry.is_symlink() or not entry.is_dir():
+                        raise _Unusable("not a directory")
+                    found.append(_read_manifest(entry))
+                except _Unusable as exc:
+                    self._skip_unusable(entry, step_of_folder(entry.name), str(exc))
         return sorted(found, key=lambda info: info.step)
 
-    def _read_manifest(self, folder: Path) -> CheckpointInfo | None:
-        try:
-            data = json.loads((folder / _MANIFEST).read_text())
-            return CheckpointInfo(
-                step=int(data["step"]),
-                path=folder,
-                time=float(data["time"]),
-                known_good=bool(data["known_good"]),
-                files=dict(data["files"]),
-            )
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("adamwatch: ignoring checkpoint folder %s: unreadable manifest (%s)", folder, exc)
-            return None
+    def _skip_unusable(self, folder: Path, step: int | None, problem: str) -> None:
+        """Record, count, log and report an unusable checkpoint (once per folder)."""
+        if folder.name in self._unusable:
+            return
+        self._unusable[folder.name] = problem
+        if step is None:
+            log.warning("adamwatch: ignoring %s: not a checkpoint folder name (%s)", folder, problem)
+            return
+        self.corrupt_checkpoints += 1
+        log.warning("adamwatch: checkpoint %s is unusable and skipped: %s", folder, problem)
+        self._emit("corrupt", step, folder, problem)
 
     def _remove_leftovers(self) -> None:
-        """Delete temporary folders of saves that died (never a live writer's)."""
-        for entry in self.directory.iterdir():
+        """Delete temporary files and folders of saves and markings that died (never a live writer's)."""
+        for entry in self._entries():
             if entry.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
-                pid_text = entry.name.split("-")[1] if entry.name.count("-") >= 2 else ""
-                if pid_text.isdigit() and int(pid_text) != os.getpid() and _pid_alive(int(pid_text)):
+                if _abandoned(entry.name):
+                    _remove(entry)
+            elif step_of_folder(entry.name) is not None and entry.is_dir() and not entry.is_symlink():
+                try:
+                    inner = [p for p in entry.iterdir() if p.name.startswith(_TMP_PREFIX)]
+                except OSError:
                     continue
-                shutil.rmtree(entry, ignore_errors=True)
+                for path in inner:
+                    if _abandoned(path.name):
+                        _remove(path)
 
     # --------------------------------------------------------------------- save
     def save(self, step: int) -> Path:
         """Write a checkpoint of everything needed to continue at ``step``.
+
+        Files are serialised straight to disk (no in-memory copy of the whole
+        state). The save's duration and size are reported in the ``saved`` event.
 
         Args:
             step: the optimizer step just completed (the numbering the Monitor
@@ -283,57 +490,84 @@ class Checkpointer:
 
         Returns:
             The checkpoint's folder.
+
+        Raises:
+            ValueError: ``step`` is not an int >= 0.
+            CheckpointSaveError: the save failed (full disk, no permission, the
+                directory vanished, ...): nothing of it is left on disk, earlier
+                checkpoints are intact, and the failure is counted
+                (``save_failures``) and reported (``save_failed`` event).
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step: must be an int >= 0, got {step!r}")
+        started = self._timer()
+        try:
+            final, size = self._write(step)
+        except Exception as exc:
+            error = CheckpointSaveError(step, self.directory, exc)
+            with self._lock:
+                self.save_failures += 1
+            log.error("adamwatch: %s", error)
+            self._emit("save_failed", step, None, str(error), duration_s=self._timer() - started)
+            raise error from exc
+        self._emit("saved", step, final, None, duration_s=self._timer() - started, size_bytes=size)
+        with self._lock:
+            self._refresh_index()
+            self._update_known_good()
+            self._prune()
+        return final
+
+    def _write(self, step: int) -> tuple[Path, int]:
+        """Write the checkpoint of ``step`` into place; returns (folder, data bytes). Cleans up after any failure."""
         payloads = {
             "model.pt": self._unwrapped_model().state_dict(),
             "optimizer.pt": self.optimizer.state_dict(),
             "trainer.pt": {
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "rng": _capture_rng(),
+                "rng": capture_rng(),
             },
         }
-        tmp = self.directory / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
-        tmp.mkdir()
+        tmp = self.directory / _temp_name(_TMP_PREFIX)
+        tmp.mkdir()  # no parents: a vanished directory (unmounted disk) must not be recreated elsewhere
         try:
-            files = {}
-            for name, obj in payloads.items():
-                buffer = io.BytesIO()
-                torch.save(obj, buffer)
-                data = buffer.getvalue()
-                _write_file_durably(tmp / name, data)
-                files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+            files = {name: _save_durably(tmp / name, payloads[name]) for name in DATA_FILES}
             with self._lock:
-                manifest = {
-                    "format": _FORMAT,
-                    "step": step,
-                    "time": self._clock(),
-                    "known_good": False,
-                    "files": files,
-                }
-                _write_file_durably(tmp / _MANIFEST, json.dumps(manifest, indent=1).encode())
+                manifest = encode_manifest(step=step, time=self._clock(), known_good=False, files=files)
+                _write_bytes_durably(tmp / MANIFEST, manifest)
                 _fsync_dir(tmp)
-                final = self.directory / _folder_name(step)
-                if final.exists():  # the same step saved again (e.g. after a restore)
-                    trash = self.directory / f"{_TRASH_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
-                    final.rename(trash)
-                    tmp.rename(final)
-                    _fsync_dir(self.directory)
-                    shutil.rmtree(trash, ignore_errors=True)
-                else:
-                    tmp.rename(final)
-                    _fsync_dir(self.directory)
+                final = self.directory / folder_name(step)
+                self._move_into_place(tmp, final)
+                self._unusable.pop(final.name, None)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
             raise
-        self._emit("saved", step, final, None)
-        with self._lock:
-            self._refresh_index()
-            self._update_known_good()
-            self._prune()
-        return final
+        return final, sum(meta["bytes"] for meta in files.values())
+
+    def _move_into_place(self, tmp: Path, final: Path) -> None:
+        # The same step saved again (e.g. after a restore), or an unusable folder
+        # of that name: set it aside first, and put it back if the rename fails.
+        trash = None
+        if final.exists() or final.is_symlink():
+            trash = self.directory / _temp_name(_TRASH_PREFIX)
+            final.rename(trash)
+        try:
+            tmp.rename(final)
+        except BaseException:
+            if trash is not None:
+                try:
+                    trash.rename(final)
+                except OSError as exc:
+                    log.error("adamwatch: could not put the previous %s back (%s); it is lost", final.name, exc)
+            raise
+        try:
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            # The checkpoint is complete and in place; only the rename's durability
+            # across a power loss is in doubt.
+            log.warning("adamwatch: checkpoint %s saved, but fsync of %s failed: %s", final, self.directory, exc)
+        if trash is not None:
+            _remove(trash)
 
     def _unwrapped_model(self) -> torch.nn.Module:
         # DDP/FSDP-1 wrappers keep the user's model in .module; saving that keeps
@@ -363,13 +597,16 @@ class Checkpointer:
 
     def _delete(self, folder: Path) -> None:
         # rename first: a half-deleted folder must not look like a checkpoint
-        trash = self.directory / f"{_TRASH_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+        trash = self.directory / _temp_name(_TRASH_PREFIX)
         try:
             folder.rename(trash)
         except OSError:
             return
-        _fsync_dir(self.directory)
-        shutil.rmtree(trash, ignore_errors=True)
+        try:
+            _fsync_dir(self.directory)
+        except OSError:
+            pass
+        _remove(trash)
 
     # ------------------------------------------------------------------ health
     def note_step(self, step: int, healthy: bool) -> None:
@@ -409,7 +646,7 @@ class Checkpointer:
 
     def _update_known_good(self) -> None:
         for info in list(self._index.values()):
-            if not info.known_good and self._verdict(info.step):
+            if not info.known_good and info.step not in self._marking_failed and self._verdict(info.step):
                 if self._set_known_good(info, True):
                     self._emit("known_good", info.step, info.path, None)
         self._forget_old_history()
@@ -430,27 +667,31 @@ class Checkpointer:
             self._unhealthy = {s for s in self._unhealthy if s >= oldest - self.good_window}
 
     def _set_known_good(self, info: CheckpointInfo, value: bool) -> bool:
-        manifest_path = info.path / _MANIFEST
+        tmp = info.path / _temp_name(_TMP_PREFIX, ".json")
         try:
-            data = json.loads(manifest_path.read_text())
-            data["known_good"] = value
-            tmp = info.path / f"{_MANIFEST}.{uuid.uuid4().hex}.tmp"
-            _write_file_durably(tmp, json.dumps(data, indent=1).encode())
-            os.replace(tmp, manifest_path)
-            _fsync_dir(info.path)
-        except (OSError, ValueError) as exc:
-            log.warning("adamwatch: could not update manifest of %s: %s", info.path, exc)
-            self._index.pop(info.step, None)
+            data = encode_manifest(step=info.step, time=info.time, known_good=value, files=info.files)
+            _write_bytes_durably(tmp, data)
+            os.replace(tmp, info.path / MANIFEST)
+        except OSError as exc:
+            _remove(tmp)
+            self._marking_failed.add(info.step)
+            log.warning("adamwatch: could not set known_good=%s in %s (retried after the next save): %s",
+                        value, info.path, exc)
             return False
+        try:
+            _fsync_dir(info.path)
+        except OSError as exc:
+            log.warning("adamwatch: manifest of %s rewritten, but fsync of the folder failed: %s", info.path, exc)
         self._index[info.step] = dataclasses.replace(info, known_good=value)
         return True
 
     # ----------------------------------------------------------------- restore
     def select(self, step: int | None = None, *, before_step: int | None = None) -> int:
-        """The step :meth:`restore` would restore now (verifying checksums).
+        """The step :meth:`restore` would restore now (verifying sizes and checksums).
 
         Rank 0 calls this to pin ``step=None`` to a concrete step before
-        broadcasting a restore to the other ranks.
+        broadcasting a restore to the other ranks. A checkpoint found corrupt
+        here is reported and skipped like in :meth:`restore`.
 
         Args:
             step: an exact step, or None for the newest usable known-good one.
@@ -458,13 +699,20 @@ class Checkpointer:
 
         Returns:
             The step.
+
+        Raises:
+            NoUsableCheckpointError: nothing usable; the message names the directory.
         """
+        _check_restore_args(step, before_step)
         with self._lock:
             for info in self._candidates(step, before_step):
-                problem = self._verify(info)
-                if problem is None:
-                    return info.step
-                log.warning("adamwatch: checkpoint %s unusable: %s", info.path, problem)
+                try:
+                    for file in self._open_verified(info):
+                        file.close()
+                except _Unusable as exc:
+                    self._skip_unusable(info.path, info.step, str(exc))
+                    continue
+                return info.step
         raise NoUsableCheckpointError(self._nothing_usable_message(step, before_step))
 
     def _candidates(self, step: int | None, before_step: int | None) -> list[CheckpointInfo]:
@@ -472,7 +720,10 @@ class Checkpointer:
         infos = sorted(self._index.values(), key=lambda i: i.step)
         if step is not None:
             return [i for i in infos if i.step == step]
-        infos = [i for i in infos if i.known_good and (before_step is None or i.step < before_step)]
+        # A flag on disk that this process knows to be wrong (its revocation could
+        # not be written) does not count.
+        infos = [i for i in infos if i.known_good and self._verdict(i.step) is not False
+                 and (before_step is None or i.step < before_step)]
         return list(reversed(infos))
 
     def _nothing_usable_message(self, step: int | None, before_step: int | None) -> str:
@@ -484,87 +735,161 @@ class Checkpointer:
             what = "known-good checkpoint"
         return f"no usable {what} in {self.directory}"
 
-    def _verify(self, info: CheckpointInfo) -> str | None:
-        for name, meta in info.files.items():
-            path = info.path / name
-            if not path.is_file():
-                return f"{name} is missing"
-            actual = _sha256_file(path)
-            if actual != meta.get("sha256"):
-                return f"{name} sha256 mismatch (expected {meta.get('sha256')}, got {actual})"
-        if set(info.files) != {"model.pt", "optimizer.pt", "trainer.pt"}:
-            return f"manifest lists {sorted(info.files)}, expected model.pt, optimizer.pt, trainer.pt"
-        return None
+    def _open_verified(self, info: CheckpointInfo) -> list[BinaryIO]:
+        """Open every data file, check its size and sha256 against the manifest; positioned at 0.
+
+        Loading later reads the same open files, so what is loaded is what was verified.
+        """
+        opened: list[BinaryIO] = []
+        try:
+            for name in DATA_FILES:
+                meta = info.files[name]
+                try:
+                    file = _open_regular(info.path / name)
+                except FileNotFoundError:
+                    raise _Unusable(f"{name} is missing") from None
+                except OSError as exc:
+                    raise _Unusable(f"{name} cannot be opened: {exc}") from None
+                opened.append(file)
+                try:
+                    size = os.fstat(file.fileno()).st_size
+                    if size != meta["bytes"]:
+                        raise _Unusable(f"{name} has {size} bytes, its manifest says {meta['bytes']}")
+                    digest = hashlib.sha256()
+                    for block in iter(lambda: file.read(1 << 20), b""):
+                        digest.update(block)
+                    file.seek(0)
+                except OSError as exc:
+                    raise _Unusable(f"{name} cannot be read: {exc}") from None
+                if digest.hexdigest() != meta["sha256"]:
+                    raise _Unusable(f"{name} sha256 mismatch (expected {meta['sha256']}, got {digest.hexdigest()})")
+        except BaseException:
+            for file in opened:
+                file.close()
+            raise
+        return opened
+
+    def _live(self) -> dict[str, Any]:
+        return {"model": self._unwrapped_model(), "optimizer": self.optimizer,
+                "scheduler": self.scheduler, "scaler": self.scaler}
+
+    def _load_checked(self, info: CheckpointInfo) -> dict[str, Any]:
+        """Every file verified and deserialised, and checked against the live objects; nothing live changed."""
+        files = self._open_verified(info)
+        loaded = {}
+        try:
+            for name, file in zip(DATA_FILES, files):
+                try:
+                    loaded[name] = torch.load(file, map_location="cpu", weights_only=self.weights_only)
+                except Exception as exc:  # noqa: BLE001 - whatever torch raises, the file is unusable
+                    raise _Unusable(f"{name} could not be loaded: {type(exc).__name__}: {exc}") from None
+        finally:
+            for file in files:
+                file.close()
+        try:
+            check_loaded_state(loaded, **self._live())
+        except ValueError as exc:
+            raise _Unusable(f"does not fit the live objects: {exc}") from None
+        return loaded
 
     def restore(self, step: int | None = None, *, before_step: int | None = None) -> int:
-        """Restore model, optimizer, scheduler, scaler and RNG from a checkpoint.
+        """Restore model, optimizer, scheduler, scaler and RNG from a checkpoint, all or nothing.
 
         With ``step=None`` the newest known-good checkpoint (strictly before
-        ``before_step`` if given) is used; a corrupt, missing or unloadable one
-        is reported ("corrupt" event, log) and the next older known-good one is
-        tried. An explicit ``step`` is restored whether known-good or not, with
-        no fallback. Checkpoints newer than the restored one belong to the
-        abandoned trajectory and are deleted, and the health history after the
-        restored step is forgotten. Then ``on_restore(step)`` is called.
+        ``before_step`` if given) is used; an unusable one (corrupt, missing,
+        unloadable, or not fitting the live objects) is reported ("corrupt"
+        event, log) and the next older known-good one is tried. An explicit
+        ``step`` is restored whether known-good or not, with no fallback.
+
+        Nothing live changes until a checkpoint has been read completely, every
+        file's size and sha256 verified, every state dict deserialised and
+        checked against the live model, optimizer, scheduler, scaler and RNG
+        (:mod:`adamwatch.checkpoint_state`); then the parts are applied in an
+        order that is undone if one fails. So a failed restore leaves the run
+        exactly as it was. The price is memory: the checkpoint's whole state
+        (one extra copy of the model and optimizer state) is held in host
+        memory while it is checked and applied.
+
+        After a restore, checkpoints newer than the restored one belong to the
+        abandoned trajectory and are deleted, the health history after the
+        restored step is forgotten, and ``on_restore(step)`` is called.
 
         Args:
-            step: an exact step to restore, or None.
+            step: an exact step (int >= 0) to restore, or None.
             before_step: only with ``step=None``: the incident's step.
 
         Returns:
             The restored step.
 
         Raises:
-            NoUsableCheckpointError: nothing usable; the message names the directory.
+            ValueError: bad arguments.
+            NoUsableCheckpointError: nothing usable (reported as a
+                ``restore_failed`` event); the message names the directory.
         """
-        if step is not None and before_step is not None:
-            raise ValueError("before_step: only allowed when step is None")
+        _check_restore_args(step, before_step)
+        started = self._timer()
         with self._lock:
             restored = None
             for info in self._candidates(step, before_step):
-                problem = self._verify(info)
-                if problem is None:
-                    try:
-                        self._load(info)
-                    except Exception as exc:  # noqa: BLE001 - any load failure means "try older"
-                        problem = f"could not be loaded: {type(exc).__name__}: {exc}"
-                if problem is None:
+                try:
+                    loaded = self._load_checked(info)
+                    apply_loaded_state(loaded, **self._live())
+                except _Unusable as exc:
+                    problem = str(exc)
+                except Exception as exc:  # noqa: BLE001 - a load_state_dict raised; the parts applied were undone
+                    problem = f"could not be applied: {type(exc).__name__}: {exc}"
+                else:
                     restored = info
                     break
-                log.warning("adamwatch: checkpoint %s unusable, trying an older one: %s", info.path, problem)
-                self._emit("corrupt", info.step, info.path, problem)
+                finally:
+                    loaded = None  # release the host copy before trying an older checkpoint
+                self._skip_unusable(info.path, info.step, problem)
             if restored is None:
-                raise NoUsableCheckpointError(self._nothing_usable_message(step, before_step))
+                message = (f"{self._nothing_usable_message(step, before_step)}; "
+                           f"the model, optimizer, scheduler, scaler and RNG were left as they were")
+                asked = step if step is not None else (self._last_noted or 0)
+                self._emit("restore_failed", asked, None, message, duration_s=self._timer() - started)
+                raise NoUsableCheckpointError(message)
             for info in self.checkpoints():
                 if info.step > restored.step:
                     self._delete(info.path)
             self._refresh_index()
             self._unhealthy = {s for s in self._unhealthy if s <= restored.step}
             self._last_noted = restored.step
-        self._emit("restored", restored.step, restored.path, None)
+        self._emit("restored", restored.step, restored.path, None, duration_s=self._timer() - started,
+                   size_bytes=restored.size_bytes)
         if self.on_restore is not None:
             self.on_restore(restored.step)
         return restored.step
 
-    def _load(self, info: CheckpointInfo) -> None:
-        def load(name: str) -> Any:
-            return torch.load(info.path / name, map_location="cpu", weights_only=self.weights_only)
-
-        # load all three before touching anything: a bad file leaves the run as it was
-        model_state, optimizer_state, trainer_state = load("model.pt"), load("optimizer.pt"), load("trainer.pt")
-        self._unwrapped_model().load_state_dict(model_state)
-        self.optimizer.load_state_dict(optimizer_state)
-        if self.scheduler is not None and trainer_state["scheduler"] is not None:
-            self.scheduler.load_state_dict(trainer_state["scheduler"])
-        if self.scaler is not None and trainer_state["scaler"] is not None:
-            self.scaler.load_state_dict(trainer_state["scaler"])
-        _restore_rng(trainer_state["rng"])
-
     # ------------------------------------------------------------------ events
-    def _emit(self, kind: str, step: int, path: Path | None, detail: str | None) -> None:
-        if self.on_event is None:
-            return
+    def _emit(self, kind: str, step: int, path: Path | None, detail: str | None, *,
+              duration_s: float | None = None, size_bytes: int | None = None) -> None:
+        event = CheckpointEvent(kind, step, self._clock(), str(path) if path is not None else None, detail,
+                                duration_s, size_bytes)
+        if self.on_event is not None:
+            try:
+                self.on_event(kind, step, event.path, detail)
+            except Exception:  # noqa: BLE001 - a callback must never break a save
+                log.exception("adamwatch: checkpoint on_event callback failed")
+        # Listeners run under the lock, so they see events in the order they happened.
+        with self._lock:
+            if not self._listeners:
+                self._backlog.append(event)
+            for fn in list(self._listeners):
+                self._call(fn, event)
+
+    @staticmethod
+    def _call(fn: Callable[[CheckpointEvent], None], event: CheckpointEvent) -> None:
         try:
-            self.on_event(kind, step, str(path) if path is not None else None, detail)
-        except Exception:  # noqa: BLE001 - a callback must never break a save
-            log.exception("adamwatch: checkpoint on_event callback failed")
+            fn(event)
+        except Exception:  # noqa: BLE001 - a listener must never break a save or a restore
+            log.exception("adamwatch: checkpoint listener %r failed", fn)
+
+
+def _check_restore_args(step: Any, before_step: Any) -> None:
+    for name, value in (("step", step), ("before_step", before_step)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name}: must be an int >= 0 or None, got {value!r}")
+    if step is not None and before_step is not None:
+        raise ValueError("before_step: only allowed when step is None")

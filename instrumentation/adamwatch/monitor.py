@@ -194,6 +194,10 @@ class Monitor:
         self._scaler_step = None
         if scaler is not None:
             self._wrap_scaler(scaler)
+        # After the client exists: the Checkpointer replays events from before
+        # watch() (a restore at start-up) to a new listener at once.
+        if hasattr(self.checkpointer, "add_listener"):
+            self.checkpointer.add_listener(self._on_checkpoint_event)
         if self._client is not None:
             self._client.start()
         else:
@@ -251,6 +255,8 @@ class Monitor:
         self._closed = True
         for handle in self._handles:
             handle.remove()
+        if hasattr(self.checkpointer, "remove_listener"):
+            self.checkpointer.remove_listener(self._on_checkpoint_event)
         self._disarm_scheduler_skip()
         if self._scaler is not None and self._scaler_step is not None:
             try:
@@ -469,8 +475,6 @@ class Monitor:
         )
         coordinator = StepCoordinator(interval=self.config.command_interval, resolve=self._remediator.resolve)
         self._coordinator = coordinator if coordinator.active() else None
-        if self.checkpointer is not None and getattr(self.checkpointer, "on_event", None) is None:
-            self.checkpointer.on_event = self._on_checkpoint_event
 
     def _queue_action(self, kind: str, args: dict[str, Any], reason: str | None, source: str = "local",
                       action_id: str | None = None) -> str:
@@ -493,12 +497,10 @@ class Monitor:
         self._queue_action(payload["action"], dict(payload.get("args") or {}), payload.get("reason"),
                            source="sidecar", action_id=payload["id"])
 
-    def _on_checkpoint_event(self, kind: str, step: int, path: str | None, detail: str | None) -> None:
+    def _on_checkpoint_event(self, event: Any) -> None:
+        """A Checkpointer event (adamwatch.checkpoint.CheckpointEvent): forwarded as a CHECKPOINT frame."""
         if self._client is not None:
-            self._client.send_control(wire.encode_frame(wire.MessageType.CHECKPOINT, {
-                "event": kind, "step": int(step), "time": time.time(),
-                "path": None if path is None else str(path), "detail": detail,
-            }))
+            self._client.send_control(wire.encode_frame(wire.MessageType.CHECKPOINT, event.as_payload()))
 
     def _arm_scheduler_skip(self) -> None:
         """Skip the abandoned iteration's ``scheduler.step()`` after a restore.

@@ -49,6 +49,7 @@ __all__ = [
     "parse_endpoint",
     "ENDPOINT_ENV",
     "REJECT_REASONS",
+    "CHECKPOINT_EVENTS",
 ]
 
 PROTOCOL_VERSION = 1
@@ -72,6 +73,18 @@ REJECT_REASONS: tuple[str, ...] = (
     "malformed",  # payload is not a UTF-8 JSON object: frame skipped
     "schema",  # payload violates the message schema: frame skipped
     "unexpected",  # valid message that is not allowed now (e.g. STEP before HELLO)
+)
+
+
+# Every CHECKPOINT.event a trainer sends (adamwatch.checkpoint emits exactly
+# these). A sidecar ignores kinds it does not know: a newer trainer may add some.
+CHECKPOINT_EVENTS: tuple[str, ...] = (
+    "saved",  # a checkpoint was written (duration_s, size_bytes)
+    "save_failed",  # save() raised CheckpointSaveError; nothing of it was kept (duration_s)
+    "known_good",  # a checkpoint was proven good by the healthy steps around it
+    "restored",  # a restore put a checkpoint's state back (duration_s, size_bytes)
+    "restore_failed",  # restore() found nothing usable; the live state is unchanged (duration_s)
+    "corrupt",  # a checkpoint was found corrupt or invalid and skipped (detail says why)
 )
 
 
@@ -151,12 +164,15 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "dropped_total": _f("int"),
     },
     MessageType.CHECKPOINT: {
-        # "saved" | "known_good" | "restored" | "corrupt"
-        "event": _f("str"),
-        "step": _f("int"),
-        "time": _f("float"),
+        "event": _f("str"),  # one of CHECKPOINT_EVENTS
+        "step": _f("int"),  # the checkpoint's step (restore_failed: the step asked for, see Checkpointer)
+        "time": _f("float"),  # unix seconds of the event
         "path": _f("str", required=False, nullable=True),
         "detail": _f("str", required=False, nullable=True),
+        # seconds the save or restore took (saved, save_failed, restored, restore_failed)
+        "duration_s": _f("float", required=False, nullable=True),
+        # bytes of the checkpoint's data files (saved, restored)
+        "size_bytes": _f("int", required=False, nullable=True),
     },
     MessageType.ACK: {
         "id": _f("str"),

@@ -146,6 +146,27 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("adamwatch_control_requests_rejected_total", "counter", "",
                "Control requests (Alertmanager webhook, ctl) rejected, by endpoint and reason.",
                ("endpoint", "reason")),
+    # --- checkpoint health (issue 11 item 4): from the Checkpointer's CHECKPOINT events --------
+    # Outcomes are "success" and "failed"; both series appear, at 0, with the
+    # trainer's first checkpoint event, so increase() sees the first failure.
+    # Time since the newest checkpoint: time() - adamwatch_last_checkpoint_timestamp_seconds.
+    MetricSpec("adamwatch_checkpoint_saves_total", "counter", "",
+               "Checkpoint saves, by outcome (success; failed: save() raised CheckpointSaveError and kept nothing).",
+               T + ("outcome",)),
+    MetricSpec("adamwatch_checkpoint_save_duration_seconds", "gauge", "seconds",
+               "Wall time of the latest successful checkpoint save (state capture, serialisation, fsync, rename).", T),
+    MetricSpec("adamwatch_checkpoint_size_bytes", "gauge", "bytes",
+               "Bytes of the data files of the latest saved checkpoint.", T),
+    MetricSpec("adamwatch_last_checkpoint_save_failure_timestamp_seconds", "gauge", "seconds",
+               "Unix time of the trainer's latest failed checkpoint save.", T),
+    MetricSpec("adamwatch_checkpoint_restores_total", "counter", "",
+               "Checkpoint restores, by outcome (success; failed: nothing usable, the live state was left unchanged).",
+               T + ("outcome",)),
+    MetricSpec("adamwatch_checkpoint_restore_duration_seconds", "gauge", "seconds",
+               "Wall time of the latest checkpoint restore attempt, successful or failed.", T),
+    MetricSpec("adamwatch_corrupt_checkpoints_total", "counter", "",
+               "Checkpoints found unusable (invalid manifest, size or sha256 mismatch, unloadable, "
+               "or not fitting the live model and optimizer) and skipped.", T),
 )
 
 BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}

@@ -50,6 +50,7 @@ __all__ = [
     "MAX_PARAM_GROUPS",
     "MAX_LABEL_CHARS",
     "MAX_SKIP_REASONS",
+    "CHECKPOINT_OUTCOMES",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,14 @@ MESSAGE_METRICS: frozenset[str] = frozenset(
         "adamwatch_last_checkpoint_timestamp_seconds",
         "adamwatch_last_known_good_checkpoint_timestamp_seconds",
         "adamwatch_last_known_good_checkpoint_step",
+        # checkpoint health (issue 11 item 4)
+        "adamwatch_checkpoint_saves_total",
+        "adamwatch_checkpoint_save_duration_seconds",
+        "adamwatch_checkpoint_size_bytes",
+        "adamwatch_last_checkpoint_save_failure_timestamp_seconds",
+        "adamwatch_checkpoint_restores_total",
+        "adamwatch_checkpoint_restore_duration_seconds",
+        "adamwatch_corrupt_checkpoints_total",
     }
 )
 _TRAINER_LABELS = ("job", "rank")
@@ -141,6 +150,56 @@ def _number(value: Any) -> bool:
 def _label_text(value: Any, max_chars: int = 64) -> str:
     text = str(value)
     return text if len(text) <= max_chars else text[:max_chars]
+
+
+# Label values of adamwatch_checkpoint_{saves,restores}_total{outcome}.
+CHECKPOINT_OUTCOMES: tuple[str, ...] = ("success", "failed")
+
+
+@dataclass
+class _CheckpointHealth:
+    """Counters and latest values from one trainer's Checkpointer events (checkpoint health)."""
+
+    saves: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHECKPOINT_OUTCOMES, 0))
+    restores: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHECKPOINT_OUTCOMES, 0))
+    corrupt: int = 0
+    save_duration: float | None = None
+    size_bytes: int | None = None
+    save_failure_time: float | None = None
+    restore_duration: float | None = None
+
+
+def _seconds_or_none(value: Any) -> float | None:
+    # Durations and times from the trainer: NaN, infinite or negative ones are
+    # not exported (a wrong number is worse than none).
+    return float(value) if _number(value) and math.isfinite(value) and value >= 0 else None
+
+
+def _note_checkpoint_health(t: "_Trainer", p: dict[str, Any]) -> None:
+    """Apply one CHECKPOINT event to the trainer's checkpoint health; unknown kinds are ignored."""
+    event = p["event"]
+    if event not in wire.CHECKPOINT_EVENTS:
+        return
+    health = t.checkpoint_health
+    if health is None:
+        health = t.checkpoint_health = _CheckpointHealth()
+    duration = _seconds_or_none(p.get("duration_s"))
+    if event == "saved":
+        health.saves["success"] += 1
+        health.save_duration = duration if duration is not None else health.save_duration
+        size = p.get("size_bytes")
+        if isinstance(size, int) and size >= 0:
+            health.size_bytes = size
+    elif event == "save_failed":
+        health.saves["failed"] += 1
+        failed_at = _seconds_or_none(p["time"])
+        if failed_at is not None:
+            health.save_failure_time = failed_at
+    elif event in ("restored", "restore_failed"):
+        health.restores["success" if event == "restored" else "failed"] += 1
+        health.restore_duration = duration if duration is not None else health.restore_duration
+    elif event == "corrupt":
+        health.corrupt += 1
 
 
 @dataclass
@@ -182,6 +241,7 @@ class _Trainer:
     last_checkpoint_time: float | None = None
     known_good_time: float | None = None
     known_good_step: int | None = None
+    checkpoint_health: _CheckpointHealth | None = None
     # generic store: metric name -> {full label values: value}
     custom: dict[str, dict[tuple[str, ...], float]] = field(default_factory=dict)
 
@@ -369,6 +429,7 @@ class RunState:
                 elif event == "known_good":
                     trainer.known_good_time = float(payload["time"])
                     trainer.known_good_step = payload["step"]
+                _note_checkpoint_health(trainer, payload)
         elif mtype is wire.MessageType.GOODBYE:
             with self._lock:
                 self._get(key).goodbye = payload
@@ -799,6 +860,24 @@ def _r_known_good_step(t: _Trainer, out: list) -> None:
         out.append((t.base, float(t.known_good_step)))
 
 
+def _checkpoint_outcomes(attr: str) -> Callable[[_Trainer, list], None]:
+    def render(t: _Trainer, out: list) -> None:
+        if t.checkpoint_health is not None:
+            for outcome, n in getattr(t.checkpoint_health, attr).items():
+                out.append((t.base + (outcome,), float(n)))
+
+    return render
+
+
+def _checkpoint_value(attr: str) -> Callable[[_Trainer, list], None]:
+    def render(t: _Trainer, out: list) -> None:
+        value = getattr(t.checkpoint_health, attr) if t.checkpoint_health is not None else None
+        if value is not None:
+            out.append((t.base, float(value)))
+
+    return render
+
+
 _RENDERERS: dict[str, Callable[[_Trainer, list], None]] = {
     "adamwatch_loss": _r_loss,
     "adamwatch_grad_norm": _r_grad_norm,
@@ -825,6 +904,13 @@ _RENDERERS: dict[str, Callable[[_Trainer, list], None]] = {
     "adamwatch_last_checkpoint_timestamp_seconds": _r_ckpt,
     "adamwatch_last_known_good_checkpoint_timestamp_seconds": _r_known_good_time,
     "adamwatch_last_known_good_checkpoint_step": _r_known_good_step,
+    "adamwatch_checkpoint_saves_total": _checkpoint_outcomes("saves"),
+    "adamwatch_checkpoint_save_duration_seconds": _checkpoint_value("save_duration"),
+    "adamwatch_checkpoint_size_bytes": _checkpoint_value("size_bytes"),
+    "adamwatch_last_checkpoint_save_failure_timestamp_seconds": _checkpoint_value("save_failure_time"),
+    "adamwatch_checkpoint_restores_total": _checkpoint_outcomes("restores"),
+    "adamwatch_checkpoint_restore_duration_seconds": _checkpoint_value("restore_duration"),
+    "adamwatch_corrupt_checkpoints_total": _checkpoint_value("corrupt"),
 }
 assert set(_RENDERERS) == MESSAGE_METRICS, "every message-derived metric needs exactly one renderer"
 assert MESSAGE_METRICS <= set(BY_NAME), "renderers must only use names from the metric table"

@@ -12,32 +12,14 @@ import torch
 
 from adamwatch.checkpoint import Checkpointer, NoUsableCheckpointError
 
-from ._training import OPTIMIZER_CONFIGS, assert_same, config_id, make_model, make_optimizer, snapshot, train_steps
-
-
-class Events:
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, int, str | None, str | None]] = []
-
-    def __call__(self, kind, step, path, detail) -> None:
-        self.seen.append((kind, step, path, detail))
-
-    def kinds(self, kind: str) -> list[int]:
-        return [step for k, step, _, _ in self.seen if k == kind]
-
-
-def _setup(config=("AdamW", {}), seed=0, with_scaler=True):
-    model = make_model(seed)
-    optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: min(1.0, (e + 1) / 4))
-    scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=2) if with_scaler else None
-    return model, optimizer, scheduler, scaler
+from ._checkpoints import Events, good_checkpoints, setup
+from ._training import OPTIMIZER_CONFIGS, assert_same, config_id, make_model, snapshot, train_steps
 
 
 @pytest.mark.parametrize("config", OPTIMIZER_CONFIGS, ids=config_id)
 def test_round_trip_continues_bit_exactly(tmp_path: Path, config) -> None:
     torch.manual_seed(1); random.seed(1)
-    model, optimizer, scheduler, scaler = _setup(config)
+    model, optimizer, scheduler, scaler = setup(config)
     ckpt = Checkpointer(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     train_steps(model, optimizer, scheduler, scaler, steps=5)
     ckpt.save(5)
@@ -46,7 +28,7 @@ def test_round_trip_continues_bit_exactly(tmp_path: Path, config) -> None:
 
     # a fresh process' worth of objects, differently initialised, empty optimizer state
     torch.manual_seed(99); random.seed(99)
-    model2, optimizer2, scheduler2, scaler2 = _setup(config, seed=7)
+    model2, optimizer2, scheduler2, scaler2 = setup(config, seed=7)
     restored_at = []
     ckpt2 = Checkpointer(
         tmp_path, model=model2, optimizer=optimizer2, scheduler=scheduler2, scaler=scaler2,
@@ -60,7 +42,7 @@ def test_round_trip_continues_bit_exactly(tmp_path: Path, config) -> None:
 
 
 def test_manifest_lists_sha256_of_every_file(tmp_path: Path) -> None:
-    model, optimizer, scheduler, scaler = _setup()
+    model, optimizer, scheduler, scaler = setup()
     folder = Checkpointer(tmp_path, model=model, optimizer=optimizer).save(3)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["step"] == 3 and manifest["known_good"] is False
@@ -71,59 +53,54 @@ def test_manifest_lists_sha256_of_every_file(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def _good_checkpoints(tmp_path, steps, events=None, **kwargs):
-    model, optimizer, scheduler, scaler = _setup(with_scaler=False)
-    ckpt = Checkpointer(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler,
-                        good_window=2, on_event=events, **kwargs)
-    for step in range(1, max(steps) + 3):
-        train_steps(model, optimizer, scheduler, steps=1)
-        if step in steps:
-            ckpt.save(step)
-        ckpt.note_step(step, True)
-    return ckpt, model, optimizer
-
-
 def _flip_a_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["flip", "delete", "truncate-manifest"])
-def test_corrupt_newest_falls_back_to_older(tmp_path: Path, damage: str) -> None:
+@pytest.mark.parametrize("damage,reason", [
+    ("flip", "sha256 mismatch"),
+    ("delete", "model.pt is missing"),
+    ("truncate", "trainer.pt has"),
+    ("truncate-manifest", "invalid manifest.json"),
+])
+def test_corrupt_newest_falls_back_to_older(tmp_path: Path, damage: str, reason: str) -> None:
     events = Events()
-    ckpt, model, optimizer = _good_checkpoints(tmp_path, {4, 8, 12}, events)
+    ckpt, model, optimizer, _ = good_checkpoints(tmp_path, {4, 8, 12}, events)
     assert [i.step for i in ckpt.checkpoints() if i.known_good] == [4, 8, 12]
     newest = tmp_path / "step-000000000012"
     if damage == "flip":
         _flip_a_byte(newest / "optimizer.pt")
     elif damage == "delete":
         (newest / "model.pt").unlink()
+    elif damage == "truncate":
+        (newest / "trainer.pt").write_bytes((newest / "trainer.pt").read_bytes()[:-10])
     else:
         (newest / "manifest.json").write_text("{")
     assert ckpt.restore() == 8
-    if damage != "truncate-manifest":  # a folder without a readable manifest is not a checkpoint
-        (kind, step, path, detail), = [e for e in events.seen if e[0] == "corrupt"]
-        assert step == 12 and path == str(newest)
-        assert ("sha256" in detail) if damage == "flip" else ("missing" in detail)
+    (kind, step, path, detail), = [e for e in events.seen if e[0] == "corrupt"]
+    assert step == 12 and path == str(newest) and reason in detail
+    assert ckpt.corrupt_checkpoints == 1
     assert events.kinds("restored") == [8]
 
 
 def test_unloadable_file_with_matching_checksum_falls_back(tmp_path: Path) -> None:
     events = Events()
-    ckpt, _, _ = _good_checkpoints(tmp_path, {4, 8}, events)
+    ckpt, *_ = good_checkpoints(tmp_path, {4, 8}, events)
     folder = tmp_path / "step-000000000008"
     (folder / "trainer.pt").write_bytes(b"not a torch file")
     manifest = json.loads((folder / "manifest.json").read_text())
     import hashlib
-    manifest["files"]["trainer.pt"]["sha256"] = hashlib.sha256(b"not a torch file").hexdigest()
+    manifest["files"]["trainer.pt"] = {"sha256": hashlib.sha256(b"not a torch file").hexdigest(),
+                                       "bytes": len(b"not a torch file")}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert ckpt.restore() == 4
     assert "could not be loaded" in [e for e in events.seen if e[0] == "corrupt"][0][3]
 
 
 def test_nothing_usable_names_the_directory(tmp_path: Path) -> None:
-    model, optimizer, _, _ = _setup()
+    model, optimizer, _, _ = setup()
     ckpt = Checkpointer(tmp_path, model=model, optimizer=optimizer)
     with pytest.raises(NoUsableCheckpointError, match=str(tmp_path)):
         ckpt.restore()
@@ -137,7 +114,7 @@ def test_nothing_usable_names_the_directory(tmp_path: Path) -> None:
 
 def test_known_good_needs_a_healthy_window_on_both_sides(tmp_path: Path) -> None:
     events = Events()
-    model, optimizer, _, _ = _setup()
+    model, optimizer, _, _ = setup()
     ckpt = Checkpointer(tmp_path, model=model, optimizer=optimizer, good_window=3, on_event=events, keep=10)
     ckpt.save(10)
     ckpt.save(20)
@@ -156,16 +133,16 @@ def test_known_good_needs_a_healthy_window_on_both_sides(tmp_path: Path) -> None
 
 
 def test_late_incident_revokes_and_before_step_picks_older(tmp_path: Path) -> None:
-    ckpt, _, _ = _good_checkpoints(tmp_path, {4, 8, 12})
+    ckpt, *_ = good_checkpoints(tmp_path, {4, 8, 12})
     assert ckpt.restore(before_step=12) == 8
-    ckpt, _, _ = _good_checkpoints(tmp_path / "b", {4, 8, 12})
+    ckpt, *_ = good_checkpoints(tmp_path / "b", {4, 8, 12})
     ckpt.note_incident(13)  # the sidecar saw a spike at 13, after 12 was marked good
     assert [i.step for i in ckpt.checkpoints() if i.known_good] == [4, 8]
     assert ckpt.restore() == 8
 
 
 def test_restore_drops_the_abandoned_future(tmp_path: Path) -> None:
-    ckpt, model, optimizer = _good_checkpoints(tmp_path, {4, 8, 12})
+    ckpt, model, optimizer, _ = good_checkpoints(tmp_path, {4, 8, 12})
     assert ckpt.restore(step=4) == 4
     assert [i.step for i in ckpt.checkpoints()] == [4]
     # the steps after 4 are re-run: their old health no longer counts
@@ -175,7 +152,7 @@ def test_restore_drops_the_abandoned_future(tmp_path: Path) -> None:
 
 
 def test_keep_prunes_but_never_the_newest_known_good(tmp_path: Path) -> None:
-    model, optimizer, _, _ = _setup()
+    model, optimizer, _, _ = setup()
     ckpt = Checkpointer(tmp_path, model=model, optimizer=optimizer, keep=2, good_window=1)
     ckpt.save(1)
     ckpt.note_step(1, True); ckpt.note_step(2, True)  # 1 is good
@@ -191,7 +168,7 @@ def test_keep_prunes_but_never_the_newest_known_good(tmp_path: Path) -> None:
 
 
 def test_saving_the_same_step_again_replaces_it(tmp_path: Path) -> None:
-    model, optimizer, _, _ = _setup()
+    model, optimizer, _, _ = setup()
     ckpt = Checkpointer(tmp_path, model=model, optimizer=optimizer)
     ckpt.save(3)
     train_steps(model, optimizer, steps=1)
@@ -204,7 +181,7 @@ def test_saving_the_same_step_again_replaces_it(tmp_path: Path) -> None:
 
 
 def test_note_step_from_another_thread_while_saving(tmp_path: Path) -> None:
-    model, optimizer, _, _ = _setup()
+    model, optimizer, _, _ = setup()
     ckpt = Checkpointer(tmp_path, model=model, optimizer=optimizer, keep=3, good_window=2)
     stop = threading.Event()
     errors = []
@@ -231,7 +208,7 @@ def test_note_step_from_another_thread_while_saving(tmp_path: Path) -> None:
 
 
 def test_bad_arguments_are_rejected_by_name(tmp_path: Path) -> None:
-    model, optimizer, _, _ = _setup()
+    model, optimizer, _, _ = setup()
     with pytest.raises(ValueError, match="keep"):
         Checkpointer(tmp_path, model=model, optimizer=optimizer, keep=0)
     with pytest.raises(ValueError, match="good_window"):
@@ -246,7 +223,7 @@ def test_bad_arguments_are_rejected_by_name(tmp_path: Path) -> None:
 
 
 def test_event_callback_failure_does_not_break_save(tmp_path: Path) -> None:
-    model, optimizer, _, _ = _setup()
+    model, optimizer, _, _ = setup()
 
     def boom(*args):
         raise RuntimeError("callback broke")
