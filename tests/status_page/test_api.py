@@ -166,7 +166,15 @@ def test_trainers_lists_what_the_panels_show(sidecar):
     assert t["history"]["steps"] == 1 and t["history"]["limit_steps"] == 10_000
     assert body["remediation"] == {"enabled": True, "dry_run": False}
     assert 0 < body["memory"]["history_bytes"] <= body["memory"]["history_limits"]["total_bytes"]
-    trainer.close()
+    # The page asks about its trainer: the others are listed by key only.
+    other = connect(sidecar, job="other", rank=0)
+    wait_for(lambda: len(sidecar.state.keys()) == 2, what="the second trainer")
+    _, one = get_json(sidecar, "/api/v1/trainers?job=gpt&rank=3")
+    assert [t["job"] for t in one["trainers"]] == ["gpt", "other"]
+    assert one["trainers"][0]["optimizer"]["kind"] == "AdamW"
+    assert one["trainers"][1] == {"job": "other", "rank": 0, "connected": True, "finished": False}
+    assert list(one["jobs"]) == ["gpt"]
+    trainer.close(), other.close()
 
 
 def test_the_page_and_every_static_file_are_served_read_only(sidecar):
@@ -214,13 +222,11 @@ def test_a_handler_that_takes_the_query_gets_it_and_others_do_not():
 
 
 def test_a_ten_thousand_step_answer_is_complete_and_strict_json(sidecar):
-    history = sidecar.status_page.history
-    key = ("big", 0)
-    history.on_message(key, wire.Message(HELLO, hello_payload(job="big")))
+    key = sidecar.state.hello("test-conn", hello_payload(job="big"))  # as ingest applies messages, minus the socket
     for i in range(1, 10_001):
         payload = step_payload(i, loss=math.inf if i == 5000 else 2.0 + 1 / i,
                                deep=[deep_entry(), deep_entry()] if i % 10 == 0 else None)
-        history.on_message(key, wire.Message(STEP, payload))
+        sidecar.state.apply(key, wire.Message(STEP, payload))
     status, _, body = http_get(sidecar.metrics_server.url + "/api/v1/series?job=big&rank=0")
     assert status == 200
     parsed = json.loads(body, parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))

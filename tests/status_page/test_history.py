@@ -207,3 +207,12 @@ def test_a_new_layout_resets_the_history_and_a_reconnect_keeps_it():
 def test_limits_name_the_bad_field(field, value):
     with pytest.raises(ValueError, match=field):
         HistoryLimits(**{field: value})
+
+
+def test_the_module_example_runs():
+    import doctest
+
+    from adamwatch_sidecar.status_page import history as module
+
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0

@@ -6,10 +6,10 @@ All three are read-only GETs on the metrics address. Query parameters:
 | --- | --- |
 | ``/api/v1/series`` | ``job``, ``rank`` (both optional when the sidecar knows exactly one trainer); ``since``, ``epoch`` (the ``last_seq`` and ``epoch`` of the previous answer: only newer points); ``downsampled`` (the previous ``downsampled_version``: the buckets are left out while unchanged) |
 | ``/api/v1/events`` | ``job``, ``rank`` (optional filters), ``since``, ``epoch`` (as above), ``limit`` (default 1000) |
-| ``/api/v1/trainers`` | none |
+| ``/api/v1/trainers`` | ``job``, ``rank`` (optional: describe only this trainer in full, and only its job's remediation) |
 
 Series values are written with 8 significant digits (finer than the float32
-the trainer computed them in), times in seconds with microseconds, and NaN or
+the trainer computed them in), times in unix seconds with milliseconds, and NaN or
 infinite values as ``null`` (a non-finite step also has ``nonfinite: 1``). The
 arrays are built with one C-level ``%`` format per column: a trainer with
 10,000 steps answers in a few milliseconds (``benchmarks/status_page.py``).
@@ -27,6 +27,7 @@ from urllib.parse import parse_qs
 from adamwatch import wire
 
 from .. import __version__
+from ..remediation.audit import _json_safe  # NaN/Inf become "nan"/"inf": strict JSON that still says what it was
 from ..run_state import RunState, TrainerKey
 from .events import EventLog
 from .history import (
@@ -71,16 +72,6 @@ def _object(pairs: Sequence[tuple[str, str]]) -> str:
     return "{" + ",".join(json.dumps(k) + ":" + v for k, v in pairs) + "}"
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def series_json(key: TrainerKey, read: HistoryRead) -> str:
     """The ``/api/v1/series`` answer for one trainer's :class:`HistoryRead`.
 
@@ -104,7 +95,7 @@ def series_json(key: TrainerKey, read: HistoryRead) -> str:
     flags = [int(f) for f in m[_COL["flags"]::width].tolist()]
     points.append(("seq", "[" + ",".join(map(str, range(first, read.last_seq + 1))) + "]"))
     points.append(("step", column(_COL["step"], "%d")))
-    points.append(("time", column(_COL["time"], "%.6f")))
+    points.append(("time", column(_COL["time"], "%.3f")))
     for name in ("loss", "grad_norm", "duration_s", "samples", "tokens"):
         points.append((name, column(_COL[name])))
     points.append(("skipped", "[" + ",".join("1" if f & FLAG_SKIPPED else "0" for f in flags) + "]"))
@@ -126,7 +117,7 @@ def series_json(key: TrainerKey, read: HistoryRead) -> str:
             ("update_size", _object([(q, deep_column(base + nq + j)) for j, q in enumerate(_QUANTILE_KEYS)])),
             ("update_to_weight", deep_column(base + 2 * nq)),
         ])))
-    deep = _object([("seq", deep_column(0, "%d")), ("step", deep_column(1, "%d")), ("time", deep_column(2, "%.6f")),
+    deep = _object([("seq", deep_column(0, "%d")), ("step", deep_column(1, "%d")), ("time", deep_column(2, "%.3f")),
                     ("groups", _object(deep_groups))])
 
     downsampled = "null"
@@ -145,7 +136,7 @@ def series_json(key: TrainerKey, read: HistoryRead) -> str:
             ("version", str(read.buckets_version)),
             ("seq", _numbers(head["seq"], "%d")),
             ("step", _numbers(head["step"], "%d")),
-            ("time", _numbers([t / n for t, n in zip(head["time_sum"], steps)], "%.6f")),
+            ("time", _numbers([t / n for t, n in zip(head["time_sum"], steps)], "%.3f")),
             ("steps", _numbers(steps, "%d")),
             ("skipped", _numbers(head["skipped"], "%d")),
             ("nonfinite", _numbers(head["nonfinite"], "%d")),
@@ -253,12 +244,19 @@ class StatusApi:
                         ("events", "[" + ",".join(events) + "]")])
 
     def trainers_json(self, query_text: str = "") -> str:
-        """``GET /api/v1/trainers``: every trainer's state, its job's remediation and the memory in use."""
+        """``GET /api/v1/trainers``: every trainer's state, its job's remediation and the memory in use.
+
+        With ``job`` and ``rank`` (what the page sends), only that trainer is described in full and
+        only its job's remediation is included; the others are listed by key and connection: a page
+        open on a sidecar with 1,000 ranks stays cheap.
+        """
+        query = parse_qs(query_text, keep_blank_values=True)
+        job, rank = _one(query, "job"), _int(query, "rank")
         remediation = self._remediation()
         status = None
         if remediation is not None:
             try:
-                status = remediation.status()
+                status = remediation.status(job)
             except Exception:  # the page must load even when remediation misbehaves
                 status = None
         trainers = []
@@ -267,6 +265,10 @@ class StatusApi:
             if info is None or info.get("hello") is None:
                 continue  # known only from remediation metrics: nothing to show
             hello = info.pop("hello")
+            if job is not None and (key.job, key.rank) != (job, rank):
+                trainers.append({"job": key.job, "rank": key.rank, "connected": info["connected"],
+                                 "finished": info.get("goodbye") is not None})
+                continue
             info.update(
                 host=hello.get("host"), pid=hello.get("pid"), world_size=hello.get("world_size"),
                 adamwatch_version=hello.get("adamwatch_version"), torch_version=hello.get("torch_version"),

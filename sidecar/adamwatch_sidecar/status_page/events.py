@@ -34,6 +34,8 @@ from typing import Any, Callable, Mapping, Optional
 
 from adamwatch import wire
 
+from ..remediation.audit import _json_safe  # the audit log's rule: NaN/Inf become "nan"/"inf", as in its file
+
 __all__ = ["EVENT_FIELDS", "EventLog"]
 
 EVENT_FIELDS: tuple[str, ...] = (
@@ -44,16 +46,6 @@ _AUDIT_KINDS = frozenset({"detection", "decision", "suppressed", "deferred", "ou
 _FROM_AUDIT = ("detector", "ladder", "step", "action", "args", "command_id", "outcome", "detail", "dry_run", "source",
                "latency_seconds", "steps_to_effect", "evidence")
 DROPPED_EVENT_INTERVAL = 10.0
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 class EventLog:

@@ -17,9 +17,9 @@ Memory bound. Each trainer gets ``min(trainer_bytes, total_bytes / trainers)``
 (4 MiB and 32 MiB by default, with an eighth held back for the allocator's
 slack): a tenth for the downsampled buckets, the rest for as many full-resolution
 steps as fit, up to ``steps``. A trainer with two param groups and deep
-statistics every 10 steps needs ~100 bytes per step, so the first 32 trainers
-keep their 10,000 steps and 1,000 trainers keep ~290 steps each; never fewer than
-``min_steps`` (the total bound therefore holds up to ~10,000 trainers). At most
+statistics every 10 steps needs ~110 bytes per step, so up to 27 trainers keep
+their 10,000 steps, 64 keep ~4,160 and 1,000 keep ~270 steps each; never fewer
+than ``min_steps`` (the total bound therefore holds up to ~10,000 trainers). At most
 ``max_groups`` param groups per trainer are charted. When the number of trainers
 changes, every trainer's share is recomputed and larger histories are folded
 down at once. ``tests/status_page/test_history.py`` measures the real
@@ -183,7 +183,8 @@ class _Track:
         self.deep_seq = array("q")
         self.buckets = array("d")
         self.bucket_width = _NBUCKET + 2 * (len(_AVERAGED) + g)
-        self.bucket_steps = max(1, plan.steps // 1000)
+        # Wide enough that a fold makes ~20 buckets: each costs a few C-level sums, not a Python loop per step.
+        self.bucket_steps = max(1, plan.steps // 200)
         self.buckets_version = 0
         self.plan = plan
         # A reader's cursor is only meaningful for the buffers it came from.
@@ -325,10 +326,7 @@ class StepHistory:
             return
         mtype = message.type
         if mtype is _STEP:
-            track = self._tracks.get(key)
-            if track is None:
-                track = self._add_track(key, None, {})
-            self._append(track, message.payload)
+            self.on_step(key, message.payload)
         elif mtype is _HELLO:
             payload = message.payload
             optimizer = payload.get("optimizer") or {}
@@ -351,7 +349,11 @@ class StepHistory:
             self._rebalance()
             return track
 
-    def _append(self, t: _Track, p: dict[str, Any]) -> None:
+    def on_step(self, key: tuple, p: dict[str, Any]) -> None:
+        """Record one STEP payload (already validated by the run state) of trainer ``key``: the hot path."""
+        t = self._tracks.get(key)
+        if t is None:
+            t = self._add_track(key, None, {})
         get = p.get
         loss = get("loss")
         grad_norm = p["grad_norm"]
@@ -388,14 +390,18 @@ class StepHistory:
             setattr(t, name, getattr(fresh, name))
 
     def _append_deep(self, t: _Track, p: dict[str, Any], deep: list) -> None:
-        values: list[float] = [t.next_seq - 1, p["step"], p["time"]]
-        for i in range(len(t.groups)):
-            entry = deep[i] if i < len(deep) and isinstance(deep[i], dict) else {}
-            for name in ("effective_lr", "update_size"):
-                quantiles = entry.get(name) or _NAN_QUANTILES
-                values.extend(NAN if v is None else v for v in quantiles)
-            ratio = entry.get("update_to_weight")
-            values.append(NAN if ratio is None else ratio)
+        # The run state validated the entries: dicts whose quantile lists have len(QUANTILES) numbers or nulls.
+        values: list[Any] = [t.next_seq - 1, p["step"], p["time"]]
+        groups = len(t.groups)
+        for entry in deep[:groups]:
+            get = entry.get
+            values += get("effective_lr") or _NAN_QUANTILES
+            values += get("update_size") or _NAN_QUANTILES
+            values.append(get("update_to_weight"))
+        if len(deep) < groups:
+            values += [NAN] * (DEEP_VALUES_PER_GROUP * (groups - len(deep)))
+        if None in values:
+            values = [NAN if v is None else v for v in values]
         if len(t.deep_seq) >= t.plan.deep_rows:
             drop = max(1, t.plan.deep_rows // 10) + len(t.deep_seq) - t.plan.deep_rows
             del t.deep[: drop * t.deep_row.size]

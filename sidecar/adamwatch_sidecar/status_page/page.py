@@ -18,6 +18,8 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from typing import Any, Callable, Iterator
 
+from adamwatch import wire
+
 from ..run_state import RunState
 from .api import JSON, ApiError, StatusApi
 from .events import EventLog
@@ -28,6 +30,7 @@ __all__ = ["StatusPage", "STATIC_PACKAGE", "iter_static_files"]
 log = logging.getLogger(__name__)
 
 STATIC_PACKAGE = "adamwatch_sidecar.status_page"
+_STEP = wire.MessageType.STEP
 _CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -81,8 +84,16 @@ class StatusPage:
         self._static = {path: (_content_type(path), body) for path, body in iter_static_files()}
         if "index.html" not in self._static:
             raise FileNotFoundError(f"{STATIC_PACKAGE}/static/index.html is not installed")
-        state.add_listener(self.history.on_message)
-        state.add_listener(self.events.on_message)
+        state.add_listener(self.on_message)
+
+    def on_message(self, key: Any, message: Any) -> None:
+        """Run-state listener (one call per accepted message, on the ingest loop): steps to the history,
+        everything else to both."""
+        if message is not None and message.type is _STEP:
+            self.history.on_step(key, message.payload)
+            return
+        self.history.on_message(key, message)
+        self.events.on_message(key, message)
 
     def follow_remediation(self, service: Any) -> None:
         """Show ``service``'s audit trail and ladder state (called by ``remediation.wiring.attach``).

@@ -97,7 +97,7 @@
 
   async function pollStatus() {
     try {
-      const status = await getJSON("/api/v1/trainers");
+      const status = await getJSON("/api/v1/trainers", S.key ? { job: S.key.job, rank: S.key.rank } : {});
       S.trainers = status.trainers; S.jobs = status.jobs || {}; S.remediation = status.remediation;
       S.memory = status.memory; S.serverTime = status.sidecar.time;
       renderPicker();
@@ -704,7 +704,9 @@
     row.append(el("span", "arrow", "→"), el("span", "name", name + args), el("span", "outcome " + outcome, outcome.replace("_", " ")));
     const bits = [];
     if (o && o.step !== null && o.step !== undefined) bits.push("at step " + o.step);
-    if (o && o.steps_to_effect !== null && o.steps_to_effect !== undefined) bits.push(o.steps_to_effect + " steps later");
+    if (o && o.steps_to_effect !== null && o.steps_to_effect !== undefined) {
+      bits.push(o.steps_to_effect + (o.steps_to_effect === 1 ? " step later" : " steps later"));
+    }
     if (o && o.latency_seconds) bits.push(num(o.latency_seconds * 1000, 3) + " ms");
     if (o && o.detail) bits.push(o.detail);
     if (bits.length) row.append(el("span", "detail", bits.join(" · ")));
