@@ -97,6 +97,7 @@
 
   async function pollStatus() {
     try {
+      if (document.hidden) return;
       const status = await getJSON("/api/v1/trainers", S.key ? { job: S.key.job, rank: S.key.rank } : {});
       S.trainers = status.trainers; S.jobs = status.jobs || {}; S.remediation = status.remediation;
       S.memory = status.memory; S.serverTime = status.sidecar.time;
@@ -112,7 +113,7 @@
 
   async function pollSeries() {
     try {
-      if (S.key) {
+      if (S.key && !document.hidden) { // a background tab costs the sidecar nothing
         const key = S.key;
         const s = S.series;
         const answer = await getJSON("/api/v1/series", {
