@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics_url = f"http://127.0.0.1:{port}/metrics"
         print(f"adamwatch demo: sidecar pid {sidecar.pid}, trainer socket unix://{sock}")
         print(f"adamwatch demo: metrics at {metrics_url}  (try: curl -s {metrics_url} | grep adamwatch_loss)")
+        print(f"adamwatch demo: status page at http://127.0.0.1:{port}/  (open it in a browser: live charts, "
+              f"the incident and its repair)")
         print(f"adamwatch demo: training TinyGPT for {args.steps} steps on CPU; an undisturbed run with the same "
               f"seed trains in process {reference.pid}; Ctrl-C stops cleanly")
         live = LivePrinter(metrics_url, args.job)

@@ -14,6 +14,14 @@ if ! command -v promtool >/dev/null || ! command -v amtool >/dev/null || [ ! -x 
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager >/dev/null
 fi
 
+# Headless Chromium and its driver for the status page's browser test (Debian's
+# own builds: the test never lets Selenium download a browser or a driver).
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    echo "setup: installing chromium and chromium-driver (Debian)"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+fi
+
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
     python3 -m venv .venv
@@ -30,7 +38,7 @@ fi
 TORCH_VERSION=$($PY -c "import torch; print(torch.__version__)")
 echo "torch==${TORCH_VERSION}" > .venv/constraints.txt
 
-if ! $PY -c "import adamwatch, adamwatch_sidecar, prometheus_client, grafana_foundation_sdk, promql_parser, kubernetes_validate" >/dev/null 2>&1 \
+if ! $PY -c "import adamwatch, adamwatch_sidecar, prometheus_client, grafana_foundation_sdk, promql_parser, kubernetes_validate, selenium" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.adamwatch-installed ]; then
     echo "setup: installing adamwatch with all extras"
     $PY -m pip install -q -c .venv/constraints.txt -e ".[trainer,sidecar,otlp,dashboards,test]"

@@ -19,7 +19,9 @@ A handler is ``handler(headers, body) -> (status, content_type, body)``:
 - ``body`` is the request body (``b""`` for GET), at most ``max_body_bytes``;
 - it returns the status code, the content type and the response bytes.
 
-Routes match the exact path (the query string is ignored). An unknown path gets
+Routes match the exact path. A handler with the attribute ``takes_query = True``
+is called as ``handler(headers, body, query)`` with the raw query string (``""``
+when none); others never see it. An unknown path gets
 404, a known path with another method 405, a body over the limit 413 and a
 handler that raises 500 (logged). Handlers run on the server's request threads,
 one per connection, so they must be thread-safe.
@@ -155,7 +157,7 @@ def _make_handler(server: HttpServer) -> type[BaseHTTPRequestHandler]:
         sys_version = ""
 
         def _dispatch(self, method: str) -> None:
-            path = self.path.split("?", 1)[0]
+            path, _, query = self.path.partition("?")
             handler = routes.get((method, path))
             if handler is None:
                 if path in paths:
@@ -174,7 +176,10 @@ def _make_handler(server: HttpServer) -> type[BaseHTTPRequestHandler]:
                 return
             body = self.rfile.read(length) if length else b""
             try:
-                status, content_type, payload = handler(self.headers, body)
+                if getattr(handler, "takes_query", False):
+                    status, content_type, payload = handler(self.headers, body, query)
+                else:
+                    status, content_type, payload = handler(self.headers, body)
             except Exception:
                 log.exception("%s server: handler for %s %s failed", server.name, method, path)
                 self._reply(500, "text/plain; charset=utf-8", b"internal error\n")

@@ -29,6 +29,7 @@ from .config import SidecarConfig
 from .http_server import HttpServer
 from .ingest import IngestServer
 from .run_state import RunState
+from .status_page import StatusPage
 
 __all__ = ["Sidecar", "Ticker"]
 
@@ -51,7 +52,8 @@ class Sidecar:
         ingest: the :class:`IngestServer` (``send_command``).
         collector: the :class:`RunStateCollector` behind /metrics.
         registry: a private ``CollectorRegistry`` holding only ``collector``.
-        metrics_server: the :class:`HttpServer` for /metrics, /healthz, /readyz.
+        metrics_server: the :class:`HttpServer` for /metrics, /healthz, /readyz and the status page.
+        status_page: the :class:`StatusPage` (``GET /``, ``/api/v1/series``, ``/api/v1/events``, ...).
     """
 
     def __init__(self, config: SidecarConfig, *, clock: Callable[[], float] = time.time, tick_interval: float = 1.0):
@@ -63,16 +65,18 @@ class Sidecar:
         self.collector = RunStateCollector(self.state)
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(self.collector)
+        self.status_page = StatusPage(self.state, clock=clock)
         self.metrics_server = HttpServer(
             config.metrics_address,
             {
                 ("GET", "/metrics"): self._metrics,
                 ("GET", "/healthz"): self._healthz,
                 ("GET", "/readyz"): self._readyz,
+                **self.status_page.routes(),
             },
             name="metrics",
         )
-        self._tickers: list[Ticker] = [self.state.expire]
+        self._tickers: list[Ticker] = [self.state.expire, self.status_page.on_tick]
         self._servers: list[HttpServer] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None

@@ -27,6 +27,7 @@ with a single ``write`` and flushed; ``fsync: true`` also syncs every line.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
@@ -73,6 +74,7 @@ class AuditLog:
         self._recent: deque[dict[str, Any]] = deque(maxlen=keep)
         self._on_error = on_error
         self.write_errors = 0
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
         if path:
             folder = os.path.dirname(os.path.abspath(path))
             os.makedirs(folder, exist_ok=True)
@@ -108,7 +110,20 @@ class AuditLog:
                     self.write_errors += 1
                     if self._on_error is not None:
                         self._on_error(exc)
+        for fn in self._listeners:
+            try:
+                fn(record)
+            except Exception:
+                logging.getLogger(__name__).exception("audit listener %r failed", fn)
         return record
+
+    def add_listener(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``fn(record)`` after every line is written (the status page's timeline).
+
+        Args:
+            fn: must return quickly (it runs where the line is written); exceptions are logged.
+        """
+        self._listeners.append(fn)
 
     def recent(self, limit: int | None = None) -> list[dict[str, Any]]:
         """The latest records, oldest first."""

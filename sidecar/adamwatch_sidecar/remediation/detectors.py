@@ -153,6 +153,20 @@ class SpikeDetector:
         var = max(self._s2 - s1 * s1 / n, 0.0) / (n - 1)
         return mean, math.sqrt(var)
 
+    def threshold(self) -> tuple[float, float, float] | None:
+        """(mean, std, threshold) of the current window, or None while not armed."""
+        if not self.armed:
+            return None
+        mean, std = self.stats()
+        return mean, std, mean + self.params.k * max(std, self.params.min_std_ratio * abs(mean))
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready state: armed, samples, streak, mean, std, threshold (status API, status page)."""
+        window = self.threshold()
+        mean, std, threshold = window if window is not None else (None, None, None)
+        return {"armed": window is not None, "samples": self.samples, "min_samples": self.params.min_samples,
+                "streak": self.streak, "mean": mean, "std": std, "threshold": threshold}
+
     def observe(self, value: float | None) -> dict[str, Any] | None:
         """Judge one value.
 
@@ -166,12 +180,11 @@ class SpikeDetector:
         if not _finite(value):
             return None
         value = float(value)
-        if not self.armed:
+        window = self.threshold()
+        if window is None:
             self._push(value)
             return None
-        mean, std = self.stats()
-        scale = max(std, self.params.min_std_ratio * abs(mean))
-        threshold = mean + self.params.k * scale
+        mean, std, threshold = window
         if value > threshold:
             self.streak += 1
             return {

@@ -754,8 +754,10 @@ class RemediationService:
                 jobs[name] = {
                     "ranks": {str(k[1]): {"connected": r.connected, "last_step": r.last_step,
                                           "loss_window": r.detectors.loss_spike.samples,
-                                          "grad_norm_window": r.detectors.grad_norm_spike.samples}
+                                          "grad_norm_window": r.detectors.grad_norm_spike.samples,
+                                          "detectors": self._describe_detectors(r)}
                               for k, r in sorted(self._ranks.items()) if k[0] == name},
+                    "cooldown": self._describe_cooldown(state, now, steps),
                     "acting_here": self.deferral(name) is None,
                     "deferred_reason": self.deferral(name),
                     "learning_rate_scale": state.lr_scale,
@@ -772,6 +774,28 @@ class RemediationService:
                             if job is None or p.job == job],
                 "recent": [r for r in self._recent if job is None or r["job"] == job],
             }
+
+    def _describe_detectors(self, rank: _RankState) -> dict[str, Any]:
+        # For the status page: what each detector would fire on right now.
+        d = rank.detectors
+        return {
+            "loss_spike": dict(d.loss_spike.describe(), enabled=d.params.loss_spike.enabled),
+            "grad_norm_spike": dict(d.grad_norm_spike.describe(), enabled=d.params.grad_norm_spike.enabled),
+            "non_finite": {"enabled": d.params.non_finite.enabled, "streak": d.non_finite.streak,
+                           "consecutive_steps": d.params.non_finite.consecutive_steps},
+            "stall": {"enabled": d.params.stall.enabled, "timeout_seconds": d.params.stall.timeout_seconds,
+                      "last_step_at": d.stall.last_step_at, "fired": d.stall.fired},
+        }
+
+    @staticmethod
+    def _describe_cooldown(job: _JobState, now: float, steps: int) -> dict[str, Any] | None:
+        if job.cooldown is None:
+            return None
+        action, until_steps, until_time = job.cooldown
+        if steps >= until_steps and now >= until_time:
+            return None
+        return {"after": action, "steps_left": max(0, until_steps - steps),
+                "seconds_left": round(max(0.0, until_time - now), 3)}
 
     def close(self) -> None:
         """Count every command still waiting for its ACK as a timeout (the sidecar is stopping)."""

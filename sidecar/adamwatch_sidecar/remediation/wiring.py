@@ -95,6 +95,9 @@ def attach(sidecar: Any, raw_remediation_config: Mapping[str, Any] | None = None
         service.control_server = server
         service.tokens = tokens
     sidecar.remediation = service
+    status_page = getattr(sidecar, "status_page", None)
+    if status_page is not None:  # the timeline and ladder panel of the status page
+        status_page.follow_remediation(service)
     log.info("remediation %s%s: ladders %s, audit %s, tracing %s",
              "enabled" if config.enabled else "disabled", " (dry run)" if config.dry_run else "",
              ", ".join(config.ladders), config.audit.path or "in memory", config.tracing.exporter)
