@@ -174,7 +174,8 @@ class Monitor:
         self._tokens_next: int | None = None
         self._steps_in_call = 0
         self.errors = 0
-        self._error_logged = False
+        self._errors_lock = threading.Lock()  # the training thread and the reader thread both report
+        self._errors_sent = 0  # self.errors when the sidecar was last told
         self._closed = False
         self._actions: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
 
@@ -196,6 +197,7 @@ class Monitor:
                 poll=self._poll_summaries,
                 max_queued=config.max_queued,
                 batch_interval=self._batch_interval,
+                on_error=self._report_error,
             )
         else:
             log.warning("adamwatch: no endpoint (set %s): step summaries are not streamed", wire.ENDPOINT_ENV)
@@ -244,7 +246,7 @@ class Monitor:
         "before optimizer step" callback. The optimizer's pre-step hook then does
         not summarise that step again; once called, the Monitor leaves the moment
         to its caller for every later step too (a step it was not called for is
-        summarised after the update, counted in ``errors_by_where["summary missed"]``).
+        summarised after the update, counted in ``errors_by_where["summary_missed"]``).
         """
         if self._closed:
             return
@@ -337,11 +339,27 @@ class Monitor:
 
     # ------------------------------------------------------------------ hooks
     def _report_error(self, where: str) -> None:
-        self.errors += 1
-        self.errors_by_where[where] = self.errors_by_where.get(where, 0) + 1
-        if not self._error_logged:
-            self._error_logged = True
-            log.exception("adamwatch: %s failed; training continues (further errors are counted, not logged)", where)
+        """Count a failure inside the monitor (any thread), log the first of each kind.
+
+        The counts reach the sidecar (MONITOR_ERRORS, ``adamwatch_monitor_errors_total{where}``):
+        a monitor that cannot compute or send a number is never silent.
+        """
+        with self._errors_lock:
+            self.errors += 1
+            first = where not in self.errors_by_where
+            self.errors_by_where[where] = self.errors_by_where.get(where, 0) + 1
+        if first:
+            log.exception("adamwatch: %s failed; training continues (further %s errors are counted, not logged)",
+                          where, where)
+
+    def _errors_frame(self) -> bytes | None:
+        """A MONITOR_ERRORS frame when the counts changed since the last one."""
+        if self.errors == self._errors_sent:
+            return None
+        with self._errors_lock:
+            self._errors_sent = self.errors
+            counts = dict(self.errors_by_where)
+        return wire.encode_frame(wire.MessageType.MONITOR_ERRORS, {"errors": counts})
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._disarm_scheduler_skip()
@@ -408,7 +426,7 @@ class Monitor:
             self._pending = (vector, layout)
         except Exception:
             self._pending = None
-            self._report_error("pre-step summary")
+            self._report_error("pre_step_summary")
 
     def _run_extensions(self, ctx: StepContext) -> None:
         for extension in self._extensions:
@@ -452,12 +470,12 @@ class Monitor:
         if not self._summarized and not self._closed:
             # Driven by summarize_step() but not called for this step: summarise
             # late (after the update, unguarded) rather than not at all, and say so.
-            self._report_error("summary missed")
+            self._report_error("summary_missed")
             self._summarize(optimizer, guard=False)
         try:
             self._finish_step()
         except Exception:
-            self._report_error("post-step summary")
+            self._report_error("post_step_summary")
         try:
             self._apply_actions()
         except Exception:
@@ -522,7 +540,7 @@ class Monitor:
                         self._pending = (vector, layout)
                     self._finish_step(skip_reason="grad_scaler")
                 except Exception:
-                    self._report_error("skipped-step summary")
+                    self._report_error("scaler_skipped_summary")
             return result
 
         self._scaler = scaler
@@ -553,6 +571,7 @@ class Monitor:
             "torch_version": torch.__version__,
             "optimizer": self._info,
             "deep_stats_every": self.config.deep_stats_every,
+            "monitor_errors": dict(self.errors_by_where),
         }
 
     def _summaries(self, timeout: float) -> list[dict[str, Any]]:
@@ -578,14 +597,22 @@ class Monitor:
         return payloads
 
     def _poll_summaries(self, timeout: float) -> list[bytes]:
-        return [wire.encode_frame(wire.MessageType.STEP, p) for p in self._summaries(timeout)]
+        try:
+            frames = [wire.encode_frame(wire.MessageType.STEP, p) for p in self._summaries(timeout)]
+        except Exception:
+            self._report_error("summary_reader")
+            frames = []
+        errors = self._errors_frame()
+        if errors is not None and self._client is not None:
+            self._client.send_control(errors)
+        return frames
 
     def _drain_without_client(self) -> None:
         while not self._closed or not self._transfer.idle:
             try:
                 self._summaries(0.1)
             except Exception:
-                self._report_error("summary reader")
+                self._report_error("summary_reader")
 
     def _note_health(self, payload: dict[str, Any]) -> None:
         healthy = not (payload.get("loss_nonfinite") or payload.get("grad_nonfinite") or payload.get("skipped"))
@@ -623,7 +650,7 @@ class Monitor:
             try:
                 self.checkpointer.note_incident(trigger)
             except Exception:
-                self._report_error("checkpointer.note_incident")
+                self._report_error("checkpointer_note_incident")
         self._queue_action(payload["action"], dict(payload.get("args") or {}), payload.get("reason"),
                            source="sidecar", action_id=payload["id"])
 

@@ -98,6 +98,7 @@ class MessageType(enum.IntEnum):
     ACK = 5  # trainer → sidecar, a command took effect (or failed) at a step
     GOODBYE = 6  # trainer → sidecar, clean shutdown: the run ended, not crashed
     COMMAND = 7  # sidecar → trainer, a remediation action to apply at a step boundary
+    MONITOR_ERRORS = 12  # trainer → sidecar, cumulative failures inside the monitor, by where
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,8 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "optimizer": _f("dict"),
         "deep_stats_every": _f("int", required=False),
         "dropped_total": _f("int", required=False),
+        # failures inside the monitor so far this session, {where: count} (as MONITOR_ERRORS)
+        "monitor_errors": _f("dict", required=False),
     },
     MessageType.STEP: {
         "step": _f("int"),  # optimizer step index as the trainer counts it (1-based)
@@ -194,6 +197,12 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
     MessageType.GOODBYE: {
         "reason": _f("str", required=False, nullable=True),
         "step": _f("int", required=False, nullable=True),
+    },
+    MessageType.MONITOR_ERRORS: {
+        # {where: count}: failures inside the trainer's monitor (a summary that
+        # could not be computed, the reader thread, an extension...), cumulative
+        # per session (HELLO.session); sent when they change. At most 32 names.
+        "errors": _f("dict"),
     },
     MessageType.COMMAND: {
         "id": _f("str"),

@@ -36,3 +36,30 @@ def test_metrics_show_the_true_norm_of_a_clipped_run_and_how_hard_it_was_clipped
     assert sidecar.value("adamwatch_clipped_steps_total", **labels) == 3
     assert sidecar.value("adamwatch_grad_clip_max_norm", **labels) == 0.5
     assert sidecar.value("adamwatch_grad_clip_coefficient", **labels) == 1.0  # 0.3 < 0.5: not clipped
+
+
+class _Broken:
+    def on_summary(self, ctx):
+        raise RuntimeError("extension bug")
+
+
+@pytest.mark.slow
+def test_failures_inside_the_monitor_are_on_metrics_by_where_and_the_hello_time_is_exported(sidecar):
+    import time
+
+    model = make_model()
+    opt = make_optimizer(model, "AdamW", "foreach")
+    labels = {"job": "blind", "rank": "0"}
+    before = time.time()
+    with adamwatch.watch(opt, endpoint=sidecar.endpoint, job="blind", rank=0, deep_stats_every=0,
+                         batch_interval=0) as monitor:
+        sidecar.wait_value("adamwatch_trainer_hello_timestamp_seconds", lambda v: v >= before - 1, **labels)
+        assert sidecar.value("adamwatch_last_step_timestamp_seconds", **labels) is None  # hello, no step yet
+        monitor.add_step_extension(_Broken())
+        for i in range(4):
+            x, y = batch(i)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        sidecar.wait_value("adamwatch_monitor_errors_total", lambda v: v == 4, where="extension", **labels)
+    assert sidecar.value("adamwatch_steps_total", **labels) == 4

@@ -129,7 +129,7 @@ def test_a_step_the_adapter_forgot_is_summarised_late_and_counted(sink):
         loss_of(model, 1).backward()
         expected = true_norms(opt)[0]
         opt.step()  # nobody called summarize_step for this one
-        assert monitor.errors_by_where == {"summary missed": 1}
+        assert monitor.errors_by_where == {"summary_missed": 1}
     sink.wait_for(lambda: len(sink.steps()) == 2)
     assert sink.steps()[1]["grad_norm"] == pytest.approx(expected, rel=1e-5)
 
@@ -389,3 +389,33 @@ def test_accumulating_the_loss_adds_no_host_reads(sink):
         assert counter.calls == []
     sink.wait_for(lambda: len(sink.steps()) == 1)
     assert math.isfinite(sink.steps()[0]["loss"])
+
+
+# --------------------------------------------------------------------- never silently blind
+class FailingCheckpointer:
+    """note_step runs on the reader thread: a failure there must not go unnoticed."""
+
+    def note_step(self, step, healthy):
+        raise RuntimeError("disk gone")
+
+
+def test_failures_inside_the_monitor_reach_the_sidecar_by_where(sink, caplog):
+    model = make_model()
+    opt = make_optimizer(model, "AdamW", "foreach")
+    with caplog.at_level("ERROR", logger="adamwatch"):
+        with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0, checkpointer=FailingCheckpointer(),
+                             batch_interval=0) as monitor:
+            monitor.add_step_extension(BrokenExtension())
+            for i in range(3):
+                loss_of(model, i).backward()
+                opt.step()
+                opt.zero_grad()
+            sink.wait_for(lambda: any(m["errors"].get("note_step") == 3
+                                      for m in sink.of_type(adamwatch.wire.MessageType.MONITOR_ERRORS)))
+    sink.wait_for(lambda: sink.of_type(adamwatch.wire.MessageType.GOODBYE))
+    last = sink.of_type(adamwatch.wire.MessageType.MONITOR_ERRORS)[-1]["errors"]
+    assert last == {"extension": 3, "note_step": 3} == monitor.errors_by_where
+    assert len(sink.steps()) == 3  # the summaries still went out
+    logged = [r for r in caplog.records if "failed; training continues" in r.getMessage()]
+    assert sorted(r.args[0] for r in logged) == ["extension", "note_step"]  # once per kind
+
