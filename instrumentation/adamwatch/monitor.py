@@ -178,6 +178,7 @@ class Monitor:
         self._errors_sent = 0  # self.errors when the sidecar was last told
         self._closed = False
         self._actions: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._deferred: list[Action] = []  # restores queued before a step: applied after it
 
         self._stats = StepStats(optimizer, sample_size=config.sample_size, seed=config.seed)
         self._transfer = SummaryTransfer(self._stats.device, self._stats.max_length, self._stats.dtype)
@@ -252,6 +253,8 @@ class Monitor:
             return
         self._explicit = True
         self._disarm_scheduler_skip()
+        if self._coordinator is None and not self._actions.empty():
+            self._apply_early()
         self._summarize(self.optimizer)
 
     def add_step_extension(self, extension: StepExtension) -> None:
@@ -363,6 +366,8 @@ class Monitor:
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._disarm_scheduler_skip()
+        if self._coordinator is None and not self._actions.empty():
+            self._apply_early()
         if self._summarized:
             self._keep_guard_flag(optimizer)
             return
@@ -635,6 +640,13 @@ class Monitor:
 
     def _queue_action(self, kind: str, args: dict[str, Any], reason: str | None, source: str = "local",
                       action_id: str | None = None) -> str:
+        if source == "local" and self._coordinator is not None and self.rank != 0:
+            # Rank 0 decides and broadcasts (or replicas diverge); an action issued
+            # here would be dropped, so refuse it rather than return an id for nothing.
+            raise RuntimeError(
+                f"adamwatch: monitor.{kind}() on rank {self.rank}: under torch.distributed only rank 0's "
+                f"actions are applied (broadcast to every rank); call it on rank 0 only "
+                f"(if monitor.rank == 0: ...)")
         action = Action(kind, args, source=source, reason=reason)
         if action_id is not None:
             action.id = action_id
@@ -689,7 +701,25 @@ class Monitor:
             return
         ack = result.to_ack()
         ack["lr_scale"] = float(self._remediator.lr_scale)
+        ack["source"] = result.action.source  # "local"/"recovery": counted by the sidecar like its own
         self._client.send_control(wire.encode_frame(wire.MessageType.ACK, ack))
+
+    def _apply_early(self) -> None:
+        """Actions queued since the last step take effect before this step's update.
+
+        A learning-rate cut or a stop asked for between steps N and N+1 applies
+        to step N+1 itself. A restore waits for the post-step boundary: this
+        step's gradients belong to the parameters it would replace.
+        """
+        try:
+            while not self._actions.empty():
+                action = self._actions.get_nowait()
+                if action.kind == "restore_checkpoint":
+                    self._deferred.append(action)
+                    continue
+                self._ack(self._remediator.apply(self._remediator.resolve(action), self.step))
+        except Exception:
+            self._report_error("remediation")
 
     def _apply_actions(self) -> None:
         """Apply pending actions in the post-step hook: between two steps, never inside one.
@@ -697,7 +727,7 @@ class Monitor:
         Under torch.distributed rank 0 decides: its actions are broadcast and
         every rank applies the same list at the same step, or replicas diverge.
         """
-        local = []
+        local, self._deferred = self._deferred, []
         while not self._actions.empty():  # the usual step has none: no exception raised per step
             local.append(self._actions.get_nowait())
         local.extend(self._remediator.pending_actions())

@@ -193,6 +193,9 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "detail": _f("str", required=False, nullable=True),
         # cumulative learning-rate factor in force after the action (1 = untouched)
         "lr_scale": _f("float", required=False, nullable=True),
+        # who asked: "sidecar" (a COMMAND), "local" (monitor.reduce_lr() etc. in the
+        # training script), "recovery" (the trainer's LR recovery)
+        "source": _f("str", required=False, nullable=True),
     },
     MessageType.GOODBYE: {
         "reason": _f("str", required=False, nullable=True),

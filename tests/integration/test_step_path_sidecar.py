@@ -63,3 +63,22 @@ def test_failures_inside_the_monitor_are_on_metrics_by_where_and_the_hello_time_
             opt.zero_grad()
         sidecar.wait_value("adamwatch_monitor_errors_total", lambda v: v == 4, where="extension", **labels)
     assert sidecar.value("adamwatch_steps_total", **labels) == 4
+
+
+@pytest.mark.slow
+def test_actions_the_training_script_takes_are_counted_like_the_sidecars(sidecar):
+    model = make_model()
+    opt = make_optimizer(model, "AdamW", "fused")
+    labels = {"job": "manual", "rank": "0"}
+    with adamwatch.watch(opt, endpoint=sidecar.endpoint, job="manual", rank=0, deep_stats_every=0,
+                         batch_interval=0) as monitor:
+        for i in range(4):
+            if i in (1, 3):
+                monitor.reduce_lr(0.5)
+            x, y = batch(i)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        sidecar.wait_value("adamwatch_remediations_total", lambda v: v == 2, action="reduce_lr", outcome="applied",
+                           **labels)
+    assert sidecar.value("adamwatch_learning_rate_scale", **labels) == 0.25

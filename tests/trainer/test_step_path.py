@@ -419,3 +419,50 @@ def test_failures_inside_the_monitor_reach_the_sidecar_by_where(sink, caplog):
     logged = [r for r in caplog.records if "failed; training continues" in r.getMessage()]
     assert sorted(r.args[0] for r in logged) == ["extension", "note_step"]  # once per kind
 
+
+
+# --------------------------------------------------------------------- manual actions
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_reduce_lr_between_two_steps_applies_to_the_very_next_update(sink, impl):
+    model, ref = make_model(), make_model()
+    opt, ref_opt = make_optimizer(model, "AdamW", impl), make_optimizer(ref, "AdamW", impl)
+
+    def step(m, o, seed):
+        loss_of(m, seed).backward()
+        o.step()
+        o.zero_grad()
+
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0) as monitor:
+        for seed in range(2):
+            step(model, opt, seed)
+            step(ref, ref_opt, seed)
+        action_id = monitor.reduce_lr(0.5)  # between steps 2 and 3
+        for g in ref_opt.param_groups:
+            g["lr"] *= 0.5
+        step(model, opt, 2)
+        step(ref, ref_opt, 2)
+        assert all(torch.equal(p, r) for p, r in zip(model.parameters(), ref.parameters()))
+        assert monitor.lr_scale == 0.5
+    sink.wait_for(lambda: sink.of_type(adamwatch.wire.MessageType.ACK))
+    [ack] = sink.of_type(adamwatch.wire.MessageType.ACK)
+    assert ack["id"] == action_id and ack["outcome"] == "applied" and ack["source"] == "local"
+    assert ack["step"] == 2  # the boundary before step 3
+    sink.wait_for(lambda: len(sink.steps()) == 3)
+    assert sink.steps()[2]["lr"] == pytest.approx([g["lr"] for g in ref_opt.param_groups])
+
+
+def test_a_restore_asked_between_steps_waits_for_the_step_boundary(sink, tmp_path):
+    model = make_model()
+    opt = make_optimizer(model, "AdamW", "foreach")
+    ckpt = adamwatch.Checkpointer(str(tmp_path), model=model, optimizer=opt)
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0, checkpointer=ckpt) as monitor:
+        loss_of(model, 0).backward()
+        opt.step()
+        opt.zero_grad()
+        ckpt.save(monitor.step)
+        saved = [p.detach().clone() for p in model.parameters()]
+        loss_of(model, 1).backward()
+        monitor.restore_checkpoint(step=1)
+        opt.step()  # this step's gradients belong to the parameters it replaces: restored after it
+        assert monitor.step == 1
+        assert all(torch.equal(p, s) for p, s in zip(model.parameters(), saved))
