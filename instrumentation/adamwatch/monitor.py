@@ -140,7 +140,7 @@ class Monitor:
         self.scheduler = scheduler
         self.checkpointer = checkpointer
         self.config = config
-        self._info = describe_optimizer(optimizer)  # also rejects non-Adam optimizers
+        self._info = describe_optimizer(optimizer)  # also rejects what is not a torch optimizer
         self._fused = is_fused(optimizer)
         self._group_names = group_names(optimizer)
 

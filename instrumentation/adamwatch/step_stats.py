@@ -384,7 +384,12 @@ class StepStats:
         present: list[bool] = []
         empty = torch.full((DEEP_FIELDS_PER_GROUP,), float("nan"), dtype=self.dtype, device=self.device)
         for index, group in enumerate(opt.param_groups):
-            params = [p for p in group["params"] if "exp_avg" in opt.state.get(p, {})]
+            # Adam's statistics where the state holds Adam's moments (Adam, AdamW, NAdam,
+            # RAdam); other optimizers (SGD, Adagrad, Adamax...) have no deep block.
+            second = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+            params = [] if "betas" not in group or "eps" not in group else [
+                p for p in group["params"] if "exp_avg" in (st := opt.state.get(p, {})) and second in st
+            ]
             if not params:
                 blocks.append(empty)
                 present.append(False)

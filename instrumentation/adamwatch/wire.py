@@ -134,8 +134,10 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "session": _f("str"),  # random per Monitor: tells a reconnect from a restart
         "adamwatch_version": _f("str"),
         "torch_version": _f("str", required=False),
-        # {"kind": "Adam"|"AdamW", "implementation": "for-loop"|"foreach"|"fused",
-        #  "betas": [b1, b2], "eps": f, "weight_decay": f, "amsgrad": bool,
+        # {"kind": "Adam"|"AdamW"|the class name of any other torch optimizer ("SGD", ...),
+        #  "implementation": "for-loop"|"foreach"|"fused",
+        #  "betas": [b1, b2], "eps": f, "amsgrad": bool (each only where the optimizer has it),
+        #  "weight_decay": f,
         #  "param_groups": [names], "device": "cpu"|"cuda"|...}
         "optimizer": _f("dict"),
         "deep_stats_every": _f("int", required=False),

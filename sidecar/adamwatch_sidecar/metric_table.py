@@ -117,7 +117,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("adamwatch_trainer_finished", "gauge", "",
                "1 once the trainer said goodbye (a clean end of the run, not a crash); 0 before.", T),
     MetricSpec("adamwatch_optimizer_info", "info", "",
-               "Optimizer kind, implementation and hyperparameters announced by the trainer.",
+               "Optimizer class (Adam, AdamW, SGD, ...), implementation and hyperparameters announced by the trainer "
+               "(empty where the optimizer has no such hyperparameter).",
                T + ("optimizer", "implementation", "beta1", "beta2", "eps", "weight_decay", "amsgrad",
                     "world_size", "host", "torch_version", "adamwatch_version")),
     MetricSpec("adamwatch_dropped_summaries_total", "counter", "",

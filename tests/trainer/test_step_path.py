@@ -466,3 +466,74 @@ def test_a_restore_asked_between_steps_waits_for_the_step_boundary(sink, tmp_pat
         opt.step()  # this step's gradients belong to the parameters it replaces: restored after it
         assert monitor.step == 1
         assert all(torch.equal(p, s) for p, s in zip(model.parameters(), saved))
+
+
+# --------------------------------------------------------------------- any torch optimizer
+OTHER_OPTIMIZERS = {
+    "SGD": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+    "NAdam": lambda params: torch.optim.NAdam(params, lr=1e-3),
+    "RAdam": lambda params: torch.optim.RAdam(params, lr=1e-3),
+    "Adamax": lambda params: torch.optim.Adamax(params, lr=1e-3),
+    "Adagrad": lambda params: torch.optim.Adagrad(params, lr=1e-2),
+    "RMSprop": lambda params: torch.optim.RMSprop(params, lr=1e-3),
+}
+ADAM_STATE = {"NAdam", "RAdam"}  # state holds exp_avg and exp_avg_sq: deep statistics
+
+
+@pytest.mark.parametrize("name", OTHER_OPTIMIZERS)
+def test_any_torch_optimizer_gets_its_per_step_metrics(sink, name):
+    model = make_model()
+    opt = OTHER_OPTIMIZERS[name]([
+        {"params": model[0].parameters(), "name": "encoder"},
+        {"params": model[2].parameters()},
+    ])
+    seen = []
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=2) as monitor:
+        for i in range(4):
+            loss = loss_of(model, i)
+            loss.backward()
+            monitor.observe_loss(loss)
+            seen.append((loss.item(), *true_norms(opt)))
+            opt.step()
+            opt.zero_grad()
+        assert monitor.errors == 0
+    sink.wait_for(lambda: sink.of_type(adamwatch.wire.MessageType.GOODBYE))
+    hello = sink.of_type(adamwatch.wire.MessageType.HELLO)[0]
+    assert hello["optimizer"]["kind"] == name
+    assert ("betas" in hello["optimizer"]) == (name in ADAM_STATE | {"Adamax"})
+    steps = sink.steps()
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    for s, (loss, total, groups) in zip(steps, seen):
+        assert s["loss"] == pytest.approx(loss, rel=1e-6)
+        assert s["grad_norm"] == pytest.approx(total, rel=1e-5)
+        assert s["group_grad_norms"] == pytest.approx(groups, rel=1e-5)
+        assert s["lr"] == pytest.approx([g["lr"] for g in opt.param_groups])
+    deep = steps[1].get("deep")
+    if name in ADAM_STATE:
+        assert deep[0]["exp_avg_norm"] > 0 and deep[0]["update_to_weight"] > 0
+    else:
+        assert deep is None or all(d == {} for d in deep)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
+def test_the_fused_guard_skips_for_any_optimizer_taking_found_inf(sink, name):
+    model = make_model()
+    opt = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True) if name == "SGD"
+           else torch.optim.Adagrad(model.parameters(), lr=1e-2, fused=True))
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0) as monitor:
+        loss_of(model, 0).backward()
+        opt.step()
+        opt.zero_grad()
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = loss_of(model, 1, scale=float("nan"))
+        loss.backward()
+        monitor.observe_loss(loss)
+        counter = HostReadCounter()
+        with counter.counting():
+            opt.step()
+        assert counter.calls == []
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    sink.wait_for(lambda: len(sink.steps()) == 2)
+    hello = sink.of_type(adamwatch.wire.MessageType.HELLO)[0]
+    assert hello["optimizer"]["kind"] == name and hello["optimizer"]["implementation"] == "fused"
+    assert sink.steps()[1]["skipped"] is True and sink.steps()[1]["skip_reason"] == "guard"
