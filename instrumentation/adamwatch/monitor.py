@@ -122,7 +122,7 @@ def _distributed_rank_world() -> tuple[int | None, int | None]:
 
 
 class Monitor:
-    """Watches one Adam/AdamW optimizer. Create it with :func:`watch`."""
+    """Watches one torch optimizer (built for Adam/AdamW). Create it with :func:`watch`."""
 
     def __init__(
         self,
@@ -781,10 +781,10 @@ def watch(
     on_stop: Callable[[], None] | None = None,
     **options: Any,
 ) -> Monitor:
-    """Watch every step of a torch Adam/AdamW optimizer.
+    """Watch every step of a torch optimizer (Adam/AdamW get Adam's state statistics too).
 
     Args:
-        optimizer: torch.optim.Adam or AdamW, any implementation (for-loop, foreach, fused).
+        optimizer: any torch.optim.Optimizer, any implementation (for-loop, foreach, fused).
         scheduler: its LR scheduler, so learning-rate cuts persist.
         endpoint: ``unix:///path`` or ``tcp://127.0.0.1:PORT``; default ``$ADAMWATCH_ENDPOINT``.
         job, rank: labels; defaults from the environment / torch.distributed.
