@@ -42,6 +42,12 @@ __all__ = ["watch", "Monitor", "MonitorConfig"]
 
 log = logging.getLogger("adamwatch")
 
+# Our hooks run eagerly even inside a compiled ``optimizer.step()``: traced, they
+# would break its graph into pieces and guard on host state that changes every
+# step (timestamps, counters), recompiling until dynamo's limit. Kept out of the
+# trace, they cost one graph break each around an unchanged compiled update.
+_not_traced = torch.compiler.disable
+
 _GUARDS = ("auto", "off", "sync")
 
 
@@ -223,6 +229,7 @@ class Monitor:
             self._reader.start()
 
     # ------------------------------------------------------------------ user API
+    @_not_traced
     def observe_loss(self, loss: torch.Tensor | float, *, scaled_by: float = 1) -> None:
         """Record a loss of the current step. A tensor is fine: nothing waits for the device.
 
@@ -237,6 +244,7 @@ class Monitor:
         """
         self._loss_window.add(loss, scaled_by)
 
+    @_not_traced
     def summarize_step(self) -> None:
         """Summarise the current step now: its gradients (pre-clip, unscaled) and its loss.
 
@@ -364,6 +372,7 @@ class Monitor:
             counts = dict(self.errors_by_where)
         return wire.encode_frame(wire.MessageType.MONITOR_ERRORS, {"errors": counts})
 
+    @_not_traced
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._disarm_scheduler_skip()
         if self._coordinator is None and not self._actions.empty():
@@ -464,6 +473,7 @@ class Monitor:
         except Exception:
             self._report_error("clip")
 
+    @_not_traced
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._found_inf_set:
             self._found_inf_set = False

@@ -537,3 +537,52 @@ def test_the_fused_guard_skips_for_any_optimizer_taking_found_inf(sink, name):
     hello = sink.of_type(adamwatch.wire.MessageType.HELLO)[0]
     assert hello["optimizer"]["kind"] == name and hello["optimizer"]["implementation"] == "fused"
     assert sink.steps()[1]["skipped"] is True and sink.steps()[1]["skip_reason"] == "guard"
+
+
+# --------------------------------------------------------------------- torch.compile
+def _compiled_run(sink, watch: bool, steps: int = 8):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+
+    def backend(gm, example_inputs):  # counts the graphs dynamo hands over; runs them as they are
+        graphs.append(gm)
+        return gm.forward
+
+    model = make_model()
+    # a tensor lr, as torch's compiled-optimizer recipe recommends (no recompile per lr value)
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3))
+    monitor = adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=4) if watch else None
+    compiled_step = torch.compile(opt.step, backend=backend)
+    expected = []
+    for i in range(steps):
+        loss = loss_of(model, i)
+        loss.backward()
+        if monitor is not None:
+            monitor.observe_loss(loss)
+            expected.append((loss.item(), true_norms(opt)[0]))
+        compiled_step()
+        opt.zero_grad()
+    if monitor is not None:
+        monitor.close()
+    stats = {"graphs": len(graphs), "breaks": sum(counters["graph_break"].values()),
+             "recompile_limit": sum(v for k, v in counters["recompiles"].items() if "limit" in str(k))}
+    return model, stats, expected
+
+
+def test_a_compiled_optimizer_step_keeps_its_graphs_and_exports_correct_values(sink):
+    bare_model, bare, _ = _compiled_run(sink, watch=False)
+    model, watched, expected = _compiled_run(sink, watch=True)
+    assert watched["graphs"] <= bare["graphs"] + 2, (bare, watched)
+    assert watched["breaks"] <= bare["breaks"] + 2, (bare, watched)
+    assert watched["recompile_limit"] == 0
+    # the update itself is unchanged by watching it
+    assert all(torch.allclose(p, q, rtol=1e-6, atol=1e-7) for p, q in zip(model.parameters(), bare_model.parameters()))
+    sink.wait_for(lambda: len(sink.steps()) == 8)
+    steps = sink.steps()
+    assert [s["loss"] for s in steps] == pytest.approx([e[0] for e in expected], rel=1e-6)
+    assert [s["grad_norm"] for s in steps] == pytest.approx([e[1] for e in expected], rel=1e-5)
+    assert [s["lr"] for s in steps] == [pytest.approx([1e-3])] * 8
+    assert "deep" in steps[3] and steps[3]["deep"][0]["exp_avg_norm"] > 0
