@@ -82,3 +82,37 @@ def test_actions_the_training_script_takes_are_counted_like_the_sidecars(sidecar
         sidecar.wait_value("adamwatch_remediations_total", lambda v: v == 2, action="reduce_lr", outcome="applied",
                            **labels)
     assert sidecar.value("adamwatch_learning_rate_scale", **labels) == 0.25
+
+
+@pytest.mark.slow
+def test_an_explosion_under_clipping_is_detected_and_repaired(sidecar):
+    """Gradients x1000 for 3 steps under clip_grad_norm_(1.0): clipping hides nothing from the
+    sidecar's detector, whose default ladder cuts the learning rate (before: 0 detections)."""
+    import time
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
+    w_true = torch.randn(8, 1)
+    labels = {"job": "clip-spike", "rank": "0"}
+    with adamwatch.watch(opt, endpoint=sidecar.endpoint, job="clip-spike", rank=0, deep_stats_every=0,
+                         batch_interval=0) as monitor:
+        for it in range(1, 121):
+            x = torch.randn(64, 8)
+            loss = torch.nn.functional.mse_loss(model(x), x @ w_true)
+            loss.backward()
+            monitor.observe_loss(loss)
+            if 60 <= it < 63:
+                for p in model.parameters():
+                    p.grad.mul_(1000)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            time.sleep(0.01)  # ~100 steps/s: the sidecar's command has a step boundary to land on
+            if monitor.lr_scale < 1.0 and it > 70:
+                break
+        assert monitor.lr_scale == 0.5
+    assert sidecar.value("adamwatch_detections_total", detector="grad_norm_spike", **labels) >= 1
+    sidecar.wait_value("adamwatch_remediations_total", lambda v: v == 1, action="reduce_lr", outcome="applied",
+                       **labels)
+    assert sidecar.value("adamwatch_clipped_steps_total", **labels) >= 3
