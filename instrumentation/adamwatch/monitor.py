@@ -170,7 +170,10 @@ class Monitor:
         # squares, and (max_norm, coefficient tensor).
         self._param_ids: frozenset[int] = frozenset()
         self._clip_sq: torch.Tensor | None = None
-        self._clip: tuple[float, torch.Tensor] | None = None
+        # coefficient None: the clip used our own total norm (shared pass), so the
+        # coefficient follows from the reported pre-clip norm on the host (no device op)
+        self._clip: tuple[float, torch.Tensor | None] | None = None
+        self._clip_total: torch.Tensor | None = None
         self._clip_tap = _ClipTap(self)
         self.errors_by_where: dict[str, int] = {}
         self._pending: tuple[torch.Tensor, StepLayout] | None = None
@@ -449,6 +452,32 @@ class Monitor:
             except Exception:
                 self._report_error("extension")
 
+    def _clip_total_norm(self, parameters: list[torch.Tensor]) -> torch.Tensor | None:
+        """clip_grad_norm_ over exactly this optimizer's gradients: our pass gives its total norm.
+
+        Returns None (torch computes the norm itself) when the gradients are not
+        exactly ours, not all on the statistics device, or the step is already summarised.
+        """
+        if self._closed or self._summarized or self._clip_sq is not None:
+            return None
+        try:
+            grads = [p.grad for p in parameters if p.grad is not None]
+            if not grads:
+                return None
+            mine = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if len(mine) != len(grads) or {id(g) for g in mine} != {id(g) for g in grads}:
+                return None
+            device, dtype = grads[0].device, grads[0].dtype
+            if device != self._stats.device or any(g.device != device or g.dtype != dtype for g in grads):
+                return None
+            self._clip_sq = self._stats.group_sq()
+            # torch returns the norm in the gradients' dtype
+            self._clip_total = self._clip_sq.sum().sqrt().to(dtype)
+            return self._clip_total
+        except Exception:
+            self._report_error("clip")
+            return None
+
     def _before_clip(self, parameters: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
         """A norm clip of some parameters is about to scale their gradients (adamwatch.grad_clip)."""
         if self._closed:
@@ -461,6 +490,9 @@ class Monitor:
                 self._param_ids = frozenset(id(p) for g in self.optimizer.param_groups for p in g["params"])
                 if id(first) not in self._param_ids:
                     return  # another optimizer's parameters
+            if total_norm is self._clip_total and self._clip is None:
+                self._clip = (float(max_norm), None)  # the norm of our own pass: derived on the host
+                return
             if not self._summarized and self._clip_sq is None:
                 # The pass the summary would make anyway, taken before clipping.
                 self._clip_sq = self._stats.group_sq()
@@ -468,7 +500,12 @@ class Monitor:
             total = self._stats._to_dev(total.detach()).to(self._stats.dtype)
             coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0).reshape(())
             if self._clip is not None:
-                coef = coef * self._clip[1]  # clipped twice in one step: the combined factor
+                # clipped twice in one step: the combined factor
+                first = self._clip[1]
+                if first is None:
+                    own = self._clip_total.to(self._stats.dtype)
+                    first = torch.clamp(self._clip[0] / (own + 1e-6), max=1.0).reshape(())
+                coef = coef * first
             self._clip = (float(max_norm), coef)
         except Exception:
             self._report_error("clip")
@@ -509,7 +546,7 @@ class Monitor:
             # thread: a float assignment is atomic, and a stale value is fine).
             self._step_seconds = duration if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * duration
         pending, self._pending = self._pending, None
-        clip, self._clip, self._clip_sq = self._clip, None, None
+        clip, self._clip, self._clip_sq, self._clip_total = self._clip, None, None, None
         self._loss_window.reset()
         self._summarized = False
         self._guard_flag = None
@@ -522,8 +559,11 @@ class Monitor:
             vector = torch.cat([vector, deep])
             layout.deep_groups = present
         if clip is not None:
-            vector = torch.cat([vector, clip[1].reshape(1).to(vector.dtype)])
             layout.clip_max_norm = clip[0]
+            if clip[1] is None:
+                layout.clip_from_norm = True
+            else:
+                vector = torch.cat([vector, clip[1].reshape(1).to(vector.dtype)])
         samples = self._samples_next if self._samples_next is not None else self.config.samples_per_step
         tokens = self._tokens_next if self._tokens_next is not None else self.config.tokens_per_step
         self._samples_next = self._tokens_next = None
@@ -773,6 +813,9 @@ class _ClipTap:
 
     def before_clip(self, parameters: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
         self._monitor._before_clip(parameters, max_norm, total_norm)
+
+    def total_norm(self, parameters: list[torch.Tensor]) -> torch.Tensor | None:
+        return self._monitor._clip_total_norm(parameters)
 
 
 def watch(

@@ -317,6 +317,41 @@ def test_the_clip_wrapper_lives_exactly_as_long_as_a_monitor(sink):
     assert grad_clip.installed()
     b.close()
     assert not grad_clip.installed() and torch.nn.utils.clip_grads_with_norm_ is original
+    assert torch.nn.utils.clip_grad_norm_ is torch.nn.utils.clip_grad.clip_grad_norm_ is grad_clip._original_clip_grad_norm_
+
+
+def test_clipping_and_watching_share_one_pass_over_the_gradients(sink, monkeypatch):
+    """clip_grad_norm_ over the optimizer's gradients takes its total norm from the monitor's
+    pass: one foreach norm kernel per step, as with clipping alone."""
+    model = make_model()
+    opt = make_optimizer(model, "AdamW", "fused")
+    calls = []
+    real = torch._foreach_norm
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[0]))
+        return real(*args, **kwargs)
+
+    def clipped_step(seed, monitor=None):
+        loss = loss_of(model, seed, scale=50.0)
+        loss.backward()
+        expected = true_norms(opt)[0]
+        monkeypatch.setattr(torch, "_foreach_norm", counted)
+        calls.clear()
+        returned = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        monkeypatch.setattr(torch, "_foreach_norm", real)
+        opt.zero_grad()
+        assert returned.dtype == torch.float32 and returned.item() == pytest.approx(expected, rel=1e-6)
+        return list(calls), expected
+
+    bare, _ = clipped_step(0)
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0):
+        watched, expected = clipped_step(1)
+    assert bare == watched == [4]  # one kernel over the 4 gradients
+    sink.wait_for(lambda: len(sink.steps()) == 1)
+    assert sink.steps()[0]["grad_norm"] == pytest.approx(expected, rel=1e-5)
+    assert sink.steps()[0]["clip_coefficient"] == pytest.approx(1.0 / (expected + 1e-6), rel=1e-5)
 
 
 def test_a_clipped_step_adds_no_host_reads(sink):
