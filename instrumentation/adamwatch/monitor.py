@@ -468,7 +468,11 @@ class Monitor:
             if len(mine) != len(grads) or {id(g) for g in mine} != {id(g) for g in grads}:
                 return None
             device, dtype = grads[0].device, grads[0].dtype
-            if device != self._stats.device or any(g.device != device or g.dtype != dtype for g in grads):
+            # Plain tensors only: a sharded gradient (DTensor under FSDP2) has a global
+            # norm our local pass does not give, and the clip must stay torch's then.
+            if device != self._stats.device or any(
+                type(g) is not torch.Tensor or g.device != device or g.dtype != dtype for g in grads
+            ):
                 return None
             self._clip_sq = self._stats.group_sq()
             # torch returns the norm in the gradients' dtype
