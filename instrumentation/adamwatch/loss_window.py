@@ -45,9 +45,8 @@ class LossWindow:
             raise ValueError(f"observe_loss: scaled_by must be a positive number, got {scaled_by!r}")
         if isinstance(loss, torch.Tensor):
             value = loss.detach()
-            if value.numel() != 1:
-                value = value.reshape(-1)[:1]
-            value = value.reshape(())
+            if value.dim() != 0:  # (a 0-dim loss, the usual one, costs no op here)
+                value = value.reshape(-1)[0] if value.numel() != 1 else value.reshape(())
             if scaled_by != 1:
                 value = value.to(torch.float32) * scaled_by
             if self._tensor is None:

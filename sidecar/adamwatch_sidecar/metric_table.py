@@ -65,7 +65,9 @@ STEP_DURATION_BUCKETS: tuple[float, ...] = (
 
 METRICS: tuple[MetricSpec, ...] = (
     # --- per step --------------------------------------------------------------
-    MetricSpec("adamwatch_loss", "gauge", "", "Training loss reported by the trainer at its latest step.", T),
+    MetricSpec("adamwatch_loss", "gauge", "",
+               "Training loss at the trainer's latest step: the mean over that step's micro-batches "
+               "(gradient accumulation).", T),
     MetricSpec("adamwatch_grad_norm", "gauge", "",
                "L2 norm of the unscaled gradients at the latest step, before any clipping; "
                "param_group=\"all\" is the global norm.",
