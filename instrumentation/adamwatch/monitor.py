@@ -797,9 +797,10 @@ class Monitor:
                                                "under torch.distributed only rank 0 takes commands"))
             actions = self._coordinator.exchange(self.step, local)
             if self.rank != 0:
-                # Acks for broadcast commands come from rank 0, which received them.
+                # Acks come from rank 0, which received or issued every one of them
+                # (a local action acked by every rank would be counted once per rank).
                 for action in actions:
-                    action.source = "broadcast" if action.source == "sidecar" else action.source
+                    action.source = "broadcast"
         for action in actions:
             result = self._remediator.apply(action, self.step)
             if result.outcome == "applied" and action.kind == "restore_checkpoint":
