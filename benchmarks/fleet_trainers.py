@@ -100,6 +100,7 @@ def hello_payload(spec: RankSpec, deep_stats_every: int) -> dict[str, Any]:
         "job": spec.job, "rank": spec.rank, "world_size": spec.world_size, "host": spec.pod, "pid": os.getpid(),
         "session": f"{spec.job}-{spec.rank}-{random.getrandbits(48):012x}", "adamwatch_version": adamwatch_version,
         "torch_version": "fleet-benchmark", "deep_stats_every": deep_stats_every, "dropped_total": 0,
+        "monitor_errors": {},
         "optimizer": {"kind": "AdamW", "implementation": "fused", "betas": [0.9, 0.95], "eps": 1e-8,
                       "weight_decay": 0.1, "amsgrad": False, "param_groups": list(GROUPS), "device": "cuda"},
     }
@@ -131,6 +132,9 @@ def step_payload(step: int, now: float, duration: float, deep: bool, nonfinite: 
         "grad_nonfinite": nonfinite, "lr": [3e-4 * min(1.0, step / 100)] * len(GROUPS),
         "skipped": nonfinite, "skip_reason": "guard" if nonfinite else None,
         "samples": 64, "tokens": 65536,
+        # clipped at 1.0 (HF Trainer's default) and no step extension's numbers
+        "extras": {}, "clip_max_norm": 1.0,
+        "clip_coefficient": math.nan if nonfinite else min(1.0, 1.0 / (grad + 1e-6)),
     }
     if deep and not nonfinite:
         payload["deep"] = [{
