@@ -437,8 +437,8 @@ class Monitor:
                     for group in optimizer.param_groups:
                         for p in group["params"]:
                             p.grad = None
-                    if layout.meta.get("skip_reason") is None:
-                        layout.meta["skip_reason"] = "guard"
+                    code = layout.meta.get("skip_code")  # an extension's request, read after the sync
+                    layout.meta["skip_reason"] = "guard" if code is None else skip_reason(float(code), layout)
                     layout.meta["skip_sync"] = True
             self._pending = (vector, layout)
         except Exception:

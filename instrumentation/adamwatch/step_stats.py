@@ -272,8 +272,9 @@ class StepStats:
         # GradScaler, 3 + i skipped at an extension's request (layout.skip_reasons[i]).
         skipped = bad.to(self.dtype) if guard else self._zero
         skip_reasons: list[str] = []
+        sync_code = None
         if ctx is not None and ctx.skip_requested and need_flag:
-            code = skipped.reshape(())
+            code = bad.to(self.dtype).reshape(())  # 1 where non-finite
             for flag, reason in ctx.skip_requests:
                 if reason not in skip_reasons:
                     skip_reasons.append(reason)
@@ -284,6 +285,8 @@ class StepStats:
             bad = bad | ctx.skip.reshape(1)
             if guard:
                 skipped = code.to(self.dtype)
+            else:
+                sync_code = code  # guard="sync": read on the host only when the step is skipped
         if found_inf is not None:
             skipped = torch.where(self._to_dev(found_inf) > 0, 2.0, skipped).to(self.dtype)
 
@@ -322,6 +325,8 @@ class StepStats:
             host_extras=host_extras,
             skip_reasons=skip_reasons,
         )
+        if sync_code is not None:
+            layout.meta["skip_code"] = sync_code
         return vector, bad, layout
 
     def _context(self, step: int, groups: list[dict], sq: torch.Tensor, loss_t: torch.Tensor,

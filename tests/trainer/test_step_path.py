@@ -621,3 +621,21 @@ def test_a_compiled_optimizer_step_keeps_its_graphs_and_exports_correct_values(s
     assert [s["grad_norm"] for s in steps] == pytest.approx([e[1] for e in expected], rel=1e-5)
     assert [s["lr"] for s in steps] == [pytest.approx([1e-3])] * 8
     assert "deep" in steps[3] and steps[3]["deep"][0]["exp_avg_norm"] > 0
+
+
+def test_the_sync_guard_skips_an_extensions_request_with_its_reason(sink):
+    model = make_model()
+    opt = make_optimizer(model, "Adam", "foreach")
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0, guard="sync") as monitor:
+        monitor.add_step_extension(SkipAboveExtension(threshold=100.0))
+        for i, scale in enumerate((1.0, 1000.0, float("nan"))):
+            before = [p.detach().clone() for p in model.parameters()]
+            loss = loss_of(model, i, scale=scale)
+            loss.backward()
+            monitor.observe_loss(loss)
+            opt.step()
+            opt.zero_grad()
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) == (i > 0)
+    sink.wait_for(lambda: len(sink.steps()) == 3)
+    assert [(s["skipped"], s["skip_reason"]) for s in sink.steps()] == [
+        (False, None), (True, "loss_above"), (True, "guard")]
