@@ -76,7 +76,10 @@ def test_the_fused_guard_protects_the_step_summarize_step_flags(sink):
                 monitor.summarize_step()
                 return loss
 
-            opt.step(closure)
+            counter = HostReadCounter()
+            with counter.counting():
+                opt.step(closure)
+            assert counter.calls == []  # summary, guard and update without one host read
             unchanged = all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
             assert unchanged == nan_step, f"step {i + 1}: params {'changed' if not unchanged else 'unchanged'}"
             assert all(torch.isfinite(p).all() for p in model.parameters())
