@@ -109,6 +109,13 @@ class Violation:
 
 
 def _number(where: str, value: Any) -> float:
+    if isinstance(value, str):
+        # PyYAML (YAML 1.1) reads 3e-4 without a dot as a string, and helm's
+        # toYaml writes 1e-05 so: accept the numbers people write.
+        try:
+            value = float(value)
+        except ValueError:
+            raise PolicyError(f"{where}: must be a finite number, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise PolicyError(f"{where}: must be a finite number, got {value!r}")
     return float(value)

@@ -88,3 +88,11 @@ def test_policy_check_cli_evaluates_a_written_configuration_offline(tmp_path):
     done = subprocess.run([SIDECAR, "policy", "check", "--policy", str(bad), str(path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "optimizer_policy.rules[0].eps" in done.stderr
+
+
+def test_numbers_that_yaml_reads_as_strings_are_accepted_and_words_are_not():
+    raw = yaml.safe_load("rules: [{name: r, peak_lr: {max: 3e-4}}]")
+    assert raw["rules"][0]["peak_lr"]["max"] == "3e-4"  # PyYAML's YAML 1.1 quirk
+    assert parse_policy(raw).rules[0].ranges["peak_lr"] == (None, 3e-4)
+    with pytest.raises(PolicyError, match=r"rules\[0\].peak_lr.max: must be a finite number, got 'tiny'"):
+        parse_policy({"rules": [{"name": "r", "peak_lr": {"max": "tiny"}}]})
