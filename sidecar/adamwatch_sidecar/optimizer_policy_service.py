@@ -135,8 +135,10 @@ class OptimizerPolicyService:
         except Exception:
             log.exception("sending %s to %s failed", action, key)
             sent = False
-        self.audit.write("decision", job=key[0], rank=key[1], action=action, args=args, command_id=payload["id"],
-                         detail=reason[:2000], outcome="sent" if sent else "failed", source="policy")
+        # The verdict gets its own event: remediation's "decision" lines stay the ladder's and the stop's.
+        self.audit.write("policy_verdict" if action == "policy_verdict" else "decision", job=key[0], rank=key[1],
+                         action=action, args=args, command_id=payload["id"], detail=reason[:2000],
+                         outcome="sent" if sent else "failed", source="policy")
 
     def _safe(self, fn: Callable[[], None]) -> None:
         try:

@@ -5,6 +5,8 @@ scenario "corrupt_newest_on_rank1": checkpoints at 10, 20, 30 (all known-good); 
 copy of 30 is corrupted; every rank restores with step=None.
 scenario "none_common": rank 0 keeps only 10, rank 1 only 20 (the other deleted): nothing in common.
 scenario "monitor": the same corruption, the restore issued by rank 0's Monitor (the ladder's path).
+scenario "fsdp2": the same corruption with an FSDP2 (fully_shard, DTensor) model: each rank's
+Checkpointer holds its own shards.
 Each rank writes workdir/rank<r>.json.
 """
 
@@ -37,7 +39,15 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world,
                             timeout=timedelta(seconds=30))
     torch.manual_seed(0)
-    ddp = DistributedDataParallel(torch.nn.Linear(4, 2))
+    if scenario == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        ddp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+        for layer in ddp:
+            fully_shard(layer)
+        fully_shard(ddp)
+    else:
+        ddp = DistributedDataParallel(torch.nn.Linear(4, 2))
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
     ckpt = Checkpointer(workdir / f"rank{rank}", model=ddp, optimizer=optimizer, good_window=0, keep=5)
     torch.manual_seed(100 + rank)  # different data per rank, as under DDP
@@ -45,11 +55,13 @@ def main() -> None:
         train_step(ddp, optimizer)
         if step % 10 == 0:
             ckpt.save(step)
+            if step == 20 and scenario == "fsdp2":
+                at20 = [p.full_tensor().flatten().tolist() for p in ddp.parameters()]
         ckpt.note_step(step, True)
     for step in range(31, 36):
         train_step(ddp, optimizer)
     out: dict = {"rank": rank}
-    if scenario in ("corrupt_newest_on_rank1", "monitor") and rank == 1:
+    if scenario in ("corrupt_newest_on_rank1", "monitor", "fsdp2") and rank == 1:
         (workdir / "rank1" / "step-000000000030" / "model.pt").write_bytes(b"garbage")
     if scenario == "none_common":
         keep = 10 if rank == 0 else 20
@@ -74,7 +86,12 @@ def main() -> None:
             out["error_type"] = type(exc).__name__
     state = optimizer.state_dict()["state"]
     out["adam_steps"] = [float(state[k]["step"]) for k in sorted(state)]
-    out["params"] = [p.detach().flatten().tolist() for p in ddp.parameters()]
+    if scenario == "fsdp2":  # the whole parameters, gathered from the shards
+        out["params"] = [p.full_tensor().flatten().tolist() for p in ddp.parameters()]
+        out["params_at_20"] = at20
+        out["sharded"] = type(next(ddp.parameters())).__name__
+    else:
+        out["params"] = [p.detach().flatten().tolist() for p in ddp.parameters()]
     out["corrupt"] = ckpt.corrupt_checkpoints
     (workdir / f"rank{rank}.json").write_text(json.dumps(out))
     dist.barrier()

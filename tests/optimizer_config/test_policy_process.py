@@ -110,7 +110,7 @@ def test_a_policy_violation_with_enforce_stop_stops_a_real_trainer_before_its_fi
     audit = audit_lines(sidecar["audit"])
     assert any(a["event"] == "policy_violation" and a["detector"] == "prod-lr.peak_lr" and a["outcome"] == "stop"
                for a in audit), audit
-    assert any(a["event"] == "decision" and a["action"] == "policy_verdict" and a["args"]["verdict"] == "stop"
+    assert any(a["event"] == "policy_verdict" and a["args"]["verdict"] == "stop"
                for a in audit)
 
 

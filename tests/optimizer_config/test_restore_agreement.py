@@ -61,3 +61,13 @@ def test_a_restore_issued_through_the_monitor_agrees_across_ranks(tmp_path):
     assert r0["params"] == r1["params"]
     # restored at 20 (30 is corrupt on rank 1), then the steps after the restore
     assert 20.0 < r0["adam_steps"][0] < 30.0
+
+
+@pytest.mark.slow
+def test_under_fsdp2_each_rank_restores_its_shards_of_the_same_step(tmp_path):
+    r0, r1 = run_ranks(tmp_path, "fsdp2")
+    assert r0["sharded"] == "DTensor"
+    assert r0["restored"] == r1["restored"] == 20
+    assert r0["adam_steps"] == r1["adam_steps"] == [20.0] * 4
+    assert r0["params"] == r1["params"] == r0["params_at_20"]  # the full parameters of step 20
+    assert (r0["corrupt"], r1["corrupt"]) == (0, 1)
