@@ -244,9 +244,12 @@ def evaluate(policy: OptimizerPolicy, job: str, config: Mapping[str, Any] | None
         One :class:`Violation` per broken (rule, field), in rule order; each field once.
     """
     out: list[Violation] = []
-    features = features or {}
-    groups = list((config or {}).get("param_groups") or [])
-    implementation = ((config or {}).get("optimizer") or {}).get("implementation")
+    features = features if isinstance(features, Mapping) else {}
+    if config is not None and not isinstance(config.get("param_groups"), list):
+        config = None  # not a configuration this sidecar can read: checked as if none was sent
+    groups = [g if isinstance(g, Mapping) else {} for g in (config or {}).get("param_groups") or []]
+    optimizer = (config or {}).get("optimizer")
+    implementation = optimizer.get("implementation") if isinstance(optimizer, Mapping) else None
     for rule in policy.rules:
         if not rule.covers(job):
             continue

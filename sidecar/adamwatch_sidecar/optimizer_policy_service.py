@@ -70,6 +70,8 @@ class OptimizerPolicyService:
         with self._lock:
             entry = self._trainers.setdefault(key, {"changes": 0, "last_change": None, "violations": []})
             entry.update(config=config, config_hash=payload.get("config_hash"), features=features)
+        # The counter exists from the start at 0, so increase() sees the first change.
+        self._safe(lambda: self._metrics.inc(key, "adamwatch_optimizer_config_changes_total", {}, 0.0))
         violations = self._evaluate(key, config, features, when="hello", step=None)
         if "config_hash" not in payload:
             return  # an older trainer: it does not know the verdict command

@@ -96,3 +96,10 @@ def test_numbers_that_yaml_reads_as_strings_are_accepted_and_words_are_not():
     assert parse_policy(raw).rules[0].ranges["peak_lr"] == (None, 3e-4)
     with pytest.raises(PolicyError, match=r"rules\[0\].peak_lr.max: must be a finite number, got 'tiny'"):
         parse_policy({"rules": [{"name": "r", "peak_lr": {"max": "tiny"}}]})
+
+
+def test_a_malformed_configuration_from_a_trainer_is_checked_as_missing_never_raises():
+    policy = parse_policy(POLICY)
+    for junk in ({"param_groups": "many"}, {"param_groups": [1, None], "optimizer": "fast"}):
+        rules = {v.rule for v in evaluate(policy, "prod-gpt", junk, "features?")}
+        assert "prod.peak_lr" in rules and "prod.require.checkpointer" in rules

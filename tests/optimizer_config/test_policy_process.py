@@ -97,6 +97,7 @@ def audit_lines(path: Path) -> list[dict]:
 def test_a_policy_violation_with_enforce_stop_stops_a_real_trainer_before_its_first_step(sidecar):
     result, stderr = run_trainer(sidecar["endpoint"], "prod-gpt", 0.01, 50)
     assert result["steps"] == 0, result
+    assert value(sidecar["metrics"], "adamwatch_optimizer_config_changes_total", job="prod-gpt") == 0.0
     assert result["stop_requested"] is True
     assert result["verdict"]["verdict"] == "stop"
     # the trainer's log names the rule and what is allowed
