@@ -112,3 +112,17 @@ def test_the_sidecar_learning_rate_scale_follows_a_restore(sidecar, tmp_path):  
     while value(sidecar["metrics"], "adamwatch_learning_rate_scale", job="resumed") != 0.25:
         assert time.monotonic() < deadline, value(sidecar["metrics"], "adamwatch_learning_rate_scale", job="resumed")
         time.sleep(0.05)
+
+
+def test_agreement_options_are_checked_and_a_single_process_restores_alone(tmp_path):
+    with pytest.raises(ValueError, match="agree_across_ranks"):
+        make(tmp_path, agree_across_ranks="sometimes")
+    with pytest.raises(ValueError, match="on_mismatch"):
+        make(tmp_path, on_mismatch="ignore")
+    saved_run(tmp_path)
+    _, _, _, ckpt = make(tmp_path)
+    assert ckpt.agrees_across_ranks() is False  # no process group: nothing to agree with
+    assert ckpt.restore(3) == 3
+    _, _, _, forced = make(tmp_path, agree_across_ranks=True)
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        forced.restore(3)
