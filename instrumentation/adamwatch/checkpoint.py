@@ -108,7 +108,8 @@ class NoUsableCheckpointError(RuntimeError):
 
 
 class CheckpointConfigMismatchError(NoUsableCheckpointError):
-    """Every candidate checkpoint was saved with another optimizer configuration (``on_mismatch="refuse"``).
+    """No checkpoint was restored, and at least one was refused because it was saved with
+    another optimizer configuration (``on_mismatch="refuse"``).
 
     Attributes:
         differences: checkpoint step -> the differing fields, ``"path: checkpoint -> live"``.

@@ -12,6 +12,7 @@ Checkpoints written before these entries existed restore as before (nothing to c
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Mapping
 
@@ -66,5 +67,14 @@ def config_differences(trainer_state: Mapping[str, Any], optimizer: torch.optim.
     live = _capture(optimizer, scheduler, scaler)
     if live is None:
         return []
-    return diff_configs(dict(saved), live)
+    saved = copy.deepcopy(dict(saved))
+    for config in (saved, live):
+        others = live if config is saved else saved
+        for index, group in enumerate(config.get("param_groups") or []):
+            other = (others.get("param_groups") or [])[index:index + 1]
+            if group.get("peak_lr_source") == "lr" or (other and other[0].get("peak_lr_source") == "lr"):
+                # No scheduler holds this group's peak: "peak_lr" is whatever rate was
+                # current (ReduceLROnPlateau may have cut it), not a setting to compare.
+                group.pop("peak_lr", None)
+    return diff_configs(saved, live)
 

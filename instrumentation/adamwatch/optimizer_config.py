@@ -20,7 +20,9 @@ A scheduler that cycles momentum (OneCycleLR, CyclicLR) moves beta1: its
 The peak learning rate of a group is ``max_lr`` (OneCycleLR), else
 ``initial_lr`` (set by every torch scheduler), else ``lr``, divided by the
 cumulative factor adamwatch applied (:data:`adamwatch.lr_control.LR_SCALE_KEY`):
-an adamwatch cut is not a configuration change.
+an adamwatch cut is not a configuration change. ``peak_lr_source`` says which:
+``"lr"`` means no scheduler recorded a peak (no scheduler, or ReduceLROnPlateau),
+so the value is the rate at capture time and a restore does not compare it.
 
 :func:`group_signature` is the cheap form the Monitor compares at every step
 boundary: plain Python values only, a tensor by its identity, never its value,
@@ -62,7 +64,7 @@ _GROUP_FIELDS = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "captura
 _VOLATILE_SCHEDULER_KEYS = frozenset({
     "last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial", "base_lrs",
     "max_lrs", "min_lrs", "eta_min", "default_min_lr", "best", "num_bad_epochs", "cooldown_counter",
-    "T_cur", "_initial_step", "verbose", "optimizer", "_scale_fn_ref", "_scale_fn_custom", "mode_worse",
+    "T_cur", "T_i", "_initial_step", "verbose", "optimizer", "_scale_fn_ref", "_scale_fn_custom", "mode_worse",
 })
 
 
@@ -84,18 +86,19 @@ def _plain(value: Any, *, allow_sync: bool) -> Any:
     return type(value).__name__
 
 
-def _peak_lr(group: dict[str, Any], *, allow_sync: bool) -> Any:
+def _peak_lr(group: dict[str, Any], *, allow_sync: bool) -> tuple[Any, str | None]:
+    """(peak learning rate, the group key it came from)."""
     for key in ("max_lr", "initial_lr", "lr"):
         if key in group:
             value = _plain(group[key], allow_sync=allow_sync)
             break
     else:
-        return None
+        return None, None
     scale = group.get(LR_SCALE_KEY, 1.0)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and isinstance(scale, (int, float)) and scale:
         # Rounded so that x*f/f, which may differ from x in the last bit, compares equal.
-        return float(f"{value / scale:.12g}")
-    return value
+        return float(f"{value / scale:.12g}"), key
+    return value, key
 
 
 def _scheduler_config(scheduler: Any) -> dict[str, Any] | None:
@@ -153,7 +156,8 @@ def capture_config(optimizer: torch.optim.Optimizer, scheduler: Any = None, scal
     names = group_names(optimizer)
     groups = []
     for name, group in zip(names, optimizer.param_groups):
-        entry: dict[str, Any] = {"name": name, "peak_lr": _peak_lr(group, allow_sync=allow_sync)}
+        peak, source = _peak_lr(group, allow_sync=allow_sync)
+        entry: dict[str, Any] = {"name": name, "peak_lr": peak, "peak_lr_source": source}
         for key in _GROUP_FIELDS:
             if key in group:
                 entry[key] = _plain(group[key], allow_sync=allow_sync)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from adamwatch.checkpoint_config import config_differences
 from adamwatch.lr_control import scale_learning_rate
 from adamwatch.optimizer_config import capture_config, config_hash, diff_configs, group_signature, write_config_file
 
@@ -102,3 +103,29 @@ def test_write_config_file_writes_what_policy_check_reads(tmp_path):
     data = write_config_file(str(path), optimizer, job="prod-x", features={"guard": True})
     loaded = json.loads(path.read_text())
     assert loaded == data and loaded["config_hash"] == config_hash(capture_config(optimizer))
+
+
+@pytest.mark.parametrize("make_scheduler", [
+    lambda opt: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=2, T_mult=2),
+    lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0),
+    lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=1e-4, max_lr=1e-3, step_size_up=2),
+    lambda opt: torch.optim.lr_scheduler.SequentialLR(opt, [torch.optim.lr_scheduler.LinearLR(opt, total_iters=2),
+                                                             torch.optim.lr_scheduler.StepLR(opt, 3)], [2]),
+])
+def test_a_scheduler_stepping_through_its_cycles_keeps_the_fingerprint(make_scheduler):
+    model, optimizer = build(fused=False)
+    scheduler = make_scheduler(optimizer)
+    first = capture_config(optimizer, scheduler)
+    for i in range(9):
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+        scheduler.step(float(i)) if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) \
+            else scheduler.step()
+        optimizer.zero_grad()
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        # it keeps no peak: the rate it cut is reported, and a restore does not compare it
+        assert diff_configs(first, capture_config(optimizer, scheduler)) == [
+            f"param_groups[{i}].peak_lr: 0.001 -> 1e-08" for i in range(2)]
+        assert config_differences({"optimizer_config": first}, optimizer, scheduler, None) == []
+    else:
+        assert diff_configs(first, capture_config(optimizer, scheduler)) == []
