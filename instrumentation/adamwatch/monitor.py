@@ -226,6 +226,7 @@ class Monitor:
             self._await_policy_verdict()
         else:
             self._reader.start()
+        self._agree_on_policy_stop()
 
     # ------------------------------------------------------------------ user API
     def observe_loss(self, loss: torch.Tensor | float) -> None:
@@ -568,6 +569,30 @@ class Monitor:
             return
         if not self._verdict_event.wait(wait):
             log.info("adamwatch: no policy verdict from the sidecar within %.2fs; training starts", wait)
+
+    def _agree_on_policy_stop(self) -> None:
+        """Under torch.distributed, a policy stop on any rank stops every rank before step 1.
+
+        A rank whose verdict came late (or whose sidecar has no policy) would
+        otherwise start training alone and hang in the first gradient all-reduce.
+        One blocking all-reduce of a CPU flag over the commands' gloo channel, in
+        watch(), never in the step path. Every rank must use the same policy_wait.
+        """
+        if self._coordinator is None or self.config.policy_wait <= 0:
+            return
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if self.stop_requested else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._coordinator.channel)
+        if int(flag[0]) and not self.stop_requested:
+            log.error("adamwatch: the optimizer policy stops this run: another rank's verdict was stop")
+            self._remediator.stop_requested = True
+            self.policy_verdict = {"verdict": "stop", "violations": [], "reason": "another rank's verdict was stop"}
+            if self._remediator.on_stop is not None:
+                try:
+                    self._remediator.on_stop()
+                except Exception:
+                    log.exception("adamwatch: on_stop callback failed")
 
     def _on_policy_verdict(self, payload: dict[str, Any]) -> None:
         """The sidecar's verdict on the configuration (client thread). "stop" stops before the next step."""

@@ -165,3 +165,25 @@ def test_without_a_sidecar_the_trainer_never_waits_for_a_verdict(tmp_path):
     result, _ = run_trainer(f"unix://{tmp_path}/nobody.sock", "prod-gpt", 0.01, 3)
     assert result["steps"] == 3 and result["verdict"] is None and result["stop_requested"] is False
     assert result["seconds"] < 4.0  # policy_wait=5 in the script: it was not spent
+
+
+@pytest.mark.slow
+def test_under_torch_distributed_one_rank_stop_verdict_stops_every_rank_before_step_1(sidecar, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(HERE / "_dist_policy_worker.py"), str(r), "2", str(tmp_path),
+                               sidecar["endpoint"]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env) for r in range(2)]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=120)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["steps"] == r1["steps"] == 0 and r0["stop"] and r1["stop"]
+    assert r0["verdict"]["verdict"] == "stop"
+    assert r1["verdict"]["reason"] == "another rank's verdict was stop"
