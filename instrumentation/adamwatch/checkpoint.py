@@ -76,9 +76,12 @@ from .checkpoint_manifest import (
     parse_manifest,
     step_of_folder,
 )
+from .checkpoint_config import ON_MISMATCH, config_differences, saved_config_entries
 from .checkpoint_state import apply_loaded_state, capture_rng, check_loaded_state
+from .lr_control import current_lr_scales
 
 __all__ = [
+    "CheckpointConfigMismatchError",
     "CheckpointEvent",
     "CheckpointInfo",
     "CheckpointSaveError",
@@ -102,6 +105,19 @@ EventCallback = Callable[[str, int, "str | None", "str | None"], None]
 
 class NoUsableCheckpointError(RuntimeError):
     """No checkpoint in the directory could be restored; the live state was left unchanged."""
+
+
+class CheckpointConfigMismatchError(NoUsableCheckpointError):
+    """No checkpoint was restored, and at least one was refused because it was saved with
+    another optimizer configuration (``on_mismatch="refuse"``).
+
+    Attributes:
+        differences: checkpoint step -> the differing fields, ``"path: checkpoint -> live"``.
+    """
+
+    def __init__(self, message: str, differences: dict[int, list[str]]):
+        super().__init__(message)
+        self.differences = differences
 
 
 class CheckpointSaveError(OSError):
@@ -159,6 +175,7 @@ class CheckpointEvent:
     detail: str | None = None
     duration_s: float | None = None
     size_bytes: int | None = None
+    lr_scale: float | None = None  # restored: adamwatch's learning-rate scale now in force
 
     def as_payload(self) -> dict[str, Any]:
         """The CHECKPOINT message payload (adamwatch.wire.SCHEMAS)."""
@@ -168,6 +185,8 @@ class CheckpointEvent:
             payload["duration_s"] = self.duration_s
         if self.size_bytes is not None:
             payload["size_bytes"] = self.size_bytes
+        if self.lr_scale is not None:
+            payload["lr_scale"] = self.lr_scale
         return payload
 
 
@@ -326,6 +345,18 @@ class Checkpointer:
             False only for schedulers whose state holds arbitrary objects.
         clock: returns the wall time written to manifests and events (injectable).
         timer: a monotonic clock for save and restore durations (injectable).
+        on_mismatch: "refuse" (default): a checkpoint saved with another
+            optimizer configuration (:mod:`adamwatch.checkpoint_config`) is not
+            restored, and the error lists the differing fields; "warn": it is
+            restored, the differences are logged, and the checkpoint's
+            hyperparameters are in force afterwards (``load_state_dict`` puts
+            its param groups back).
+        agree_across_ranks: under torch.distributed, make every rank restore
+            the same step: the newest one usable on every rank, chosen with a
+            blocking all-gather over gloo at restore time (off the step path).
+            If none is usable everywhere, every rank refuses. "auto" (default):
+            when a process group with more than one rank is initialised.
+            Every rank must then call restore() with the same arguments.
 
     Attributes:
         save_failures: saves that raised :class:`CheckpointSaveError`.
@@ -347,7 +378,16 @@ class Checkpointer:
         weights_only: bool = True,
         clock: Callable[[], float] = time.time,
         timer: Callable[[], float] = time.perf_counter,
+        on_mismatch: str = "refuse",
+        agree_across_ranks: bool | str = "auto",
     ):
+        if on_mismatch not in ON_MISMATCH:
+            raise ValueError(f"on_mismatch: must be one of {', '.join(ON_MISMATCH)}, got {on_mismatch!r}")
+        if agree_across_ranks not in (True, False, "auto"):
+            raise ValueError(f"agree_across_ranks: must be True, False or 'auto', got {agree_across_ranks!r}")
+        self.on_mismatch = on_mismatch
+        self.agree_across_ranks = agree_across_ranks
+        self._agreement_channel: Any = None
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep: must be an int >= 1, got {keep!r}")
         if isinstance(good_window, bool) or not isinstance(good_window, int) or good_window < 0:
@@ -526,6 +566,7 @@ class Checkpointer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "rng": capture_rng(),
+                **saved_config_entries(self.optimizer, self.scheduler, self.scaler),
             },
         }
         tmp = self.directory / _temp_name(_TMP_PREFIX)
@@ -821,34 +862,34 @@ class Checkpointer:
         Returns:
             The restored step.
 
+        Under torch.distributed (see ``agree_across_ranks``) every rank
+        restores the same step, the newest usable on every rank, or none.
+
         Raises:
             ValueError: bad arguments.
             NoUsableCheckpointError: nothing usable (reported as a
                 ``restore_failed`` event); the message names the directory.
+            CheckpointConfigMismatchError: (a NoUsableCheckpointError) the
+                candidates were saved with another optimizer configuration;
+                ``differences`` and the message list the fields.
         """
         _check_restore_args(step, before_step)
         started = self._timer()
         with self._lock:
-            restored = None
-            for info in self._candidates(step, before_step):
-                try:
-                    loaded = self._load_checked(info)
-                    apply_loaded_state(loaded, **self._live())
-                except _Unusable as exc:
-                    problem = str(exc)
-                except Exception as exc:  # noqa: BLE001 - a load_state_dict raised; the parts applied were undone
-                    problem = f"could not be applied: {type(exc).__name__}: {exc}"
-                else:
-                    restored = info
-                    break
-                finally:
-                    loaded = None  # release the host copy before trying an older checkpoint
-                self._skip_unusable(info.path, info.step, problem)
+            channel = self._agreement()
+            if channel is None:
+                restored, problems, mismatches = self._restore_here(step, before_step)
+            else:
+                restored, problems, mismatches = self._restore_agreed(step, before_step, channel)
             if restored is None:
                 message = (f"{self._nothing_usable_message(step, before_step)}; "
                            f"the model, optimizer, scheduler, scaler and RNG were left as they were")
+                if problems:
+                    message += " (" + "; ".join(problems) + ")"
                 asked = step if step is not None else (self._last_noted or 0)
                 self._emit("restore_failed", asked, None, message, duration_s=self._timer() - started)
+                if mismatches:
+                    raise CheckpointConfigMismatchError(message, mismatches)
                 raise NoUsableCheckpointError(message)
             for info in self.checkpoints():
                 if info.step > restored.step:
@@ -856,17 +897,154 @@ class Checkpointer:
             self._refresh_index()
             self._unhealthy = {s for s in self._unhealthy if s <= restored.step}
             self._last_noted = restored.step
+        scales = current_lr_scales(self.optimizer)
         self._emit("restored", restored.step, restored.path, None, duration_s=self._timer() - started,
-                   size_bytes=restored.size_bytes)
+                   size_bytes=restored.size_bytes, lr_scale=min(scales) if scales else 1.0)
         if self.on_restore is not None:
             self.on_restore(restored.step)
         return restored.step
 
+    # ----------------------------------------------------------------- restore parts
+    def _prepare(self, info: CheckpointInfo, mismatches: dict[int, list[str]]) -> tuple[dict[str, Any] | None, str | None]:
+        """Load, verify and check one checkpoint against the live objects and configuration; nothing live changes.
+
+        Returns:
+            (the loaded state, None) or (None, why it cannot be restored).
+        """
+        try:
+            loaded = self._load_checked(info)
+        except _Unusable as exc:
+            self._skip_unusable(info.path, info.step, str(exc))
+            return None, f"step {info.step}: {exc}"
+        differences = config_differences(loaded["trainer.pt"], self.optimizer, self.scheduler, self.scaler)
+        if differences:
+            what = (f"checkpoint of step {info.step} was saved with another optimizer configuration "
+                    f"(checkpoint -> live): {'; '.join(differences)}")
+            if self.on_mismatch == "refuse":
+                mismatches[info.step] = differences
+                log.warning("adamwatch: %s; refused (Checkpointer(on_mismatch='warn') accepts it)", what)
+                return None, what
+            log.warning("adamwatch: %s; restored anyway (on_mismatch='warn'): the checkpoint's "
+                        "hyperparameters are in force now", what)
+        return loaded, None
+
+    def _apply(self, info: CheckpointInfo, loaded: dict[str, Any]) -> str | None:
+        """Put a prepared checkpoint back (all or nothing); returns why it failed, or None."""
+        try:
+            apply_loaded_state(loaded, **self._live())
+        except Exception as exc:  # noqa: BLE001 - a load_state_dict raised; the parts applied were undone
+            problem = f"could not be applied: {type(exc).__name__}: {exc}"
+            self._skip_unusable(info.path, info.step, problem)
+            return f"step {info.step}: {problem}"
+        return None
+
+    def _restore_here(self, step: int | None, before_step: int | None
+                      ) -> tuple[CheckpointInfo | None, list[str], dict[int, list[str]]]:
+        """One process: the newest candidate that loads, fits and applies."""
+        problems: list[str] = []
+        mismatches: dict[int, list[str]] = {}
+        for info in self._candidates(step, before_step):
+            loaded, problem = self._prepare(info, mismatches)
+            if loaded is not None:
+                problem = self._apply(info, loaded)
+                loaded = None  # release the host copy before trying an older checkpoint
+                if problem is None:
+                    return info, problems, mismatches
+            problems.append(problem or f"step {info.step}: unusable")
+        return None, problems, mismatches
+
+    def _agreement(self) -> Any:
+        """The gloo group that restores agree over, or None when this process restores alone."""
+        if self.agree_across_ranks is False:
+            return None
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            if self.agree_across_ranks is True:
+                raise RuntimeError("agree_across_ranks=True, but torch.distributed is not initialised")
+            return None
+        if dist.get_world_size() < 2 and self.agree_across_ranks == "auto":
+            return None
+        if self._agreement_channel is None:
+            # Blocking collectives are fine here (a restore is off the step path), but
+            # they must not go through NCCL's device stream: use gloo on the CPU.
+            if str(dist.get_backend()).lower() == "gloo":
+                self._agreement_channel = dist.group.WORLD
+            else:
+                self._agreement_channel = dist.new_group(backend="gloo")  # a collective: every rank restores
+        return self._agreement_channel
+
+    def agrees_across_ranks(self) -> bool:
+        """Whether restore() chooses its step together with the other ranks (see ``agree_across_ranks``)."""
+        if self.agree_across_ranks is False:
+            return False
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return False
+        return self.agree_across_ranks is True or dist.get_world_size() > 1
+
+    @staticmethod
+    def _gather(channel: Any, obj: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * dist.get_world_size(channel)
+        dist.all_gather_object(out, obj, group=channel)
+        return out
+
+    def _restore_agreed(self, step: int | None, before_step: int | None, channel: Any
+                        ) -> tuple[CheckpointInfo | None, list[str], dict[int, list[str]]]:
+        """Every rank restores the same step: the newest usable on every rank, or none at all.
+
+        Round 1 gathers each rank's checksum-verified candidates; each later
+        round tries the newest common step on every rank (load, fit, configuration)
+        and gathers the verdicts, dropping that step everywhere when one rank
+        cannot use it. Each round removes a step, so it ends.
+        """
+        problems: list[str] = []
+        mismatches: dict[int, list[str]] = {}
+        candidates = {info.step: info for info in self._candidates(step, before_step)}
+        verified = []
+        for info in candidates.values():
+            try:
+                for file in self._open_verified(info):
+                    file.close()
+            except _Unusable as exc:
+                self._skip_unusable(info.path, info.step, str(exc))
+                problems.append(f"step {info.step}: {exc}")
+                continue
+            verified.append(info.step)
+        per_rank = [set(steps) for steps in self._gather(channel, sorted(verified))]
+        common = set.intersection(*per_rank)
+        while common:
+            chosen = max(common)
+            loaded, problem = self._prepare(candidates[chosen], mismatches)
+            verdicts = self._gather(channel, problem)
+            if all(v is None for v in verdicts):
+                assert loaded is not None
+                problem = self._apply(candidates[chosen], loaded)
+                loaded = None
+                failed = [r for r, v in enumerate(self._gather(channel, problem)) if v is not None]
+                if failed:
+                    # Not expected (every rank loaded and checked the state first); say it loudly.
+                    log.error("adamwatch: restoring step %d failed on ranks %s after every rank had checked it: "
+                              "the ranks may now disagree", chosen, failed)
+                    if problem is not None:
+                        problems.append(problem)
+                        return None, problems, mismatches
+                return candidates[chosen], problems, mismatches
+            loaded = None
+            problems.extend(f"rank {r}: {v}" for r, v in enumerate(verdicts) if v is not None)
+            common.discard(chosen)
+        shown = ", ".join(f"rank {r}: {sorted(steps) or 'none'}" for r, steps in enumerate(per_rank))
+        problems.append(f"no checkpoint is usable on every rank (usable steps per rank: {shown})")
+        return None, problems, mismatches
+
     # ------------------------------------------------------------------ events
     def _emit(self, kind: str, step: int, path: Path | None, detail: str | None, *,
-              duration_s: float | None = None, size_bytes: int | None = None) -> None:
+              duration_s: float | None = None, size_bytes: int | None = None, lr_scale: float | None = None) -> None:
         event = CheckpointEvent(kind, step, self._clock(), str(path) if path is not None else None, detail,
-                                duration_s, size_bytes)
+                                duration_s, size_bytes, lr_scale)
         if self.on_event is not None:
             try:
                 self.on_event(kind, step, event.path, detail)

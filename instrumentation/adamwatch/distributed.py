@@ -140,6 +140,13 @@ class StepCoordinator:
             log.info("adamwatch: commands between ranks travel over a gloo side group (default backend %s)", backend)
         self._channel_ready = True
 
+    @property
+    def channel(self) -> Any:
+        """The gloo group the commands travel on (None: the default group, itself gloo)."""
+        if not self._channel_ready:
+            self._setup_channel()
+        return self._channel
+
     def _src(self) -> int:
         if self._channel is None:
             return 0

@@ -32,6 +32,7 @@ from adamwatch.client import StreamClient, default_job_name
 from adamwatch.distributed import StepCoordinator
 from adamwatch.loss_window import LossWindow
 from adamwatch.lr_control import LRRecovery
+from adamwatch.optimizer_config import capture_config, config_hash, diff_configs, group_signature
 from adamwatch.optimizer_info import describe_optimizer, group_names, is_fused
 from adamwatch.remediation import Action, ActionResult, Remediator, SchedulerStepHook, skip_next_scheduler_step
 from adamwatch.step_extensions import StepContext, StepExtension
@@ -79,6 +80,13 @@ class MonitorConfig:
             actions every this many steps: one asynchronous 4 KiB broadcast on a
             CPU/gloo channel, never waited on in the step path; actions apply on
             every rank one interval after their exchange point.
+        policy_wait: seconds ``watch()`` waits for the sidecar's verdict on the
+            optimizer configuration before returning (so a policy that says
+            "stop" stops the run before its first step). Only when the first
+            connection succeeded: with no sidecar it never waits. 0 disables.
+        check_config_every: compare the optimizer's hyperparameters and param
+            groups with the announced configuration every this many steps (a
+            few dict reads, no device access); 0 disables.
     """
 
     endpoint: str | None = None
@@ -96,6 +104,8 @@ class MonitorConfig:
     lr_floor: float = 0.0
     lr_recovery_steps: int | None = None
     command_interval: int = 1
+    policy_wait: float = 1.0
+    check_config_every: int = 1
 
     def validate(self) -> None:
         if self.guard not in _GUARDS:
@@ -116,6 +126,12 @@ class MonitorConfig:
             raise ValueError(f"batch_interval must be None or seconds in [0, 10], got {self.batch_interval!r}")
         if not isinstance(self.command_interval, int) or self.command_interval < 1:
             raise ValueError(f"command_interval must be an int >= 1, got {self.command_interval!r}")
+        if isinstance(self.policy_wait, bool) or not isinstance(self.policy_wait, (int, float)) \
+                or not 0 <= self.policy_wait <= 60:
+            raise ValueError(f"policy_wait must be seconds in [0, 60], got {self.policy_wait!r}")
+        if not isinstance(self.check_config_every, int) or isinstance(self.check_config_every, bool) \
+                or self.check_config_every < 0:
+            raise ValueError(f"check_config_every must be an int >= 0, got {self.check_config_every!r}")
         if self.endpoint is not None:
             wire.parse_endpoint(self.endpoint)
 
@@ -149,6 +165,13 @@ class Monitor:
         self._info = describe_optimizer(optimizer)  # also rejects what is not a torch optimizer
         self._fused = is_fused(optimizer)
         self._group_names = group_names(optimizer)
+        # The configuration as announced (HELLO, then CONFIG after each change seen).
+        self._opt_config = capture_config(optimizer, scheduler, scaler)
+        self._opt_config_hash = config_hash(self._opt_config)
+        self._opt_signature = group_signature(optimizer)
+        self.config_changes = 0
+        self.policy_verdict: dict[str, Any] | None = None
+        self._verdict_event = threading.Event()
 
         dist_rank, dist_world = _distributed_rank_world()
         self.job = config.job or default_job_name()
@@ -228,8 +251,10 @@ class Monitor:
             self.checkpointer.add_listener(self._on_checkpoint_event)
         if self._client is not None:
             self._client.start()
+            self._await_policy_verdict()
         else:
             self._reader.start()
+        self._agree_on_policy_stop()
 
     # ------------------------------------------------------------------ user API
     @_not_traced
@@ -302,6 +327,22 @@ class Monitor:
     def request_stop(self, *, reason: str | None = None) -> str:
         """Ask the loop to stop cleanly at the next step boundary (see ``stop_requested``)."""
         return self._queue_action("stop", {}, reason)
+
+    @property
+    def optimizer_config(self) -> dict[str, Any]:
+        """The optimizer's configuration as last announced to the sidecar (see adamwatch.optimizer_config)."""
+        return self._opt_config
+
+    @property
+    def config_hash(self) -> str:
+        """Fingerprint of :attr:`optimizer_config` (the ``config_hash`` label of ``adamwatch_optimizer_info``)."""
+        return self._opt_config_hash
+
+    def features(self) -> dict[str, bool]:
+        """What an optimizer policy can require: a checkpointer, the non-finite guard, deep statistics."""
+        guard = (self._fused and self.config.guard != "off") or (self.config.guard == "sync")
+        return {"checkpointer": self.checkpointer is not None, "guard": bool(guard),
+                "deep_stats": self.config.deep_stats_every > 0}
 
     @property
     def dropped_total(self) -> int:
@@ -536,6 +577,12 @@ class Monitor:
             self._apply_actions()
         except Exception:
             self._report_error("remediation")
+        every = self.config.check_config_every
+        if every and self.step % every == 0:
+            try:
+                self._check_config()
+            except Exception:
+                self._report_error("config_check")
 
     def _finish_step(self, skip_reason: str | None = None) -> None:
         self.step += 1
@@ -630,6 +677,11 @@ class Monitor:
             "torch_version": torch.__version__,
             "optimizer": self._info,
             "deep_stats_every": self.config.deep_stats_every,
+            "config": self._opt_config,
+            "config_hash": self._opt_config_hash,
+            "features": self.features(),
+            "lr_scale": float(self.lr_scale),
+            "policy_wait_s": float(self.config.policy_wait),
             "monitor_errors": dict(self.errors_by_where),
         }
 
@@ -707,8 +759,98 @@ class Monitor:
         self._actions.put(action)
         return action.id
 
+    # ------------------------------------------------------------------ configuration and policy
+    def _check_config(self) -> None:
+        """At a step boundary: did someone other than adamwatch change the optimizer's configuration?
+
+        Plain dict reads (:func:`group_signature`); only when it differs is the
+        configuration captured again, without reading device tensors.
+        """
+        signature = group_signature(self.optimizer)
+        if signature == self._opt_signature:
+            return
+        self._opt_signature = signature
+        new = capture_config(self.optimizer, self.scheduler, self._scaler, allow_sync=False)
+        new_hash = config_hash(new)
+        if new_hash == self._opt_config_hash:
+            return
+        changed = diff_configs(self._opt_config, new)
+        previous = self._opt_config_hash
+        self._opt_config, self._opt_config_hash = new, new_hash
+        self.config_changes += 1
+        log.warning("adamwatch: the optimizer's configuration changed at step %d (not by adamwatch): %s",
+                    self.step, "; ".join(changed) or "(no field-level difference)")
+        if self._client is not None:
+            self._client.send_control(wire.encode_frame(wire.MessageType.CONFIG, {
+                "step": int(self.step), "time": time.time(), "config": new, "config_hash": new_hash,
+                "previous_hash": previous, "changed": changed}))
+
+    def _await_policy_verdict(self) -> None:
+        """Wait (bounded) for the sidecar's verdict on the configuration, when a sidecar answered at all."""
+        wait = float(self.config.policy_wait)
+        if wait <= 0 or self._client is None or not self._client.connected:
+            return
+        if not self._verdict_event.wait(wait):
+            log.info("adamwatch: no policy verdict from the sidecar within %.2fs; training starts", wait)
+
+    def _agree_on_policy_stop(self) -> None:
+        """Under torch.distributed, a policy stop on any rank stops every rank before step 1.
+
+        A rank whose verdict came late (or whose sidecar has no policy) would
+        otherwise start training alone and hang in the first gradient all-reduce.
+        One blocking all-reduce of a CPU flag over the commands' gloo channel, in
+        watch(), never in the step path. Every rank must use the same policy_wait.
+        """
+        if self._coordinator is None or self.config.policy_wait <= 0:
+            return
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if self.stop_requested else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._coordinator.channel)
+        if int(flag[0]) and not self.stop_requested:
+            log.error("adamwatch: the optimizer policy stops this run: another rank's verdict was stop")
+            self._remediator.stop_requested = True
+            self.policy_verdict = {"verdict": "stop", "violations": [], "reason": "another rank's verdict was stop"}
+            if self._remediator.on_stop is not None:
+                try:
+                    self._remediator.on_stop()
+                except Exception:
+                    log.exception("adamwatch: on_stop callback failed")
+
+    def _on_policy_verdict(self, payload: dict[str, Any]) -> None:
+        """The sidecar's verdict on the configuration (client thread). "stop" stops before the next step."""
+        args = dict(payload.get("args") or {})
+        verdict = str(args.get("verdict", "ok"))
+        self.policy_verdict = {"verdict": verdict, "violations": list(args.get("violations") or []),
+                               "reason": payload.get("reason")}
+        if verdict == "stop":
+            # Set at once: a verdict that arrives while watch() waits must be
+            # visible when it returns, before any step has run.
+            log.error("adamwatch: the optimizer policy stops this run: %s", payload.get("reason"))
+            first = not self._remediator.stop_requested
+            self._remediator.stop_requested = True
+            on_stop = self._remediator.on_stop
+            if first and on_stop is not None:
+                try:
+                    on_stop()
+                except Exception:
+                    log.exception("adamwatch: on_stop callback failed")
+            if self._client is not None:
+                self._client.send_control(wire.encode_frame(wire.MessageType.ACK, {
+                    "id": payload["id"], "action": "policy_verdict", "outcome": "applied", "step": self.step,
+                    "detail": "stop requested by the optimizer policy", "lr_scale": float(self.lr_scale)}))
+        elif verdict == "warn":
+            log.warning("adamwatch: the optimizer configuration violates policy: %s", payload.get("reason"))
+        self._verdict_event.set()
+
     def _on_command(self, payload: dict[str, Any]) -> None:
         """A COMMAND from the sidecar (client thread): queue it for the next step boundary."""
+        if payload.get("action") == "policy_verdict":
+            self._on_policy_verdict(payload)
+            return
+        if payload.get("action") == "stop":
+            log.warning("adamwatch: the sidecar asks this run to stop at the next step boundary: %s",
+                        payload.get("reason"))
         trigger = payload.get("step")
         if self.checkpointer is not None and isinstance(trigger, int):
             # The sidecar saw an incident at this step: checkpoints around it

@@ -260,8 +260,11 @@ class Remediator:
         """Pin ``restore_checkpoint(step=None)`` to a concrete step (rank 0, before broadcast).
 
         Other ranks may not have seen the same incidents, so they must restore
-        the step rank 0 chose. Anything else is returned unchanged, as is a
-        restore that cannot be resolved (applying it then fails with the reason).
+        the step rank 0 chose. With a Checkpointer that agrees across ranks,
+        rank 0's choice becomes ``before_step`` (an upper bound) and the ranks
+        agree on the newest step usable on all of them when they restore.
+        Anything else is returned unchanged, as is a restore that cannot be
+        resolved (applying it then fails with the reason).
 
         Args:
             action: the action.
@@ -271,10 +274,18 @@ class Remediator:
         """
         if action.kind != "restore_checkpoint" or self.checkpointer is None or action.args.get("step") is not None:
             return action
+        agrees = getattr(self.checkpointer, "agrees_across_ranks", lambda: False)()
         try:
             step = self.checkpointer.select(before_step=_optional_step(action.args, "before_step"))
         except Exception:  # noqa: BLE001 - reported when applied
             return action
+        if agrees:
+            # The Checkpointer picks, with every rank, the newest step usable on all
+            # of them. Rank 0's choice is an upper bound (it alone may know of an
+            # incident), not a pin: a rank whose copy of that step is corrupt would
+            # refuse an exact step, and the ranks would disagree.
+            args = dict(action.args, step=None, before_step=step + 1)
+            return Action(action.kind, args, id=action.id, source=action.source, reason=action.reason)
         args = dict(action.args, step=step)
         args.pop("before_step", None)
         return Action(action.kind, args, id=action.id, source=action.source, reason=action.reason)

@@ -98,6 +98,7 @@ class MessageType(enum.IntEnum):
     ACK = 5  # trainer → sidecar, a command took effect (or failed) at a step
     GOODBYE = 6  # trainer → sidecar, clean shutdown: the run ended, not crashed
     COMMAND = 7  # sidecar → trainer, a remediation action to apply at a step boundary
+    CONFIG = 10  # trainer → sidecar, the optimizer's configuration changed mid-run (not by adamwatch)
     MONITOR_ERRORS = 12  # trainer → sidecar, cumulative failures inside the monitor, by where
 
 
@@ -142,6 +143,15 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "optimizer": _f("dict"),
         "deep_stats_every": _f("int", required=False),
         "dropped_total": _f("int", required=False),
+        # The full optimizer configuration (adamwatch.optimizer_config.capture_config),
+        # its fingerprint, the features policy can require ({"checkpointer": bool,
+        # "guard": bool, "deep_stats": bool}) and adamwatch's learning-rate scale.
+        "config": _f("dict", required=False),
+        "config_hash": _f("str", required=False),
+        "features": _f("dict", required=False),
+        "lr_scale": _f("float", required=False, nullable=True),
+        # seconds the trainer waits for the sidecar's policy verdict (0: it does not wait)
+        "policy_wait_s": _f("float", required=False),
         # failures inside the monitor so far this session, {where: count} (as MONITOR_ERRORS)
         "monitor_errors": _f("dict", required=False),
     },
@@ -186,6 +196,8 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "duration_s": _f("float", required=False, nullable=True),
         # bytes of the checkpoint's data files (saved, restored)
         "size_bytes": _f("int", required=False, nullable=True),
+        # restored: adamwatch's learning-rate scale in force after the restore
+        "lr_scale": _f("float", required=False, nullable=True),
     },
     MessageType.ACK: {
         "id": _f("str"),
@@ -198,6 +210,16 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         # who asked: "sidecar" (a COMMAND), "local" (monitor.reduce_lr() etc. in the
         # training script), "recovery" (the trainer's LR recovery)
         "source": _f("str", required=False, nullable=True),
+    },
+    MessageType.CONFIG: {
+        # the step at whose end the change was seen: with the default check every
+        # step, the first step that ran with the new configuration
+        "step": _f("int"),
+        "time": _f("float"),
+        "config": _f("dict"),  # the new configuration (adamwatch.optimizer_config.capture_config)
+        "config_hash": _f("str"),
+        "previous_hash": _f("str", nullable=True),
+        "changed": _f("list[str]"),  # one line per differing field, "path: old -> new"
     },
     MessageType.GOODBYE: {
         "reason": _f("str", required=False, nullable=True),

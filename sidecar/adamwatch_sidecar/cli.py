@@ -27,7 +27,8 @@ __all__ = ["main", "build_parser", "SUBCOMMAND_MODULES"]
 
 # Modules that add subcommands through register_cli(subparsers); their owners
 # add their entry ("adamwatch_sidecar.assets", "adamwatch_sidecar.remediation.ctl").
-SUBCOMMAND_MODULES: list[str] = ["adamwatch_sidecar.remediation.ctl", "adamwatch_sidecar.assets"]
+SUBCOMMAND_MODULES: list[str] = ["adamwatch_sidecar.remediation.ctl", "adamwatch_sidecar.assets",
+                                  "adamwatch_sidecar.optimizer_policy_cli"]
 
 log = logging.getLogger("adamwatch_sidecar")
 
@@ -97,6 +98,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:  # PolicyError names the field: "remediation.x: ..."
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    from .optimizer_policy_service import attach_policy
+
+    attach_policy(sidecar, config.optimizer_policy)
     try:
         sidecar.serve_forever()
     except OSError as exc:

@@ -56,6 +56,7 @@ class SidecarConfig:
     max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES
     log_level: str = "INFO"
     remediation: dict[str, Any] = field(default_factory=dict)
+    optimizer_policy: dict[str, Any] = field(default_factory=dict)
 
 
 # Field name -> one-line description (the README table is written from this).
@@ -68,6 +69,7 @@ FIELDS: dict[str, str] = {
     "max_frame_bytes": "Largest frame payload accepted; larger frames close the connection.",
     "log_level": "One of DEBUG, INFO, WARNING, ERROR, CRITICAL.",
     "remediation": "Remediation policy (a mapping; see the remediation section).",
+    "optimizer_policy": "Allowed optimizer configurations per job-name pattern (a mapping; see the optimizer policy section).",
 }
 assert set(FIELDS) == {f.name for f in dataclasses.fields(SidecarConfig)}
 
@@ -133,6 +135,14 @@ def _validate(raw: Mapping[str, Any]) -> SidecarConfig:
     if not isinstance(remediation, dict):
         raise ConfigError(f"remediation: must be a mapping, got {type(remediation).__name__}")
     values["remediation"] = remediation
+    from .optimizer_policy import PolicyError, parse_policy
+
+    optimizer_policy = raw.get("optimizer_policy") or {}
+    try:
+        parse_policy(optimizer_policy)
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from None
+    values["optimizer_policy"] = dict(optimizer_policy)
     return SidecarConfig(**values)
 
 
@@ -203,6 +213,6 @@ def render_markdown_reference() -> str:
     for name, meaning in FIELDS.items():
         default = getattr(defaults, name)
         shown = "unset" if default is None else ("`{}`" if default == {} else f"`{default}`")
-        flag = "—" if name == "remediation" else f"`--{name.replace('_', '-')}`"
+        flag = "—" if name in ("remediation", "optimizer_policy") else f"`--{name.replace('_', '-')}`"
         lines.append(f"| `{name}` | {flag} | {shown} | {meaning} |")
     return "\n".join(lines) + "\n"

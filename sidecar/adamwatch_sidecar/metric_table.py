@@ -122,7 +122,7 @@ METRICS: tuple[MetricSpec, ...] = (
                "Optimizer class (Adam, AdamW, SGD, ...), implementation and hyperparameters announced by the trainer "
                "(empty where the optimizer has no such hyperparameter).",
                T + ("optimizer", "implementation", "beta1", "beta2", "eps", "weight_decay", "amsgrad",
-                    "world_size", "host", "torch_version", "adamwatch_version")),
+                    "world_size", "host", "torch_version", "adamwatch_version", "config_hash")),
     MetricSpec("adamwatch_dropped_summaries_total", "counter", "",
                "Step summaries the trainer dropped because the sidecar was unreachable or slow.", T),
     MetricSpec("adamwatch_frames_rejected_total", "counter", "",
@@ -171,6 +171,14 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("adamwatch_corrupt_checkpoints_total", "counter", "",
                "Checkpoints found unusable (invalid manifest, size or sha256 mismatch, unloadable, "
                "or not fitting the live model and optimizer) and skipped.", T),
+    # --- optimizer configuration as code (issue 12) ---------------------------------------------
+    # config_hash on adamwatch_optimizer_info is the fingerprint; these two follow its changes.
+    MetricSpec("adamwatch_optimizer_config_changes_total", "counter", "",
+               "Changes of the optimizer's configuration made mid-run by something other than adamwatch "
+               "(hyperparameters edited, param groups added), seen at a step boundary.", T),
+    MetricSpec("adamwatch_policy_violations", "gauge", "",
+               "1 while the trainer's optimizer configuration breaks this optimizer-policy rule, 0 once it "
+               "complies again (rule: <policy rule name>.<field>).", T + ("rule",)),
     # --- gradient clipping (issue 8 item 1): adamwatch_grad_norm stays the pre-clip norm --------
     MetricSpec("adamwatch_grad_clip_coefficient", "gauge", "ratio",
                "Factor gradient clipping applied at the latest clipped step, min(1, max_norm/pre-clip norm); "

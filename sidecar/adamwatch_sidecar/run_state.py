@@ -347,6 +347,7 @@ def _info_labels(base: tuple[str, str], hello: dict[str, Any]) -> tuple[str, ...
         _label_text(hello["host"], MAX_LABEL_CHARS),
         _label_text(hello.get("torch_version") or ""),
         _label_text(hello["adamwatch_version"]),
+        _label_text(hello.get("config_hash") or ""),
     )
 
 
@@ -476,6 +477,14 @@ class RunState:
         elif mtype is wire.MessageType.ACK:
             with self._lock:
                 self._get(key)
+        elif mtype is wire.MessageType.CONFIG:
+            # The optimizer's configuration changed mid-run: the info series
+            # follows the new fingerprint (counting and policy are listeners').
+            with self._lock:
+                trainer = self._get(key)
+                if trainer.hello is not None:
+                    trainer.hello = dict(trainer.hello, config=payload["config"], config_hash=payload["config_hash"])
+                    trainer.info_labels = _info_labels(trainer.base, trainer.hello)
         else:
             raise wire.FrameError("unexpected", f"{mtype.name} is not a trainer message")
         if self._listeners:

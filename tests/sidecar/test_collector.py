@@ -56,7 +56,7 @@ def test_exposition_parses_back_with_the_values_we_put_in() -> None:
     assert series(values, "adamwatch_frames_rejected_total", reason="bad_magic") == 3
     assert series(values, "adamwatch_optimizer_info", job=job, rank=0, optimizer="AdamW", implementation="fused",
                   beta1="0.9", beta2="0.95", eps="1e-08", weight_decay="0.1", amsgrad="false", world_size="4",
-                  host="node-1", torch_version="2.13.0", adamwatch_version="0.1.0") == 1
+                  host="node-1", torch_version="2.13.0", adamwatch_version="0.1.0", config_hash="") == 1
 
 
 def test_every_family_comes_from_the_metric_table_with_its_type_and_help() -> None:

@@ -52,7 +52,7 @@ def test_hello_registers_the_trainer_with_optimizer_info(state: RunState) -> Non
     assert value(state, "adamwatch_trainer_connected", **T()) == 1.0
     [(spec, samples)] = state.snapshot(only="adamwatch_optimizer_info")
     assert samples == [(("gpt", "0", "AdamW", "fused", "0.9", "0.95", "1e-08", "0.1", "false", "4", "node-1",
-                         "2.13.0", "0.1.0"), 1.0)]
+                         "2.13.0", "0.1.0", ""), 1.0)]
     assert value(state, "adamwatch_steps_total", **T()) == 0.0
     assert value(state, "adamwatch_nonfinite_steps_total", **T(source="loss")) == 0.0
     assert value(state, "adamwatch_loss", **T()) is None  # no step yet: no loss series

@@ -51,11 +51,12 @@ def _run_ranks(tmp_path: Path, world: int, scenario: str, *extra: str) -> dict:
 def _check_ladder(result: dict, world: int) -> None:
     assert result["problems"] == []  # identical applied lists, params, m, v, step, lrs on every rank
     assert result["issued"] == [["reduce_lr", 5], ["restore_checkpoint", 9]]
-    # interval 1: applied exactly one step after rank 0 issued it; rank 0 pinned the restore
-    # to step 3 (it alone knew checkpoint 6 was spoiled by the incident at 7)
+    # interval 1: applied exactly one step after rank 0 issued it; rank 0 bounded the restore
+    # to steps before 4 (it alone knew checkpoint 6 was spoiled by the incident at 7), and the
+    # ranks agreed on step 3, the newest usable on all of them
     assert result["applied"] == [
         ["reduce_lr", {"factor": 0.5}, "applied", 6, None],
-        ["restore_checkpoint", {"step": 3}, "applied", 10, 3],
+        ["restore_checkpoint", {"step": None, "before_step": 4}, "applied", 10, 3],
     ]
     assert result["stop"] == [False] * world  # the stop issued on the last rank was not applied
     assert result["dropped"][-1] == 1

@@ -165,6 +165,8 @@ class RemediationService:
         self._jobs: dict[str, _JobState] = {}
         self._pending: dict[str, _Pending] = {}
         self._recent: deque[dict[str, Any]] = deque(maxlen=50)
+        # name -> fn(job or None): more sections for status() (e.g. the optimizer policy's)
+        self.status_extensions: dict[str, Callable[[str | None], Any]] = {}
 
     # ------------------------------------------------------------------ inputs
     def on_message(self, key: Key, message: Any) -> None:
@@ -196,6 +198,10 @@ class RemediationService:
             elif mtype is wire.MessageType.CHECKPOINT:
                 if payload.get("event") == "restored":
                     self._reset_detectors(key[0])
+                    if isinstance(payload.get("lr_scale"), (int, float)) and key[1] == 0:
+                        # the checkpoint's own scale, when the trainer restored by itself
+                        self._job(key[0]).lr_scale = float(payload["lr_scale"])
+                        self._publish_job_gauges(key[0])
             elif mtype is wire.MessageType.GOODBYE:
                 self._disconnected(self._rank(key))
         self._flush(sends)
@@ -269,7 +275,7 @@ class RemediationService:
                 ladder.reset()
             job.exhausted = False
             job.cooldown = None
-            job.lr_scale = 1.0
+            job.lr_scale = float(payload["lr_scale"]) if isinstance(payload.get("lr_scale"), (int, float)) else 1.0
             job.alerts_firing.clear()
         self._publish_job_gauges(key[0])
 
@@ -499,8 +505,8 @@ class RemediationService:
         if outcome not in ("applied", "failed", "rejected"):
             outcome = "failed"
         job = self._job(key[0])
-        if isinstance(payload.get("lr_scale"), (int, float)) and payload.get("action") == "reduce_lr" \
-                and outcome == "applied":
+        if isinstance(payload.get("lr_scale"), (int, float)) and outcome == "applied" \
+                and payload.get("action") in ("reduce_lr", "restore_checkpoint", "recover_lr"):
             job.lr_scale = float(payload["lr_scale"])
         if pending is None:
             # An action the trainer took on its own (monitor.reduce_lr), or an ACK after our timeout.
@@ -782,7 +788,16 @@ class RemediationService:
                              "age_seconds": round(now - p.sent_at, 3)} for p in self._pending.values()
                             if job is None or p.job == job],
                 "recent": [r for r in self._recent if job is None or r["job"] == job],
+                **{name: self._extension(fn, job) for name, fn in self.status_extensions.items()},
             }
+
+    @staticmethod
+    def _extension(fn: Callable[[str | None], Any], job: str | None) -> Any:
+        try:
+            return fn(job)
+        except Exception as exc:  # a broken section must not break status
+            log.exception("status extension %r failed", fn)
+            return {"error": f"{type(exc).__name__}: {exc}"}
 
     def _describe_detectors(self, rank: _RankState) -> dict[str, Any]:
         # For the status page: what each detector would fire on right now.
