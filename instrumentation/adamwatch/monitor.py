@@ -30,6 +30,9 @@ import torch
 from adamwatch import __version__, wire
 from adamwatch.client import StreamClient, default_job_name
 from adamwatch.distributed import StepCoordinator
+from adamwatch.evaluation import EvalRecorder, validate_eval_metrics
+from adamwatch.exits import ExitReporter, classify_exception
+from adamwatch.footprint import footprint_payload
 from adamwatch.lr_control import LRRecovery
 from adamwatch.optimizer_info import describe_optimizer, group_names, is_fused
 from adamwatch.remediation import Action, ActionResult, Remediator, SchedulerStepHook, skip_next_scheduler_step
@@ -88,6 +91,11 @@ class MonitorConfig:
     lr_floor: float = 0.0
     lr_recovery_steps: int | None = None
     command_interval: int = 1
+    # issue 11: evaluation, convergence, run ends, footprint
+    target: dict[str, float] | None = None
+    model_family: str | None = None
+    footprint_interval: float = 30.0
+    report_exits: bool = True
 
     def validate(self) -> None:
         if self.guard not in _GUARDS:
@@ -110,6 +118,18 @@ class MonitorConfig:
             raise ValueError(f"command_interval must be an int >= 1, got {self.command_interval!r}")
         if self.endpoint is not None:
             wire.parse_endpoint(self.endpoint)
+        if self.target is not None:
+            if not isinstance(self.target, dict) or not self.target:
+                raise ValueError(f"target must be a non-empty dict like {{'eval_loss': 1.6}}, got {self.target!r}")
+            for name, value in self.target.items():
+                if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                        or value != value:
+                    raise ValueError(f"target[{name!r}] must be a number, got {value!r}")
+        if self.model_family is not None and (not isinstance(self.model_family, str)
+                                              or not 0 < len(self.model_family) <= 64):
+            raise ValueError(f"model_family must be a string of 1..64 characters, got {self.model_family!r}")
+        if not isinstance(self.footprint_interval, (int, float)) or not self.footprint_interval > 0:
+            raise ValueError(f"footprint_interval must be seconds > 0, got {self.footprint_interval!r}")
 
 
 def _distributed_rank_world() -> tuple[int | None, int | None]:
@@ -162,6 +182,10 @@ class Monitor:
         self._error_logged = False
         self._closed = False
         self._actions: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._evals = EvalRecorder()
+        self._next_footprint = 0.0  # monotonic time of the next FOOTPRINT (background thread)
+        self._exit: dict[str, Any] = {"exit_reason": "clean"}
+        self._exit_reporter: ExitReporter | None = None
 
         self._stats = StepStats(optimizer, sample_size=config.sample_size, seed=config.seed)
         self._transfer = SummaryTransfer(self._stats.device, self._stats.max_length, self._stats.dtype)
@@ -202,6 +226,9 @@ class Monitor:
             self._client.start()
         else:
             self._reader.start()
+        if config.report_exits:
+            self._exit_reporter = ExitReporter(self._report_exit)
+            self._exit_reporter.install()
 
     # ------------------------------------------------------------------ user API
     def observe_loss(self, loss: torch.Tensor | float) -> None:
@@ -248,10 +275,38 @@ class Monitor:
         """Cumulative learning-rate factor applied by remediation (1.0 = untouched)."""
         return getattr(self._remediator, "lr_scale", 1.0)
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Remove the hooks, flush pending summaries (up to ``timeout``) and say goodbye."""
+    def observe_eval(self, step: int | None = None, **metrics: torch.Tensor | float) -> None:
+        """Record evaluation results (validation loss, scores) for a step; nothing waits for the device.
+
+        Args:
+            step: the optimizer step they belong to; default the latest step.
+            **metrics: name -> number or scalar tensor, e.g. ``loss=val_loss, accuracy=acc``.
+                The validation loss is the one named ``loss``; targets name it ``eval_loss``.
+
+        Raises:
+            ValueError, TypeError: a bad name or value (named in the message).
+        """
+        validate_eval_metrics(metrics)
+        self._evals.observe(self.step if step is None else int(step), metrics, time.time())
+
+    def close(self, timeout: float = 2.0, *, exit_reason: str = "clean", exception: str | None = None,
+              signal: str | None = None) -> None:
+        """Remove the hooks, flush pending summaries (up to ``timeout``) and say goodbye.
+
+        Args:
+            timeout: seconds to flush.
+            exit_reason: how the run ended, one of ``wire.EXIT_REASONS`` (the
+                ``with`` block and the exit hooks set it; a script rarely needs to).
+            exception, signal: the exception type name or signal name, if any.
+        """
         if self._closed:
             return
+        if exit_reason not in wire.EXIT_REASONS or exit_reason == "vanished":
+            raise ValueError(f"exit_reason must be one of {wire.EXIT_REASONS[:-1]}, got {exit_reason!r}")
+        self._exit = {"exit_reason": exit_reason, "exception": exception, "signal": signal}
+        if self._exit_reporter is not None:
+            self._exit_reporter.disarm()
+            self._exit_reporter.uninstall()
         self._closed = True
         for handle in self._handles:
             handle.remove()
@@ -270,15 +325,22 @@ class Monitor:
                     self._ack(ActionResult(action, "rejected", None, "the monitor closed before its step boundary"))
         self._transfer.wake()
         if self._client is not None:
-            self._client.close(timeout, goodbye={"reason": "closed", "step": self.step})
+            self._client.close(timeout, goodbye={"reason": "closed", "step": self.step,
+                                                 **{k: v for k, v in self._exit.items() if v is not None}})
         else:
             self._reader.join(timeout)
 
     def __enter__(self) -> "Monitor":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        reason, name = classify_exception(exc)
+        self.close(exit_reason=reason, exception=name)
+
+    def _report_exit(self, exit_reason: str, *, exception: str | None = None, signal: str | None = None) -> None:
+        """From the exit hooks (uncaught exception, fatal signal): say goodbye with the reason."""
+        if exit_reason in wire.EXIT_REASONS:
+            self.close(exit_reason=exit_reason, exception=exception, signal=signal)
 
     # ------------------------------------------------------------------ hooks
     def _report_error(self, where: str) -> None:
@@ -423,6 +485,8 @@ class Monitor:
             "torch_version": torch.__version__,
             "optimizer": self._info,
             "deep_stats_every": self.config.deep_stats_every,
+            "model_family": self.config.model_family,
+            "target": dict(self.config.target) if self.config.target else None,
         }
 
     def _summaries(self, timeout: float) -> list[dict[str, Any]]:
@@ -448,12 +512,35 @@ class Monitor:
         return payloads
 
     def _poll_summaries(self, timeout: float) -> list[bytes]:
-        return [wire.encode_frame(wire.MessageType.STEP, p) for p in self._summaries(timeout)]
+        frames = [wire.encode_frame(wire.MessageType.STEP, p) for p in self._summaries(timeout)]
+        client = self._client
+        if client is not None and not client.connected:
+            # Evaluations wait (bounded) for a first connection; once the sidecar
+            # is lost they are dropped and counted in the recorder, never as
+            # dropped step summaries. The footprint waits for the connection.
+            if client.connections:
+                self._evals.discard()
+            return frames
+        try:
+            frames.extend(self._side_frames())
+        except Exception:
+            self._report_error("evaluation/footprint report")
+        return frames
+
+    def _side_frames(self) -> list[bytes]:
+        """EVAL frames of recorded evaluations, and a FOOTPRINT every ``footprint_interval`` seconds."""
+        frames = [wire.encode_frame(wire.MessageType.EVAL, p) for p in self._evals.drain()]
+        now = time.monotonic()
+        if now >= self._next_footprint:
+            self._next_footprint = now + self.config.footprint_interval
+            frames.append(wire.encode_frame(wire.MessageType.FOOTPRINT, footprint_payload(self.optimizer, time.time())))
+        return frames
 
     def _drain_without_client(self) -> None:
         while not self._closed or not self._transfer.idle:
             try:
                 self._summaries(0.1)
+                self._evals.discard()  # nowhere to send them
             except Exception:
                 self._report_error("summary reader")
 
@@ -598,7 +685,8 @@ def watch(
         guard: "auto" (skip non-finite steps where free), "sync" or "off".
         on_stop: called when a "stop" action is applied (``monitor.stop_requested`` turns True too).
         **options: further MonitorConfig fields (sample_size, max_queued, world_size, seed,
-            lr_floor, lr_recovery_steps, command_interval).
+            lr_floor, lr_recovery_steps, command_interval, target (e.g. ``{"eval_loss": 1.6}``),
+            model_family, footprint_interval, report_exits).
 
     Returns:
         The Monitor; use it as a context manager or call ``close()``.

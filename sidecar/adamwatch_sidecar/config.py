@@ -56,6 +56,8 @@ class SidecarConfig:
     max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES
     log_level: str = "INFO"
     remediation: dict[str, Any] = field(default_factory=dict)
+    convergence: dict[str, Any] = field(default_factory=dict)
+    runs: dict[str, Any] = field(default_factory=dict)
 
 
 # Field name -> one-line description (the README table is written from this).
@@ -68,6 +70,8 @@ FIELDS: dict[str, str] = {
     "max_frame_bytes": "Largest frame payload accepted; larger frames close the connection.",
     "log_level": "One of DEBUG, INFO, WARNING, ERROR, CRITICAL.",
     "remediation": "Remediation policy (a mapping; see the remediation section).",
+    "convergence": "Convergence targets per job and trend windows (a mapping; see \"Runs, evaluation and SLOs\").",
+    "runs": "Run-end tracking: `vanish_grace_seconds` before a silent disconnect counts as vanished (default 30).",
 }
 assert set(FIELDS) == {f.name for f in dataclasses.fields(SidecarConfig)}
 
@@ -133,6 +137,16 @@ def _validate(raw: Mapping[str, Any]) -> SidecarConfig:
     if not isinstance(remediation, dict):
         raise ConfigError(f"remediation: must be a mapping, got {type(remediation).__name__}")
     values["remediation"] = remediation
+    from .convergence import parse_convergence_config
+    from .run_tracking import parse_runs_config
+
+    for name, parse in (("convergence", parse_convergence_config), ("runs", parse_runs_config)):
+        section = raw.get(name) or {}
+        try:
+            parse(section)  # messages start with the field name: "convergence.targets.gpt: ..."
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        values[name] = dict(section)
     return SidecarConfig(**values)
 
 
@@ -203,6 +217,6 @@ def render_markdown_reference() -> str:
     for name, meaning in FIELDS.items():
         default = getattr(defaults, name)
         shown = "unset" if default is None else ("`{}`" if default == {} else f"`{default}`")
-        flag = "—" if name == "remediation" else f"`--{name.replace('_', '-')}`"
+        flag = "—" if name in ("remediation", "convergence", "runs") else f"`--{name.replace('_', '-')}`"
         lines.append(f"| `{name}` | {flag} | {shown} | {meaning} |")
     return "\n".join(lines) + "\n"

@@ -39,6 +39,7 @@ from typing import Any, Callable, NamedTuple, Optional
 from adamwatch import wire
 
 from .metric_table import BY_NAME, METRICS, STEP_DURATION_BUCKETS, MetricSpec, metric
+from .sre_messages import validate_sre_message
 
 __all__ = [
     "TrainerKey",
@@ -436,6 +437,11 @@ class RunState:
         elif mtype is wire.MessageType.ACK:
             with self._lock:
                 self._get(key)
+        elif mtype in (wire.MessageType.EVAL, wire.MessageType.FOOTPRINT):
+            # issue 11: listeners (adamwatch_sidecar.evaluation, .footprint) export these
+            validate_sre_message(mtype, payload)
+            with self._lock:
+                self._get(key)
         else:
             raise wire.FrameError("unexpected", f"{mtype.name} is not a trainer message")
         if self._listeners:
@@ -678,6 +684,19 @@ class RunState:
             raise ValueError(f"{metric_name}: gauge value must be a number, got {value!r}")
         with self._lock:
             self._globals.setdefault(metric_name, {})[values] = float(value)
+
+    def remove_series(self, key: TrainerKey, metric_name: str, labels: dict[str, Any]) -> None:
+        """Delete one per-trainer series of the generic store (a value that is no longer known).
+
+        Args:
+            key: the trainer; labels: every label of the metric except job and rank.
+        """
+        spec = metric(metric_name)
+        _, values = self._check(metric_name, spec.type, labels, trainer=True)
+        with self._lock:
+            trainer = self._trainers.get(as_key(key))
+            if trainer is not None and metric_name in trainer.custom:
+                trainer.custom[metric_name].pop(trainer.base + values, None)
 
     def value(self, metric_name: str, labels: dict[str, Any]) -> float | None:
         """Current value of one series by its full label set (tests, status pages).
