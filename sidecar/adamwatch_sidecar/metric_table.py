@@ -114,7 +114,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("adamwatch_trainer_connected", "gauge", "",
                "1 while the trainer's connection is open, 0 after it closed (until its series expire).", T),
     MetricSpec("adamwatch_trainer_finished", "gauge", "",
-               "1 once the trainer said goodbye (a clean end of the run, not a crash); 0 before.", T),
+               "1 once the trainer said goodbye with a clean or preemption exit (the run ended on purpose, not a "
+               "crash); 0 before and after a crash.", T),
     MetricSpec("adamwatch_optimizer_info", "info", "",
                "Optimizer kind, implementation and hyperparameters announced by the trainer.",
                T + ("optimizer", "implementation", "beta1", "beta2", "eps", "weight_decay", "amsgrad",

@@ -852,7 +852,10 @@ def _r_connected(t: _Trainer, out: list) -> None:
 def _r_finished(t: _Trainer, out: list) -> None:
     # A GOODBYE means the run ended on purpose: alerts on a disconnected
     # trainer exclude it. A new HELLO clears it (see hello()).
-    out.append((t.base, 1.0 if t.goodbye is not None else 0.0))
+    # A GOODBYE that reports a crash (exception, OOM, fatal signal: issue 11)
+    # is not a finished run: the disconnection alert must still see it.
+    finished = t.goodbye is not None and t.goodbye.get("exit_reason") in (None, "clean", "preemption")
+    out.append((t.base, 1.0 if finished else 0.0))
 
 
 def _r_info(t: _Trainer, out: list) -> None:
