@@ -186,6 +186,7 @@ class Monitor:
         self._next_footprint = 0.0  # monotonic time of the next FOOTPRINT (background thread)
         self._exit: dict[str, Any] = {"exit_reason": "clean"}
         self._exit_reporter: ExitReporter | None = None
+        self._goodbye_sent = False
 
         self._stats = StepStats(optimizer, sample_size=config.sample_size, seed=config.seed)
         self._transfer = SummaryTransfer(self._stats.device, self._stats.max_length, self._stats.dtype)
@@ -325,8 +326,10 @@ class Monitor:
                     self._ack(ActionResult(action, "rejected", None, "the monitor closed before its step boundary"))
         self._transfer.wake()
         if self._client is not None:
-            self._client.close(timeout, goodbye={"reason": "closed", "step": self.step,
-                                                 **{k: v for k, v in self._exit.items() if v is not None}})
+            if self._goodbye_sent:
+                self._client.close(timeout)  # a signal's goodbye went out already
+            else:
+                self._say_goodbye(timeout)
         else:
             self._reader.join(timeout)
 
@@ -337,10 +340,32 @@ class Monitor:
         reason, name = classify_exception(exc)
         self.close(exit_reason=reason, exception=name)
 
+    _SIGNAL_GOODBYE_SECONDS = 2.0
+
     def _report_exit(self, exit_reason: str, *, exception: str | None = None, signal: str | None = None) -> None:
         """From the exit hooks (uncaught exception, fatal signal): say goodbye with the reason."""
-        if exit_reason in wire.EXIT_REASONS:
-            self.close(exit_reason=exit_reason, exception=exception, signal=signal)
+        if self._closed or exit_reason not in wire.EXIT_REASONS:
+            return
+        if signal is None:
+            # sys.excepthook: the training thread's stack is unwound, closing is safe.
+            self.close(exit_reason=exit_reason, exception=exception)
+            return
+        # A signal handler interrupts the training thread anywhere: inside a
+        # hook, or holding the client's lock. Only say goodbye, from another
+        # thread and for a bounded time; the hooks stay until close(), so a
+        # script whose own handler lets it finish the step keeps working.
+        self._exit = {"exit_reason": exit_reason, "exception": exception, "signal": signal}
+        if self._client is None:
+            return
+        farewell = threading.Thread(target=self._say_goodbye, name="adamwatch-goodbye", daemon=True)
+        farewell.start()
+        farewell.join(self._SIGNAL_GOODBYE_SECONDS + 0.5)
+
+    def _say_goodbye(self, timeout: float = _SIGNAL_GOODBYE_SECONDS) -> None:
+        if self._client is not None and not self._goodbye_sent:
+            self._goodbye_sent = True
+            self._client.close(timeout, goodbye={"reason": "closed", "step": self.step,
+                                                 **{k: v for k, v in self._exit.items() if v is not None}})
 
     # ------------------------------------------------------------------ hooks
     def _report_error(self, where: str) -> None:

@@ -1,7 +1,7 @@
 """A tiny real trainer that ends in the way its first argument says (run by test_run_ends.py).
 
     python _run_end_trainer.py MODE ENDPOINT JOB
-    MODE: clean | exception | oom | sigterm | sigkill | eval
+    MODE: clean | exception | oom | sigterm | sigterm-handled | sigkill | eval
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ def main() -> None:
     model = torch.nn.Linear(8, 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     target = {"eval_loss": 0.5} if mode == "eval" else None
+    stopping = []
+    if mode == "sigterm-handled":
+        # The script's own handler, installed before watch(): finish the epoch, then exit 0.
+        signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     monitor = adamwatch.watch(optimizer, endpoint=endpoint, job=job, target=target, model_family="linear",
                               footprint_interval=0.05)
 
@@ -52,6 +56,12 @@ def main() -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")  # uncaught: excepthook
     elif mode == "sigterm":
         os.kill(os.getpid(), signal.SIGTERM)
+    elif mode == "sigterm-handled":
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(5):  # training goes on after the goodbye: the hooks are still there
+            step()
+        assert stopping == [signal.SIGTERM] and monitor.step == 10, (stopping, monitor.step)
+        monitor.close()
     elif mode == "sigkill":
         print("READY", flush=True)
         sys.stdin.readline()

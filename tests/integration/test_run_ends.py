@@ -52,6 +52,8 @@ def _exits(sidecar: SidecarProcess, job: str) -> dict[str, float]:
         ("exception", "exception", "crashed", 1, "ValueError"),
         ("oom", "oom", "oom", 1, "OutOfMemoryError"),
         ("sigterm", "preemption", "preempted", -signal.SIGTERM, None),
+        # the script handles SIGTERM itself and finishes cleanly: still one exit, preemption
+        ("sigterm-handled", "preemption", "preempted", 0, None),
     ],
 )
 def test_each_way_a_run_ends_is_counted_once_by_reason(run_sidecar, mode, reason, outcome, returncode,
