@@ -267,6 +267,11 @@ class Monitor:
         return self._client.dropped_total if self._client else self._transfer.dropped
 
     @property
+    def dropped_evaluations(self) -> int:
+        """Evaluations that never reached the sidecar (queue full, or the sidecar was lost)."""
+        return self._evals.dropped
+
+    @property
     def stop_requested(self) -> bool:
         """A "stop" action was applied: finish the step, save, and leave the loop."""
         return self._remediator.stop_requested

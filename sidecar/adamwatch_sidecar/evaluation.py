@@ -12,6 +12,7 @@ Runs as a RunState listener on the ingest loop thread.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -21,6 +22,8 @@ from .overfitting import VALIDATION_LOSS_NAMES, OverfittingStreak
 from .run_state import RunState, TrainerKey
 
 __all__ = ["EvaluationExporter"]
+
+log = logging.getLogger(__name__)
 
 
 class EvaluationExporter:
@@ -33,6 +36,9 @@ class EvaluationExporter:
     def __init__(self, state: RunState):
         self.state = state
         self._streaks: dict[TrainerKey, OverfittingStreak] = {}
+        # names exported per trainer: bounded, or a trainer inventing a new
+        # name per evaluation would grow /metrics without end
+        self._names: dict[TrainerKey, set[str]] = {}
 
     def on_message(self, key: TrainerKey, message: wire.Message | None) -> None:
         if message is None:
@@ -52,7 +58,16 @@ class EvaluationExporter:
     def _on_eval(self, key: TrainerKey, p: dict[str, Any]) -> None:
         state = self.state
         metrics = p["metrics"]
+        names = self._names.setdefault(key, set())
         for name, value in metrics.items():
+            if name not in names:
+                if len(names) >= wire.MAX_EVAL_METRICS:
+                    if len(names) == wire.MAX_EVAL_METRICS:
+                        log.warning("trainer %s: more than %d evaluation names; %r and later new names are not "
+                                    "exported", key, wire.MAX_EVAL_METRICS, name)
+                        names.add("\0full")  # warn once
+                    continue
+                names.add(name)
             state.set_gauge(key, "adamwatch_eval_metric", {"metric": name},
                             math.nan if value is None else float(value))
         state.set_gauge(key, "adamwatch_eval_step", {}, float(p["step"]))
@@ -69,3 +84,5 @@ class EvaluationExporter:
         """Drop the state of trainers the run state no longer knows (expired)."""
         for key in [k for k in self._streaks if k not in keys]:
             del self._streaks[key]
+        for key in [k for k in self._names if k not in keys]:
+            del self._names[key]

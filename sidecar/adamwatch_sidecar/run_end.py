@@ -76,6 +76,7 @@ class RunEndTracker:
         self._target_outcome = target_outcome
         self._sessions: dict[TrainerKey, _Session] = {}
         self._exception_types: dict[TrainerKey, set[str]] = {}
+        self._families: dict[TrainerKey, str] = {}
 
     # ------------------------------------------------------------------ listener
     def on_message(self, key: TrainerKey, message: wire.Message | None) -> None:
@@ -117,8 +118,12 @@ class RunEndTracker:
         device = str(hello["optimizer"].get("device") or "unknown")[:_MAX_LABEL].split(":")[0]
         state.inc(key, "adamwatch_trainer_device_seconds_total", {"device": device}, 0)
         family = hello.get("model_family")
-        state.set_gauge(key, "adamwatch_run_info",
-                        {"model_family": family[:_MAX_LABEL] if isinstance(family, str) else ""}, 1.0)
+        family = family[:_MAX_LABEL] if isinstance(family, str) else ""
+        old_family = self._families.get(key)
+        if old_family is not None and old_family != family:
+            state.remove_series(key, "adamwatch_run_info", {"model_family": old_family})
+        self._families[key] = family
+        state.set_gauge(key, "adamwatch_run_info", {"model_family": family}, 1.0)
         self._sessions[key] = _Session(hello["session"], device, accounted_until=self._clock())
 
     def _on_disconnect(self, key: TrainerKey) -> None:
@@ -167,6 +172,7 @@ class RunEndTracker:
             if key not in known:
                 del self._sessions[key]
                 self._exception_types.pop(key, None)
+                self._families.pop(key, None)
                 continue
             self._count_device_time(key, s, now)
             if s.vanish_deadline is not None and now >= s.vanish_deadline:

@@ -120,10 +120,24 @@ def test_device_seconds_count_connected_time_only(world) -> None:
     assert _v(state, "adamwatch_trainer_device_seconds_total", device="cpu") == pytest.approx(3.5)
 
 
-def test_model_family_label(world) -> None:
+def test_model_family_label_follows_the_latest_hello(world) -> None:
     state, _, _ = world
     state.hello("c1", hello_payload(model_family="gpt-small"))
     assert _v(state, "adamwatch_run_info", model_family="gpt-small") == 1
+    state.hello("c2", hello_payload(session="s2", model_family="gpt-large"))
+    assert _v(state, "adamwatch_run_info", model_family="gpt-small") is None
+    assert _v(state, "adamwatch_run_info", model_family="gpt-large") == 1
+
+
+def test_evaluation_names_per_trainer_are_bounded(world) -> None:
+    state, _, _ = world
+    key = state.hello("c1", hello_payload())
+    for i in range(3):
+        names = {f"m{i}_{j}": float(j) for j in range(wire.MAX_EVAL_METRICS)}
+        _msg(state, key, M.EVAL, {"step": i, "time": 1.0, "metrics": names})
+    exported = [labels for _, samples in state.snapshot(only="adamwatch_eval_metric") for labels, _ in samples]
+    assert len(exported) == wire.MAX_EVAL_METRICS
+    assert _v(state, "adamwatch_evaluations_total") == 3
 
 
 def test_evaluations_are_exported_with_their_step_and_overfitting_counts_up(world) -> None:

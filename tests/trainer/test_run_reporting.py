@@ -61,6 +61,15 @@ def test_observe_eval_rejects_bad_input_naming_it(metrics, error) -> None:
             monitor.observe_eval(**metrics)
 
 
+def test_evaluations_and_footprints_never_count_as_dropped_step_summaries(short_dir) -> None:
+    model = make_model()
+    with adamwatch.watch(make_optimizer(model), endpoint=f"unix://{short_dir}/missing.sock",
+                         report_exits=False) as monitor:
+        monitor.observe_eval(loss=1.0)
+    # never connected: they waited, then left with the monitor; nothing counted as a dropped step summary
+    assert monitor.dropped_total == 0
+
+
 def test_evaluations_beyond_capacity_are_dropped_and_counted() -> None:
     recorder = EvalRecorder(capacity=2)
     for i in range(5):
