@@ -7,6 +7,7 @@
 | any other uncaught exception | exception | ``exception`` (its type name) |
 | SIGTERM (the scheduler preempts the pod) | preemption | ``signal`` |
 | another fatal signal (SIGINT, SIGHUP, SIGQUIT) | signal | ``signal`` |
+| the script ends without closing the Monitor (``atexit``) | clean | |
 
 A trainer killed by SIGKILL or a segfault says nothing: the sidecar records it
 as "vanished" when the connection closes without a GOODBYE.
@@ -16,10 +17,14 @@ not: a chained ``sys.excepthook`` for an uncaught exception outside a ``with``
 block, and chained handlers for SIGTERM/SIGINT/SIGHUP (main thread only). Each
 reports once, then hands over to what was installed before, so the process
 still dies (or the user's own handler still runs) exactly as without adamwatch.
+An ``atexit`` hook reports a script that simply ends without closing its Monitor
+as clean; so is ``sys.exit(code)`` outside a ``with`` block, whatever the
+code, because Python hands SystemExit to no hook.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -96,9 +101,10 @@ class ExitReporter:
         self._signals = signals
 
     def install(self) -> None:
-        """Chain ``sys.excepthook`` and the signal handlers (signals only on the main thread)."""
+        """Chain ``sys.excepthook`` and the signal handlers (signals only on the main thread); register atexit."""
         self._previous_hook = sys.excepthook
         sys.excepthook = self._excepthook
+        atexit.register(self._atexit)
         if threading.current_thread() is not threading.main_thread():
             return
         for name in self._signals:
@@ -118,6 +124,7 @@ class ExitReporter:
         """Put back what :meth:`install` replaced, where nobody replaced ours since."""
         if sys.excepthook == self._excepthook:
             sys.excepthook = self._previous_hook
+        atexit.unregister(self._atexit)
         if threading.current_thread() is threading.main_thread():
             for signum, previous in self._previous_signals.items():
                 try:
@@ -145,6 +152,11 @@ class ExitReporter:
         return True
 
     # ------------------------------------------------------------------ hooks
+    def _atexit(self) -> None:
+        # Runs after sys.excepthook (which reported already) and while the
+        # client's daemon thread is still alive, so the goodbye can go out.
+        self.report("clean")
+
     def _excepthook(self, exc_type: type, exc: BaseException, tb: TracebackType | None) -> None:
         reason, name = classify_exception(exc)
         self.report(reason, exception=name)

@@ -254,6 +254,11 @@ class ConvergenceTracker:
             self.state.remove_series(key, name, labels)
 
     # ------------------------------------------------------------------ queries
+    def has_target(self, key: TrainerKey) -> bool:
+        """Whether trainer ``key`` has a convergence target (announced or configured)."""
+        run = self._runs.get(key)
+        return bool(run and run.targets)
+
     def target_outcome(self, key: TrainerKey, now: float) -> str | None:
         """At a run's end: "reached" (within ``budget_seconds`` when set), "missed", or None without targets."""
         run = self._runs.get(key)

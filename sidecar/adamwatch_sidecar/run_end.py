@@ -66,14 +66,18 @@ class RunEndTracker:
             and that does not reconnect with the same session within this time vanished.
         target_outcome: ``fn(key, now) -> "reached" | "missed" | None``
             (:meth:`ConvergenceTracker.target_outcome`).
+        has_target: ``fn(key) -> bool`` (:meth:`ConvergenceTracker.has_target`, which
+            also knows targets from the sidecar config); runs before this listener.
     """
 
     def __init__(self, state: RunState, clock: Callable[[], float], vanish_grace_seconds: float = 30.0,
-                 target_outcome: Callable[[TrainerKey, float], str | None] | None = None):
+                 target_outcome: Callable[[TrainerKey, float], str | None] | None = None,
+                 has_target: Callable[[TrainerKey], bool] | None = None):
         self.state = state
         self._clock = clock
         self.vanish_grace_seconds = vanish_grace_seconds
         self._target_outcome = target_outcome
+        self._has_target = has_target
         self._sessions: dict[TrainerKey, _Session] = {}
         self._exception_types: dict[TrainerKey, set[str]] = {}
         self._families: dict[TrainerKey, str] = {}
@@ -111,7 +115,7 @@ class RunEndTracker:
             state.inc(key, "adamwatch_trainer_exits_total", {"reason": reason}, 0)
         for outcome in RUN_OUTCOMES:
             state.inc(key, "adamwatch_runs_ended_total", {"outcome": outcome}, 0)
-        if hello.get("target"):
+        if self._has_target(key) if self._has_target is not None else hello.get("target"):
             for outcome in TARGET_OUTCOMES:
                 state.inc(key, "adamwatch_runs_target_total", {"outcome": outcome}, 0)
         state.inc(key, "adamwatch_trainer_starts_total", {})

@@ -62,7 +62,8 @@ def attach_run_tracking(sidecar: Any, convergence: Mapping[str, Any] | None = No
         evaluation=EvaluationExporter(state),
         convergence=convergence_tracker,
         run_end=RunEndTracker(state, sidecar.clock, parse_runs_config(runs)["vanish_grace_seconds"],
-                              target_outcome=convergence_tracker.target_outcome),
+                              target_outcome=convergence_tracker.target_outcome,
+                              has_target=convergence_tracker.has_target),
         footprint=FootprintExporter(state),
     )
     # run_end reads the convergence state at a GOODBYE: convergence goes first.

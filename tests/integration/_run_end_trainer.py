@@ -1,7 +1,7 @@
 """A tiny real trainer that ends in the way its first argument says (run by test_run_ends.py).
 
     python _run_end_trainer.py MODE ENDPOINT JOB
-    MODE: clean | exception | oom | sigterm | sigterm-handled | sigkill | eval
+    MODE: clean | no-close | exception | oom | sigterm | sigterm-handled | sigkill | eval
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ def main() -> None:
         monitor.close()
     elif mode == "clean":
         monitor.close()
+    elif mode == "no-close":
+        pass  # the script just ends: the atexit hook says goodbye
     elif mode == "oom":
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")  # uncaught: excepthook
     elif mode == "sigterm":

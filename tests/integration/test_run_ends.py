@@ -49,6 +49,7 @@ def _exits(sidecar: SidecarProcess, job: str) -> dict[str, float]:
     "mode, reason, outcome, returncode, exception",
     [
         ("clean", "clean", "success", 0, None),
+        ("no-close", "clean", "success", 0, None),
         ("exception", "exception", "crashed", 1, "ValueError"),
         ("oom", "oom", "oom", 1, "OutOfMemoryError"),
         ("sigterm", "preemption", "preempted", -signal.SIGTERM, None),

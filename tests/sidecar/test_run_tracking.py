@@ -40,7 +40,8 @@ def world():
     convergence = ConvergenceTracker(state, parse_convergence_config({"sample_interval_seconds": 0,
                                                                       "window_seconds": 100,
                                                                       "plateau_window_seconds": 100}))
-    run_end = RunEndTracker(state, clock, vanish_grace_seconds=5, target_outcome=convergence.target_outcome)
+    run_end = RunEndTracker(state, clock, vanish_grace_seconds=5, target_outcome=convergence.target_outcome,
+                            has_target=convergence.has_target)
     evaluation = EvaluationExporter(state)
     footprint = FootprintExporter(state)
     for listener in (evaluation, convergence, run_end, footprint):
@@ -238,13 +239,27 @@ def test_no_plateau_when_the_learning_rate_is_negligible(world) -> None:
     assert _v(state, "adamwatch_convergence_plateau", metric="loss") == 0
 
 
-def test_config_target_overrides_the_trainers() -> None:
-    state = RunState(clock=Clock())
+def test_config_target_overrides_the_trainers_and_counts_for_the_slo() -> None:
+    clock = Clock()
+    state = RunState(clock=clock)
     tracker = ConvergenceTracker(state, parse_convergence_config({"targets": {"gpt": {"eval_accuracy": 0.9}}}))
+    run_end = RunEndTracker(state, clock, target_outcome=tracker.target_outcome, has_target=tracker.has_target)
     state.add_listener(tracker.on_message)
-    state.hello("c1", hello_payload(target={"loss": 1.0}))
+    state.add_listener(run_end.on_message)
+    key = state.hello("c1", hello_payload(target={"loss": 1.0}))
     assert _v(state, "adamwatch_convergence_target", metric="eval_accuracy") == 0.9
     assert _v(state, "adamwatch_convergence_target", metric="loss") is None
+    # the trainer announced nothing the sidecar uses, yet the SLO series start at 0
+    assert _v(state, "adamwatch_runs_target_total", outcome="missed") == 0
+    _msg(state, key, M.GOODBYE, {"exit_reason": "clean"})
+    assert _v(state, "adamwatch_runs_target_total", outcome="missed") == 1
+
+
+def test_a_run_without_target_has_no_target_series(world) -> None:
+    state, _, _ = world
+    key = state.hello("c1", hello_payload())
+    _msg(state, key, M.GOODBYE, {"exit_reason": "clean"})
+    assert _v(state, "adamwatch_runs_target_total", outcome="missed") is None
 
 
 @pytest.mark.parametrize("raw, message", [
