@@ -209,10 +209,11 @@ METRICS: tuple[MetricSpec, ...] = (
                "\"other\").", T + ("exception",)),
     MetricSpec("adamwatch_runs_ended_total", "counter", "",
                "Runs ended, by outcome: success (clean, no non-finite step), nonfinite, oom, crashed "
-               "(exception, signal or vanished), preempted. The SLO counts rank 0.", T + ("outcome",)),
+               "(exception, signal or vanished), preempted. Exported by rank 0 only: one run per job.",
+               T + ("outcome",)),
     MetricSpec("adamwatch_runs_target_total", "counter", "",
                "Runs with a convergence target that ended (not preempted), by outcome: reached (within the "
-               "budget, when one is configured) or missed.", T + ("outcome",)),
+               "budget, when one is configured) or missed. Exported by rank 0 only.", T + ("outcome",)),
     MetricSpec("adamwatch_trainer_device_seconds_total", "counter", "seconds",
                "Wall seconds the trainer was connected, by the device type it trains on (GPU-hours: "
                "device=\"cuda\" / 3600).", T + ("device",)),

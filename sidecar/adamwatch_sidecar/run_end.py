@@ -3,7 +3,7 @@
 | event | counted |
 | --- | --- |
 | HELLO with a new session | ``adamwatch_trainer_starts_total``; every exit reason and outcome series created at 0 (so ``increase()`` sees the first one) |
-| GOODBYE | ``adamwatch_trainer_exits_total{reason}`` from ``exit_reason`` (older trainers: clean); ``adamwatch_runs_ended_total{outcome}``; ``adamwatch_runs_target_total{outcome}`` when a target was declared |
+| GOODBYE | ``adamwatch_trainer_exits_total{reason}`` from ``exit_reason`` (older trainers: clean); on rank 0 only, ``adamwatch_runs_ended_total{outcome}`` and ``adamwatch_runs_target_total{outcome}`` when a target was declared |
 | connection closed without GOODBYE | after ``vanish_grace_seconds`` without a reconnect of the same session: reason ``vanished`` (at once when a new session says hello) |
 | every tick | ``adamwatch_trainer_device_seconds_total{device}`` grows by the time connected |
 
@@ -113,11 +113,12 @@ class RunEndTracker:
         state = self.state
         for reason in wire.EXIT_REASONS:
             state.inc(key, "adamwatch_trainer_exits_total", {"reason": reason}, 0)
-        for outcome in RUN_OUTCOMES:
-            state.inc(key, "adamwatch_runs_ended_total", {"outcome": outcome}, 0)
-        if self._has_target(key) if self._has_target is not None else hello.get("target"):
-            for outcome in TARGET_OUTCOMES:
-                state.inc(key, "adamwatch_runs_target_total", {"outcome": outcome}, 0)
+        if key.rank == 0:  # a run is counted once, by its rank 0 (every rank sees the same end)
+            for outcome in RUN_OUTCOMES:
+                state.inc(key, "adamwatch_runs_ended_total", {"outcome": outcome}, 0)
+            if self._has_target(key) if self._has_target is not None else hello.get("target"):
+                for outcome in TARGET_OUTCOMES:
+                    state.inc(key, "adamwatch_runs_target_total", {"outcome": outcome}, 0)
         state.inc(key, "adamwatch_trainer_starts_total", {})
         device = str(hello["optimizer"].get("device") or "unknown")[:_MAX_LABEL].split(":")[0]
         state.inc(key, "adamwatch_trainer_device_seconds_total", {"device": device}, 0)
@@ -155,6 +156,8 @@ class RunEndTracker:
                 name = "other"
             seen.add(name)
             state.inc(key, "adamwatch_trainer_exception_exits_total", {"exception": name})
+        if key.rank != 0:
+            return
         outcome = outcome_of(reason, s.nonfinite)
         state.inc(key, "adamwatch_runs_ended_total", {"outcome": outcome})
         if outcome != "preempted" and self._target_outcome is not None:

@@ -109,6 +109,16 @@ def test_a_silent_disconnect_vanishes_after_the_grace_unless_the_session_reconne
     assert _v(state, "adamwatch_trainer_starts_total") == 3
 
 
+def test_runs_are_counted_by_rank_0_only(world) -> None:
+    state, _, _ = world
+    key = state.hello("c1", hello_payload(rank=3, target={"loss": 1.0}))
+    _msg(state, key, M.GOODBYE, {"exit_reason": "oom"})
+    labels = {"job": "gpt", "rank": "3"}
+    assert state.value("adamwatch_trainer_exits_total", {**labels, "reason": "oom"}) == 1
+    assert state.value("adamwatch_runs_ended_total", {**labels, "outcome": "oom"}) is None
+    assert state.value("adamwatch_runs_target_total", {**labels, "outcome": "missed"}) is None
+
+
 def test_device_seconds_count_connected_time_only(world) -> None:
     state, clock, run_end = world
     key = state.hello("c1", hello_payload())
