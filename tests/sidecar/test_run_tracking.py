@@ -291,3 +291,14 @@ def test_bad_runs_config_names_the_field() -> None:
 def test_fit_slope() -> None:
     assert fit_slope([(0, 1.0), (1, 3.0), (2, 5.0)]) == 2.0
     assert fit_slope([(1, 1.0), (1, 2.0)]) is None
+
+
+@pytest.mark.parametrize("exit_reason, finished", [
+    (None, 1.0), ("clean", 1.0), ("preemption", 1.0), ("exception", 0.0), ("oom", 0.0), ("signal", 0.0)])
+def test_only_an_intended_end_counts_as_finished(world, exit_reason, finished) -> None:
+    """AdamwatchTrainerDisconnected skips finished trainers: a crash that said goodbye must still show."""
+    state, _, _ = world
+    key = state.hello("c1", hello_payload())
+    goodbye = {"reason": "closed"} if exit_reason is None else {"reason": "closed", "exit_reason": exit_reason}
+    _msg(state, key, M.GOODBYE, goodbye)
+    assert _v(state, "adamwatch_trainer_finished") == finished
