@@ -113,8 +113,10 @@ class ExitReporter:
                 continue
             try:
                 previous = signal.getsignal(signum)
-                if previous is signal.SIG_IGN:
-                    continue  # the process ignores it: it does not end the run
+                if previous is signal.SIG_IGN or previous is None:
+                    # ignored: it does not end the run; None: a handler installed
+                    # outside Python, which we could not put back
+                    continue
                 signal.signal(signum, self._on_signal)
                 self._previous_signals[signum] = previous
             except (ValueError, OSError):
