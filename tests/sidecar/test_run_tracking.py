@@ -302,3 +302,13 @@ def test_only_an_intended_end_counts_as_finished(world, exit_reason, finished) -
     goodbye = {"reason": "closed"} if exit_reason is None else {"reason": "closed", "exit_reason": exit_reason}
     _msg(state, key, M.GOODBYE, goodbye)
     assert _v(state, "adamwatch_trainer_finished") == finished
+
+
+@pytest.mark.parametrize("module", ["adamwatch_sidecar.convergence", "adamwatch_sidecar.overfitting",
+                                    "adamwatch_sidecar.run_end", "adamwatch_sidecar.sre_messages"])
+def test_docstring_examples(module: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0

@@ -178,3 +178,12 @@ def test_cuda_footprint_reports_device_memory_and_observe_eval_does_not_sync() -
         recorder.observe(1, {"loss": value}, now=0.0)
     assert counter.calls == []
     assert recorder.drain()[0]["metrics"]["loss"] == pytest.approx(value.item())
+
+
+@pytest.mark.parametrize("module", ["adamwatch.exits", "adamwatch.footprint", "adamwatch.evaluation"])
+def test_docstring_examples(module: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0
