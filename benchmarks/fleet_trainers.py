@@ -101,6 +101,7 @@ def hello_payload(spec: RankSpec, deep_stats_every: int) -> dict[str, Any]:
         "session": f"{spec.job}-{spec.rank}-{random.getrandbits(48):012x}", "adamwatch_version": adamwatch_version,
         "torch_version": "fleet-benchmark", "deep_stats_every": deep_stats_every, "dropped_total": 0,
         "model_family": "fleet-gpt", "target": None,  # issue 11: no convergence target
+        "monitor_errors": {},  # issue 8: a healthy monitor
         "optimizer": {"kind": "AdamW", "implementation": "fused", "betas": [0.9, 0.95], "eps": 1e-8,
                       "weight_decay": 0.1, "amsgrad": False, "param_groups": list(GROUPS), "device": "cuda"},
     }
@@ -132,6 +133,8 @@ def step_payload(step: int, now: float, duration: float, deep: bool, nonfinite: 
         "grad_nonfinite": nonfinite, "lr": [3e-4 * min(1.0, step / 100)] * len(GROUPS),
         "skipped": nonfinite, "skip_reason": "guard" if nonfinite else None,
         "samples": 64, "tokens": 65536,
+        # issue 8: no step extensions, gradients not clipped
+        "extras": None, "clip_max_norm": None, "clip_coefficient": None,
     }
     if deep and not nonfinite:
         payload["deep"] = [{
