@@ -175,7 +175,8 @@ def oncall_dashboard() -> dashboard_builders.Dashboard:
         .with_panel(timeseries_panel(
             ids, "Gradient clipping",
             "Factor clipping applied at the latest clipped step (1 = within max_norm); the gradient-norm panels show the norm before clipping.",
-            [query(f'adamwatch_grad_clip_coefficient{{{SEL}}}', "{{job}}/{{rank}}")]))
+            [query(f'adamwatch_grad_clip_coefficient{{{SEL}}}', "{{job}}/{{rank}}")],
+            event_only=True))  # exported only once a step was clipped
         .with_row(dashboard_builders.Row("Runbooks"))
         .with_panel(text_panel(ids, "Alerts and runbooks", runbook_table_markdown(), height=12))
     )
