@@ -100,7 +100,8 @@ def hello_payload(spec: RankSpec, deep_stats_every: int) -> dict[str, Any]:
         "job": spec.job, "rank": spec.rank, "world_size": spec.world_size, "host": spec.pod, "pid": os.getpid(),
         "session": f"{spec.job}-{spec.rank}-{random.getrandbits(48):012x}", "adamwatch_version": adamwatch_version,
         "torch_version": "fleet-benchmark", "deep_stats_every": deep_stats_every, "dropped_total": 0,
-        "monitor_errors": {},
+        "model_family": "fleet-gpt", "target": None,  # issue 11: no convergence target
+        "monitor_errors": {},  # issue 8: a healthy monitor
         "optimizer": {"kind": "AdamW", "implementation": "fused", "betas": [0.9, 0.95], "eps": 1e-8,
                       "weight_decay": 0.1, "amsgrad": False, "param_groups": list(GROUPS), "device": "cuda"},
     }

@@ -172,6 +172,7 @@ def watched_run(args: argparse.Namespace, endpoint: str, ckpt_dir: str, stop: th
         optimizer, scheduler=scheduler, checkpointer=ckpt, endpoint=endpoint, job=args.job,
         samples_per_step=BATCH, tokens_per_step=BATCH * MODEL.block_size,
         lr_recovery_steps=100,  # once healthy again, give the learning rate back gradually
+        model_family="tiny-gpt",  # groups runs on the Executive dashboard
     ) as monitor:
         # The restored run trains until it has done as many optimizer steps as
         # the reference; batches drawn meanwhile are simply not replayed, which
@@ -196,6 +197,9 @@ def watched_run(args: argparse.Namespace, endpoint: str, ckpt_dir: str, stop: th
             iteration += 1
             if monitor.step % 50 == 0:
                 ckpt.save(monitor.step)
+            if iteration % 100 == 0:
+                # held-out loss (fixed batches, own generator: training is unchanged)
+                monitor.observe_eval(loss=evaluate(model))
         time.sleep(0.5)  # let the last summaries and acks reach the sidecar
         result = {"steps": monitor.step, "iterations": iteration, "eval_loss": evaluate(model),
                   "lr_scale": monitor.lr_scale, "seconds": time.monotonic() - started}

@@ -4,8 +4,8 @@ Regenerate the committed JSON from the repository root with::
 
     PYTHONPATH=dashboards .venv/bin/python -m adamwatch_dashboards
 
-Three dashboards: Overview (fleet), On-call (what is wrong now) and Optimizer
-debug (one job and rank). Panels whose description starts with ``Event-only:``
+Four dashboards: Overview (fleet), On-call (what is wrong now), Optimizer
+debug (one job and rank) and Executive (SLOs, time to converge, cost). Panels whose description starts with ``Event-only:``
 stay empty while nothing happens; ``Needs history:`` panels fill once their
 recording rules have the minutes of data they compare against.
 """

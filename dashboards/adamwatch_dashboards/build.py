@@ -8,6 +8,8 @@ from typing import Callable
 from grafana_foundation_sdk.builders import dashboard as dashboard_builders
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 
+from adamwatch_dashboards.executive import UID as EXECUTIVE_UID
+from adamwatch_dashboards.executive import executive_dashboard
 from adamwatch_dashboards.oncall import UID as ONCALL_UID
 from adamwatch_dashboards.oncall import oncall_dashboard
 from adamwatch_dashboards.optimizer_debug import UID as DEBUG_UID
@@ -22,6 +24,7 @@ DASHBOARDS: dict[str, Callable[[], dashboard_builders.Dashboard]] = {
     OVERVIEW_UID: overview_dashboard,
     ONCALL_UID: oncall_dashboard,
     DEBUG_UID: optimizer_debug_dashboard,
+    EXECUTIVE_UID: executive_dashboard,
 }
 
 

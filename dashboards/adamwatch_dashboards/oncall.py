@@ -126,6 +126,45 @@ def oncall_dashboard() -> dashboard_builders.Dashboard:
         .with_panel(timeseries_panel(
             ids, "Remediation ladder exhausted", "1 while every rung is used up (AdamwatchRemediationLadderExhausted).",
             [query(f'adamwatch_remediation_ladder_exhausted{{{SEL}}}', "{{job}}/{{rank}}")]))
+        # issue 11: how runs end, restores, device memory, error budget
+        .with_row(dashboard_builders.Row("Runs and SLOs"))
+        .with_panel(timeseries_panel(
+            ids, "Run ends by reason",
+            "Trainer exits per hour by reason: clean, exception, oom, preemption, signal, vanished "
+            "(AdamwatchTrainerOutOfMemory, AdamwatchTrainerCrashLooping).",
+            [query(f'sum by (job, rank, reason) (increase(adamwatch_trainer_exits_total{{{SEL}}}[1h]))',
+                   "{{job}}/{{rank}} {{reason}}")]))
+        .with_panel(timeseries_panel(
+            ids, "Checkpoint restore success",
+            "Share of checkpoint restores that succeeded per hour, and the restores by outcome "
+            "(AdamwatchCheckpointRestoreFailed).",
+            [
+                query(f'sum by (job, rank) (increase(adamwatch_checkpoint_restores_total{{{SEL}, outcome="success"}}[1h]))'
+                      f' / sum by (job, rank) (increase(adamwatch_checkpoint_restores_total{{{SEL}}}[1h]))',
+                      "{{job}}/{{rank}} success ratio"),
+                query(f'sum by (job, rank, outcome) (increase(adamwatch_checkpoint_restores_total{{{SEL}}}[1h]))',
+                      "{{job}}/{{rank}} {{outcome}}"),
+            ], event_only=True))
+        .with_panel(timeseries_panel(
+            ids, "Error budget burn",
+            "Burn rate of each training SLO over 30 minutes and 6 hours (AdamwatchErrorBudgetFastBurn pages "
+            "when both exceed 2).",
+            [
+                query('adamwatch_slo:error_budget_burn:rate30m', "{{slo}} 30m"),
+                query('adamwatch_slo:error_budget_burn:rate6h', "{{slo}} 6h"),
+            ], event_only=True))
+        .with_panel(timeseries_panel(
+            ids, "Error budget remaining",
+            "Share of each SLO's 30-day error budget not yet spent; below 0 the SLO is missed.",
+            [query('adamwatch_slo:error_budget_remaining:ratio30d', "{{slo}}")], unit="percentunit",
+            event_only=True))
+        .with_panel(timeseries_panel(
+            ids, "Device memory per rank",
+            "Peak allocated and reserved CUDA memory per rank (absent on CPU).",
+            [
+                query(f'adamwatch_device_memory_peak_bytes{{{SEL}}}', "{{job}}/{{rank}} peak"),
+                query(f'adamwatch_device_memory_reserved_bytes{{{SEL}}}', "{{job}}/{{rank}} reserved"),
+            ], unit="bytes", event_only=True))
         .with_row(dashboard_builders.Row("Monitor health"))
         .with_panel(timeseries_panel(
             ids, "Monitor errors",

@@ -86,4 +86,24 @@ def optimizer_debug_dashboard() -> dashboard_builders.Dashboard:
         .with_panel(table_panel(
             ids, "Optimizer", "What the trainer announced: optimizer, implementation, hyperparameters, versions.",
             [query(f'adamwatch_optimizer_info{{{SEL}}}', instant=True)], height=5))
+        # issue 11: evaluation and convergence toward the declared target
+        .with_row(dashboard_builders.Row("Evaluation and convergence"))
+        .with_panel(timeseries_panel(
+            ids, "Evaluation results",
+            "Results reported with monitor.observe_eval (metric=\"loss\" is the validation loss), next to the "
+            "training loss and the declared targets.",
+            [
+                query(f'adamwatch_eval_metric{{{SEL}}}', "eval {{metric}}"),
+                query(f'adamwatch_loss{{{SEL}}}', "training loss"),
+                query(f'adamwatch_convergence_target{{{SEL}}}', "target {{metric}}"),
+            ], event_only=True))
+        .with_panel(timeseries_panel(
+            ids, "Time to target",
+            "Estimated seconds to reach each target at the recent trend, 1 while on a plateau (right: overfitting "
+            "streak of evaluations).",
+            [
+                query(f'adamwatch_convergence_eta_seconds{{{SEL}}}', "eta {{metric}}"),
+                query(f'adamwatch_convergence_plateau{{{SEL}}}', "plateau {{metric}}"),
+                query(f'adamwatch_eval_overfitting_streak{{{SEL}}}', "overfitting streak"),
+            ], event_only=True))
     )

@@ -30,6 +30,9 @@ import torch
 from adamwatch import __version__, grad_clip, wire
 from adamwatch.client import StreamClient, default_job_name
 from adamwatch.distributed import StepCoordinator
+from adamwatch.evaluation import EvalRecorder, validate_eval_metrics
+from adamwatch.exits import ExitReporter, classify_exception
+from adamwatch.footprint import footprint_payload
 from adamwatch.loss_window import LossWindow
 from adamwatch.lr_control import LRRecovery
 from adamwatch.optimizer_config import capture_config, config_hash, diff_configs, group_signature
@@ -106,6 +109,11 @@ class MonitorConfig:
     command_interval: int = 1
     policy_wait: float = 1.0
     check_config_every: int = 1
+    # issue 11: evaluation, convergence, run ends, footprint
+    target: dict[str, float] | None = None
+    model_family: str | None = None
+    footprint_interval: float = 30.0
+    report_exits: bool = True
 
     def validate(self) -> None:
         if self.guard not in _GUARDS:
@@ -134,6 +142,18 @@ class MonitorConfig:
             raise ValueError(f"check_config_every must be an int >= 0, got {self.check_config_every!r}")
         if self.endpoint is not None:
             wire.parse_endpoint(self.endpoint)
+        if self.target is not None:
+            if not isinstance(self.target, dict) or not self.target:
+                raise ValueError(f"target must be a non-empty dict like {{'eval_loss': 1.6}}, got {self.target!r}")
+            for name, value in self.target.items():
+                if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                        or value != value:
+                    raise ValueError(f"target[{name!r}] must be a number, got {value!r}")
+        if self.model_family is not None and (not isinstance(self.model_family, str)
+                                              or not 0 < len(self.model_family) <= 64):
+            raise ValueError(f"model_family must be a string of 1..64 characters, got {self.model_family!r}")
+        if not isinstance(self.footprint_interval, (int, float)) or not self.footprint_interval > 0:
+            raise ValueError(f"footprint_interval must be seconds > 0, got {self.footprint_interval!r}")
 
 
 def _distributed_rank_world() -> tuple[int | None, int | None]:
@@ -210,6 +230,11 @@ class Monitor:
         self._errors_sent = 0  # self.errors when the sidecar was last told
         self._closed = False
         self._actions: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._evals = EvalRecorder()
+        self._next_footprint = 0.0  # monotonic time of the next FOOTPRINT (background thread)
+        self._exit: dict[str, Any] = {"exit_reason": "clean"}
+        self._exit_reporter: ExitReporter | None = None
+        self._goodbye_sent = False
         self._deferred: list[Action] = []  # restores queued before a step: applied after it
 
         self._stats = StepStats(optimizer, sample_size=config.sample_size, seed=config.seed)
@@ -255,6 +280,9 @@ class Monitor:
         else:
             self._reader.start()
         self._agree_on_policy_stop()
+        if config.report_exits:
+            self._exit_reporter = ExitReporter(self._report_exit)
+            self._exit_reporter.install()
 
     # ------------------------------------------------------------------ user API
     @_not_traced
@@ -350,6 +378,11 @@ class Monitor:
         return self._client.dropped_total if self._client else self._transfer.dropped
 
     @property
+    def dropped_evaluations(self) -> int:
+        """Evaluations that never reached the sidecar (queue full, or the sidecar was lost)."""
+        return self._evals.dropped
+
+    @property
     def stop_requested(self) -> bool:
         """A "stop" action was applied: finish the step, save, and leave the loop."""
         return self._remediator.stop_requested
@@ -359,10 +392,38 @@ class Monitor:
         """Cumulative learning-rate factor applied by remediation (1.0 = untouched)."""
         return getattr(self._remediator, "lr_scale", 1.0)
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Remove the hooks, flush pending summaries (up to ``timeout``) and say goodbye."""
+    def observe_eval(self, step: int | None = None, **metrics: torch.Tensor | float) -> None:
+        """Record evaluation results (validation loss, scores) for a step; nothing waits for the device.
+
+        Args:
+            step: the optimizer step they belong to; default the latest step.
+            **metrics: name -> number or scalar tensor, e.g. ``loss=val_loss, accuracy=acc``.
+                The validation loss is the one named ``loss``; targets name it ``eval_loss``.
+
+        Raises:
+            ValueError, TypeError: a bad name or value (named in the message).
+        """
+        validate_eval_metrics(metrics)
+        self._evals.observe(self.step if step is None else int(step), metrics, time.time())
+
+    def close(self, timeout: float = 2.0, *, exit_reason: str = "clean", exception: str | None = None,
+              signal: str | None = None) -> None:
+        """Remove the hooks, flush pending summaries (up to ``timeout``) and say goodbye.
+
+        Args:
+            timeout: seconds to flush.
+            exit_reason: how the run ended, one of ``wire.EXIT_REASONS`` (the
+                ``with`` block and the exit hooks set it; a script rarely needs to).
+            exception, signal: the exception type name or signal name, if any.
+        """
         if self._closed:
             return
+        if exit_reason not in wire.EXIT_REASONS or exit_reason == "vanished":
+            raise ValueError(f"exit_reason must be one of {wire.EXIT_REASONS[:-1]}, got {exit_reason!r}")
+        self._exit = {"exit_reason": exit_reason, "exception": exception, "signal": signal}
+        if self._exit_reporter is not None:
+            self._exit_reporter.disarm()
+            self._exit_reporter.uninstall()
         self._closed = True
         for handle in self._handles:
             handle.remove()
@@ -382,15 +443,46 @@ class Monitor:
                     self._ack(ActionResult(action, "rejected", None, "the monitor closed before its step boundary"))
         self._transfer.wake()
         if self._client is not None:
-            self._client.close(timeout, goodbye={"reason": "closed", "step": self.step})
+            if self._goodbye_sent:
+                self._client.close(timeout)  # a signal's goodbye went out already
+            else:
+                self._say_goodbye(timeout)
         else:
             self._reader.join(timeout)
 
     def __enter__(self) -> "Monitor":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        reason, name = classify_exception(exc)
+        self.close(exit_reason=reason, exception=name)
+
+    _SIGNAL_GOODBYE_SECONDS = 2.0
+
+    def _report_exit(self, exit_reason: str, *, exception: str | None = None, signal: str | None = None) -> None:
+        """From the exit hooks (uncaught exception, fatal signal): say goodbye with the reason."""
+        if self._closed or exit_reason not in wire.EXIT_REASONS:
+            return
+        if signal is None:
+            # sys.excepthook: the training thread's stack is unwound, closing is safe.
+            self.close(exit_reason=exit_reason, exception=exception)
+            return
+        # A signal handler interrupts the training thread anywhere: inside a
+        # hook, or holding the client's lock. Only say goodbye, from another
+        # thread and for a bounded time; the hooks stay until close(), so a
+        # script whose own handler lets it finish the step keeps working.
+        self._exit = {"exit_reason": exit_reason, "exception": exception, "signal": signal}
+        if self._client is None:
+            return
+        farewell = threading.Thread(target=self._say_goodbye, name="adamwatch-goodbye", daemon=True)
+        farewell.start()
+        farewell.join(self._SIGNAL_GOODBYE_SECONDS + 0.5)
+
+    def _say_goodbye(self, timeout: float = _SIGNAL_GOODBYE_SECONDS) -> None:
+        if self._client is not None and not self._goodbye_sent:
+            self._goodbye_sent = True
+            self._client.close(timeout, goodbye={"reason": "closed", "step": self.step,
+                                                 **{k: v for k, v in self._exit.items() if v is not None}})
 
     # ------------------------------------------------------------------ hooks
     def _report_error(self, where: str) -> None:
@@ -682,6 +774,8 @@ class Monitor:
             "features": self.features(),
             "lr_scale": float(self.lr_scale),
             "policy_wait_s": float(self.config.policy_wait),
+            "model_family": self.config.model_family,
+            "target": dict(self.config.target) if self.config.target else None,
             "monitor_errors": dict(self.errors_by_where),
         }
 
@@ -716,12 +810,34 @@ class Monitor:
         errors = self._errors_frame()
         if errors is not None and self._client is not None:
             self._client.send_control(errors)
+        client = self._client
+        if client is not None and not client.connected:
+            # Evaluations wait (bounded) for a first connection; once the sidecar
+            # is lost they are dropped and counted in the recorder, never as
+            # dropped step summaries. The footprint waits for the connection.
+            if client.connections:
+                self._evals.discard()
+            return frames
+        try:
+            frames.extend(self._side_frames())
+        except Exception:
+            self._report_error("evaluation_footprint")
+        return frames
+
+    def _side_frames(self) -> list[bytes]:
+        """EVAL frames of recorded evaluations, and a FOOTPRINT every ``footprint_interval`` seconds."""
+        frames = [wire.encode_frame(wire.MessageType.EVAL, p) for p in self._evals.drain()]
+        now = time.monotonic()
+        if now >= self._next_footprint:
+            self._next_footprint = now + self.config.footprint_interval
+            frames.append(wire.encode_frame(wire.MessageType.FOOTPRINT, footprint_payload(self.optimizer, time.time())))
         return frames
 
     def _drain_without_client(self) -> None:
         while not self._closed or not self._transfer.idle:
             try:
                 self._summaries(0.1)
+                self._evals.discard()  # nowhere to send them
             except Exception:
                 self._report_error("summary_reader")
 
@@ -995,7 +1111,8 @@ def watch(
         guard: "auto" (skip non-finite steps where free), "sync" or "off".
         on_stop: called when a "stop" action is applied (``monitor.stop_requested`` turns True too).
         **options: further MonitorConfig fields (sample_size, max_queued, world_size, seed,
-            lr_floor, lr_recovery_steps, command_interval).
+            lr_floor, lr_recovery_steps, command_interval, target (e.g. ``{"eval_loss": 1.6}``),
+            model_family, footprint_interval, report_exits).
 
     Returns:
         The Monitor; use it as a context manager or call ``close()``.

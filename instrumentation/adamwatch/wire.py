@@ -50,6 +50,8 @@ __all__ = [
     "ENDPOINT_ENV",
     "REJECT_REASONS",
     "CHECKPOINT_EVENTS",
+    "EXIT_REASONS",
+    "MAX_EVAL_METRICS",
 ]
 
 PROTOCOL_VERSION = 1
@@ -88,6 +90,21 @@ CHECKPOINT_EVENTS: tuple[str, ...] = (
 )
 
 
+# Every GOODBYE.exit_reason a trainer sends (adamwatch.exits classifies), plus
+# "vanished", which only the sidecar assigns: the connection closed without a GOODBYE.
+EXIT_REASONS: tuple[str, ...] = (
+    "clean",  # the run closed its Monitor normally (or left its ``with`` block)
+    "exception",  # an uncaught exception ended the run (GOODBYE.exception names its type)
+    "oom",  # torch.OutOfMemoryError (device out of memory)
+    "preemption",  # SIGTERM: the scheduler took the node back
+    "signal",  # another fatal signal (SIGINT, SIGHUP, ...; GOODBYE.signal names it)
+    "vanished",  # sidecar-side only: the trainer disappeared without a word (SIGKILL, segfault)
+)
+
+# An EVAL message carries at most this many named values (label cardinality).
+MAX_EVAL_METRICS = 32
+
+
 class MessageType(enum.IntEnum):
     """Message type codes carried in the frame header."""
 
@@ -98,6 +115,8 @@ class MessageType(enum.IntEnum):
     ACK = 5  # trainer → sidecar, a command took effect (or failed) at a step
     GOODBYE = 6  # trainer → sidecar, clean shutdown: the run ended, not crashed
     COMMAND = 7  # sidecar → trainer, a remediation action to apply at a step boundary
+    EVAL = 8  # trainer → sidecar, evaluation results (validation loss, scores) at a step
+    FOOTPRINT = 9  # trainer → sidecar, bytes of parameters and optimizer state, device memory
     CONFIG = 10  # trainer → sidecar, the optimizer's configuration changed mid-run (not by adamwatch)
     MONITOR_ERRORS = 12  # trainer → sidecar, cumulative failures inside the monitor, by where
 
@@ -152,6 +171,10 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "lr_scale": _f("float", required=False, nullable=True),
         # seconds the trainer waits for the sidecar's policy verdict (0: it does not wait)
         "policy_wait_s": _f("float", required=False),
+        # the model family this run belongs to (executive dashboard), free text
+        "model_family": _f("str", required=False, nullable=True),
+        # convergence targets: {"eval_loss": 1.6} (eval metric "loss") or {"loss": 1.2} (training loss)
+        "target": _f("dict", required=False, nullable=True),
         # failures inside the monitor so far this session, {where: count} (as MONITOR_ERRORS)
         "monitor_errors": _f("dict", required=False),
     },
@@ -224,6 +247,10 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
     MessageType.GOODBYE: {
         "reason": _f("str", required=False, nullable=True),
         "step": _f("int", required=False, nullable=True),
+        # how the run ended: one of EXIT_REASONS (absent from older trainers: "clean")
+        "exit_reason": _f("str", required=False, nullable=True),
+        "exception": _f("str", required=False, nullable=True),  # exception type name
+        "signal": _f("str", required=False, nullable=True),  # signal name, e.g. "SIGTERM"
     },
     MessageType.MONITOR_ERRORS: {
         # {where: count}: failures inside the trainer's monitor (a summary that
@@ -238,6 +265,22 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "args": _f("dict", required=False),
         "reason": _f("str", required=False, nullable=True),
         "step": _f("int", required=False, nullable=True),  # the step that triggered it
+    },
+    MessageType.EVAL: {
+        "step": _f("int"),  # the optimizer step the evaluation belongs to
+        "time": _f("float"),  # unix seconds when it was observed
+        # name -> value (null: not a number); at most MAX_EVAL_METRICS entries
+        "metrics": _f("dict"),
+    },
+    MessageType.FOOTPRINT: {
+        "time": _f("float"),
+        # dtype name ("float32", "bfloat16", ...) -> bytes on this rank
+        "param_bytes": _f("dict"),
+        "optimizer_state_bytes": _f("dict"),
+        "device": _f("str", required=False, nullable=True),  # "cpu", "cuda", ...
+        # CUDA caching allocator's statistics (host-side counters, no sync); absent on CPU
+        "device_memory_peak_bytes": _f("int", required=False, nullable=True),
+        "device_memory_reserved_bytes": _f("int", required=False, nullable=True),
     },
 }
 

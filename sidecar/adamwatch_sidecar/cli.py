@@ -91,8 +91,10 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import Sidecar  # imported here: the other subcommands need none of it
 
     from .remediation.wiring import attach
+    from .run_tracking import attach_run_tracking
 
     sidecar = Sidecar(config)
+    attach_run_tracking(sidecar, config.convergence, config.runs)  # validated by load_config
     try:
         remediation = attach(sidecar, config.remediation)
     except ValueError as exc:  # PolicyError names the field: "remediation.x: ..."

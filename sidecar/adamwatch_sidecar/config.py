@@ -57,6 +57,8 @@ class SidecarConfig:
     log_level: str = "INFO"
     remediation: dict[str, Any] = field(default_factory=dict)
     optimizer_policy: dict[str, Any] = field(default_factory=dict)
+    convergence: dict[str, Any] = field(default_factory=dict)
+    runs: dict[str, Any] = field(default_factory=dict)
 
 
 # Field name -> one-line description (the README table is written from this).
@@ -70,6 +72,8 @@ FIELDS: dict[str, str] = {
     "log_level": "One of DEBUG, INFO, WARNING, ERROR, CRITICAL.",
     "remediation": "Remediation policy (a mapping; see the remediation section).",
     "optimizer_policy": "Allowed optimizer configurations per job-name pattern (a mapping; see the optimizer policy section).",
+    "convergence": "Convergence targets per job and trend windows (a mapping; see \"Runs, evaluation and SLOs\").",
+    "runs": "Run-end tracking: `vanish_grace_seconds` before a silent disconnect counts as vanished (default 30).",
 }
 assert set(FIELDS) == {f.name for f in dataclasses.fields(SidecarConfig)}
 
@@ -143,6 +147,16 @@ def _validate(raw: Mapping[str, Any]) -> SidecarConfig:
     except PolicyError as exc:
         raise ConfigError(str(exc)) from None
     values["optimizer_policy"] = dict(optimizer_policy)
+    from .convergence import parse_convergence_config
+    from .run_tracking import parse_runs_config
+
+    for name, parse in (("convergence", parse_convergence_config), ("runs", parse_runs_config)):
+        section = raw.get(name) or {}
+        try:
+            parse(section)  # messages start with the field name: "convergence.targets.gpt: ..."
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        values[name] = dict(section)
     return SidecarConfig(**values)
 
 
@@ -213,6 +227,6 @@ def render_markdown_reference() -> str:
     for name, meaning in FIELDS.items():
         default = getattr(defaults, name)
         shown = "unset" if default is None else ("`{}`" if default == {} else f"`{default}`")
-        flag = "—" if name in ("remediation", "optimizer_policy") else f"`--{name.replace('_', '-')}`"
+        flag = "—" if name in ("remediation", "optimizer_policy", "convergence", "runs") else f"`--{name.replace('_', '-')}`"
         lines.append(f"| `{name}` | {flag} | {shown} | {meaning} |")
     return "\n".join(lines) + "\n"

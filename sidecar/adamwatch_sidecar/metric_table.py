@@ -117,7 +117,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("adamwatch_trainer_connected", "gauge", "",
                "1 while the trainer's connection is open, 0 after it closed (until its series expire).", T),
     MetricSpec("adamwatch_trainer_finished", "gauge", "",
-               "1 once the trainer said goodbye (a clean end of the run, not a crash); 0 before.", T),
+               "1 once the trainer said goodbye with a clean or preemption exit (the run ended on purpose, not a "
+               "crash); 0 before and after a crash.", T),
     MetricSpec("adamwatch_optimizer_info", "info", "",
                "Optimizer class (Adam, AdamW, SGD, ...), implementation and hyperparameters announced by the trainer "
                "(empty where the optimizer has no such hyperparameter).",
@@ -179,6 +180,66 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("adamwatch_policy_violations", "gauge", "",
                "1 while the trainer's optimizer configuration breaks this optimizer-policy rule, 0 once it "
                "complies again (rule: <policy rule name>.<field>).", T + ("rule",)),
+    # --- evaluation, convergence, run ends, footprint (issue 11 items 1-3, 6, 7) ----------
+    # Written by adamwatch_sidecar.evaluation, .convergence, .run_end, .footprint.
+    MetricSpec("adamwatch_eval_metric", "gauge", "",
+               "Latest evaluation result reported with monitor.observe_eval, by name (metric=\"loss\" is the "
+               "validation loss).", T + ("metric",)),
+    MetricSpec("adamwatch_eval_step", "gauge", "", "Optimizer step the latest evaluation belongs to.", T),
+    MetricSpec("adamwatch_eval_timestamp_seconds", "gauge", "seconds",
+               "Unix time at which the latest evaluation was observed.", T),
+    MetricSpec("adamwatch_evaluations_total", "counter", "", "Evaluations reported by the trainer.", T),
+    MetricSpec("adamwatch_eval_overfitting_streak", "gauge", "",
+               "Consecutive evaluations at which the validation loss rose while the mean training loss since "
+               "the previous evaluation fell (0 after any other evaluation).", T),
+    MetricSpec("adamwatch_convergence_target", "gauge", "",
+               "Declared convergence target, by metric (\"loss\": training loss; \"eval_<name>\": an evaluation "
+               "result).", T + ("metric",)),
+    MetricSpec("adamwatch_convergence_eta_seconds", "gauge", "seconds",
+               "Estimated seconds until the metric reaches its target at the recent trend (absent when the trend "
+               "does not lead there; 0 once reached).", T + ("metric",)),
+    MetricSpec("adamwatch_convergence_eta_steps", "gauge", "",
+               "Estimated optimizer steps until the metric reaches its target at the recent trend (absent when "
+               "the trend does not lead there; 0 once reached).", T + ("metric",)),
+    MetricSpec("adamwatch_convergence_reached_seconds", "gauge", "seconds",
+               "Seconds from the trainer's first step to the first value at or beyond its target (absent until "
+               "reached).", T + ("metric",)),
+    MetricSpec("adamwatch_convergence_reached_step", "gauge", "",
+               "Optimizer step at which the metric first reached its target (absent until reached).",
+               T + ("metric",)),
+    MetricSpec("adamwatch_convergence_plateau", "gauge", "",
+               "1 while the metric has not reached its target and its trend over the plateau window improves "
+               "by less than the configured share although the learning rate is not negligible; else 0.",
+               T + ("metric",)),
+    MetricSpec("adamwatch_trainer_starts_total", "counter", "",
+               "Trainer processes that said hello (new sessions: starts and restarts).", T),
+    MetricSpec("adamwatch_trainer_exits_total", "counter", "",
+               "How trainer processes ended, by reason (clean, exception, oom, preemption, signal, vanished).",
+               T + ("reason",)),
+    MetricSpec("adamwatch_trainer_exception_exits_total", "counter", "",
+               "Trainer processes ended by an uncaught exception, by exception type (at most 16 types, then "
+               "\"other\").", T + ("exception",)),
+    MetricSpec("adamwatch_runs_ended_total", "counter", "",
+               "Runs ended, by outcome: success (clean, no non-finite step), nonfinite, oom, crashed "
+               "(exception, signal or vanished), preempted. Exported by rank 0 only: one run per job.",
+               T + ("outcome",)),
+    MetricSpec("adamwatch_runs_target_total", "counter", "",
+               "Runs with a convergence target that ended (not preempted), by outcome: reached (within the "
+               "budget, when one is configured) or missed. Exported by rank 0 only.", T + ("outcome",)),
+    MetricSpec("adamwatch_trainer_device_seconds_total", "counter", "seconds",
+               "Wall seconds the trainer was connected, by the device type it trains on (GPU-hours: "
+               "device=\"cuda\" / 3600).", T + ("device",)),
+    MetricSpec("adamwatch_run_info", "gauge", "",
+               "1 per trainer, labelled with the model family it announced (empty when none).",
+               T + ("model_family",)),
+    MetricSpec("adamwatch_param_bytes", "gauge", "bytes",
+               "Bytes of the parameters the optimizer updates on this rank, by dtype.", T + ("dtype",)),
+    MetricSpec("adamwatch_optimizer_state_bytes", "gauge", "bytes",
+               "Bytes of the optimizer state (m, v, step) on this rank, by dtype.", T + ("dtype",)),
+    MetricSpec("adamwatch_device_memory_peak_bytes", "gauge", "bytes",
+               "Peak bytes allocated by tensors on this rank's CUDA device (absent on CPU).", T),
+    MetricSpec("adamwatch_device_memory_reserved_bytes", "gauge", "bytes",
+               "Bytes reserved by the CUDA caching allocator on this rank's device (absent on CPU).", T),
     # --- gradient clipping (issue 8 item 1): adamwatch_grad_norm stays the pre-clip norm --------
     MetricSpec("adamwatch_grad_clip_coefficient", "gauge", "ratio",
                "Factor gradient clipping applied at the latest clipped step, min(1, max_norm/pre-clip norm); "

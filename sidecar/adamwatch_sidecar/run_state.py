@@ -39,6 +39,7 @@ from typing import Any, Callable, NamedTuple, Optional
 from adamwatch import wire
 
 from .metric_table import BY_NAME, METRICS, STEP_DURATION_BUCKETS, MetricSpec, metric
+from .sre_messages import validate_sre_message
 
 __all__ = [
     "TrainerKey",
@@ -485,6 +486,11 @@ class RunState:
                 if trainer.hello is not None:
                     trainer.hello = dict(trainer.hello, config=payload["config"], config_hash=payload["config_hash"])
                     trainer.info_labels = _info_labels(trainer.base, trainer.hello)
+        elif mtype in (wire.MessageType.EVAL, wire.MessageType.FOOTPRINT):
+            # issue 11: listeners (adamwatch_sidecar.evaluation, .footprint) export these
+            validate_sre_message(mtype, payload)
+            with self._lock:
+                self._get(key)
         else:
             raise wire.FrameError("unexpected", f"{mtype.name} is not a trainer message")
         if self._listeners:
@@ -760,6 +766,19 @@ class RunState:
         with self._lock:
             self._globals.setdefault(metric_name, {})[values] = float(value)
 
+    def remove_series(self, key: TrainerKey, metric_name: str, labels: dict[str, Any]) -> None:
+        """Delete one per-trainer series of the generic store (a value that is no longer known).
+
+        Args:
+            key: the trainer; labels: every label of the metric except job and rank.
+        """
+        spec = metric(metric_name)
+        _, values = self._check(metric_name, spec.type, labels, trainer=True)
+        with self._lock:
+            trainer = self._trainers.get(as_key(key))
+            if trainer is not None and metric_name in trainer.custom:
+                trainer.custom[metric_name].pop(trainer.base + values, None)
+
     def value(self, metric_name: str, labels: dict[str, Any]) -> float | None:
         """Current value of one series by its full label set (tests, status pages).
 
@@ -914,7 +933,10 @@ def _r_connected(t: _Trainer, out: list) -> None:
 def _r_finished(t: _Trainer, out: list) -> None:
     # A GOODBYE means the run ended on purpose: alerts on a disconnected
     # trainer exclude it. A new HELLO clears it (see hello()).
-    out.append((t.base, 1.0 if t.goodbye is not None else 0.0))
+    # A GOODBYE that reports a crash (exception, OOM, fatal signal: issue 11)
+    # is not a finished run: the disconnection alert must still see it.
+    finished = t.goodbye is not None and t.goodbye.get("exit_reason") in (None, "clean", "preemption")
+    out.append((t.base, 1.0 if finished else 0.0))
 
 
 def _r_info(t: _Trainer, out: list) -> None:

@@ -59,6 +59,7 @@ class Sidecar:
     def __init__(self, config: SidecarConfig, *, clock: Callable[[], float] = time.time, tick_interval: float = 1.0):
         self.config = config
         self._clock = clock
+        self.clock = clock  # public: components that count time use the sidecar's clock
         self.tick_interval = tick_interval
         self.state = RunState(config.retention_seconds, clock)
         self.ingest = IngestServer(self.state, config.listen, config.max_frame_bytes)

@@ -66,8 +66,11 @@ def substitute(expr: str, *, job: str = ".*", rank: str = ".*", param_group: str
     Single-value selectors (``job="$job"``) get the literal value, so pass a
     real job and rank for the Optimizer debug dashboard.
     """
-    values = {"__rate_interval": rate_interval, "job": job, "rank": rank, "param_group": param_group}
-    return re.sub(r"\$\{?(__rate_interval|param_group|job|rank)\}?", lambda m: values[m.group(1)], expr)
+    values = {"__rate_interval": rate_interval, "job": job, "rank": rank, "param_group": param_group,
+              # Executive dashboard (issue 11): the time range and the price textbox
+              "__range": "1h", "price_per_device_hour": "2.5"}
+    return re.sub(r"\$\{?(__rate_interval|__range|price_per_device_hour|param_group|job|rank)\}?",
+                  lambda m: values[m.group(1)], expr)
 
 
 def metric_names(expr: str) -> set[str]:

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from adamwatch import wire
 from adamwatch_sidecar.config import build_config
 from adamwatch_sidecar.remediation.wiring import attach
+from adamwatch_sidecar.run_tracking import attach_run_tracking
 from adamwatch_sidecar.server import Sidecar
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -76,8 +77,10 @@ def _series_per_healthy_rank(tmp_path) -> int:
     fed the fake trainer's frames and rendered."""
     sidecar = Sidecar(build_config({"listen": f"unix://{tmp_path}/unused.sock"}))
     remediation = attach(sidecar, {"dry_run": True})
+    attach_run_tracking(sidecar)  # as adamwatch-sidecar serve does (issue 11: exits, device time, ...)
     try:
-        spec = fleet_trainers.RankSpec("unix:///x", "fleet-0", 0, 4, "fleet-0-pod-0")
+        # rank 1: the minimum over ranks (rank 0 also exports its job's run outcomes)
+        spec = fleet_trainers.RankSpec("unix:///x", "fleet-0", 1, 4, "fleet-0-pod-0")
         key = sidecar.state.hello(1, fleet_trainers.hello_payload(spec, 10))
         for step in (9, 10):
             frame = fleet_trainers.FleetFrames(fleet_trainers.step_payload(step, 1.7e9, 0.2, step == 10, False))
@@ -86,7 +89,7 @@ def _series_per_healthy_rank(tmp_path) -> int:
     finally:
         remediation.shutdown()
     return sum(1 for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.labels.get("rank") == "0")
+               if sample.labels.get("rank") == "1")
 
 
 @needs_stack

@@ -25,7 +25,8 @@ if str(DASHBOARDS_SRC) not in sys.path:
 
 from adamwatch_dashboards import build_all  # noqa: E402
 
-UIDS = {"adamwatch-overview": "Overview", "adamwatch-oncall": "On-call", "adamwatch-optimizer-debug": "Optimizer debug"}
+UIDS = {"adamwatch-overview": "Overview", "adamwatch-oncall": "On-call", "adamwatch-optimizer-debug": "Optimizer debug",
+        "adamwatch-executive": "Executive"}
 
 
 def test_committed_json_equals_a_fresh_generation():
@@ -55,7 +56,7 @@ def test_json_is_written_with_sorted_keys():
         assert text == json.dumps(json.loads(text), sort_keys=True, indent=2) + "\n", path.name
 
 
-def test_three_dashboards_with_fixed_uids_and_variables():
+def test_four_dashboards_with_fixed_uids_and_variables():
     boards = dashboards()
     assert set(boards) == set(UIDS)
     for uid, board in boards.items():
@@ -89,6 +90,10 @@ def test_issue_panels_are_present():
     assert {"Loss", "Gradient norm by param group", "Scheduled vs effective learning rate", "Update size quantiles",
             "Update-to-weight ratio", "First and second moment norms",
             "Share of coordinates with sqrt(v_hat) <= eps", "Step time"} <= titles["adamwatch-optimizer-debug"]
+    # issue 11 item 8
+    assert {"Run success rate (30 days)", "Error budget remaining (30 days)", "Time to converge per model family",
+            "Device-hours and cost per run", "Remediations per run"} <= titles["adamwatch-executive"]
+    assert {"Checkpoint restore success", "Error budget remaining", "Error budget burn"} <= titles["adamwatch-oncall"]
 
 
 def test_oncall_links_every_runbook():
@@ -111,7 +116,15 @@ def test_event_only_and_history_markers_are_documented():
 def test_panels_named_in_runbooks_exist(runbook):
     short_names = {v: k for k, v in UIDS.items()}
     titles = {uid: {p["title"] for p in panels(b)} for uid, b in dashboards().items()}
-    references = re.findall(r"\*\*(Overview|On-call|Optimizer debug) → ([^*]+)\*\*", runbook.read_text())
+    references = re.findall(r"\*\*(Overview|On-call|Optimizer debug|Executive) → ([^*]+)\*\*", runbook.read_text())
     assert references, f"{runbook.name} names no dashboard panel"
     for board, title in references:
         assert title in titles[short_names[board]], f"{runbook.name}: no panel {title!r} on {board}"
+
+
+def test_executive_cost_uses_the_price_variable():
+    board = dashboards()["adamwatch-executive"]
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["price_per_device_hour"]["type"] == "textbox"
+    cost = next(p for p in panels(board) if p["title"] == "Device-hours and cost per run")
+    assert any("$price_per_device_hour" in t["expr"] for t in cost["targets"])

@@ -10,6 +10,9 @@ receiver; the sidecar webhook goes to the real sidecar's control API.
 - the run that turns non-finite reaches the PagerDuty stub with the routing
   key, its job and the alert's summary; the latency from the first non-finite
   step to the event is printed;
+- a third run that dies of torch.OutOfMemoryError pages (AdamwatchTrainerOutOfMemory),
+  and, as the only run ended so far, burns the run-success SLO's budget: the slow-burn
+  ticket (AdamwatchErrorBudgetSlowBurn) reaches the ticket receiver (issue 11 item 9);
 - the healthy run raises no critical alert;
 - every dashboard query returns data during the healthy run, except panels
   documented as event-only or needing a long history.
@@ -44,7 +47,8 @@ from tests.alerts.stack import (
 
 HERE = pathlib.Path(__file__).resolve().parent
 PROMETHEUS = shutil.which("prometheus")
-HEALTHY, BROKEN = "e2e-healthy", "e2e-nonfinite"
+HEALTHY, BROKEN, OOM = "e2e-healthy", "e2e-nonfinite", "e2e-oom"
+OOM_STEPS = 60  # 4 s of training, then torch.OutOfMemoryError
 STEPS, STEPS_PER_SECOND, NAN_FROM = 540, 15, 180  # 36 s runs; non-finite from 12 s in
 ROUTING_KEY, CONTROL_TOKEN = "e2e-routing-key", "e2e-control-token"
 # Grafana's $__rate_interval for a 1 s scrape interval (4 x scrape, rounded up generously).
@@ -149,6 +153,10 @@ def test_non_finite_training_pages_pagerduty_and_a_healthy_run_stays_quiet(tmp_p
         started = time.time()
         healthy, healthy_out = _train(tmp_path, healthy_sidecar, HEALTHY, 0, processes)
         broken, broken_out = _train(tmp_path, broken_sidecar, BROKEN, NAN_FROM, processes)
+        # Shares the broken run's sidecar (a second trainer in that pod).
+        oom = start([sys.executable, str(HERE / "_oom_trainer.py"), broken_sidecar["endpoint"], OOM, str(OOM_STEPS),
+                     str(STEPS_PER_SECOND)], tmp_path / f"{OOM}.log", env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        processes.append(oom)
 
         # --- the non-finite run pages ------------------------------------------------
         nan_marker = pathlib.Path(str(broken_out) + ".nan")
@@ -175,6 +183,24 @@ def test_non_finite_training_pages_pagerduty_and_a_healthy_run_stays_quiet(tmp_p
         assert "/alerts/runbooks/AdamwatchNonFiniteStep.md" in details["firing"]
         print(f"PagerDuty title: {event['payload']['summary']!r}; firing: {details['firing'].strip()!r}")
         assert 0 < latency < 15, f"non-finite -> PagerDuty took {latency:.1f} s"
+
+        # --- the OOM run pages, and its failed run burns the SLO: a ticket --------------
+        assert oom.wait(timeout=60) == 1
+        assert "torch.OutOfMemoryError" in (tmp_path / f"{OOM}.log").read_text()  # the traceback still printed
+        oom_page = receivers["pagerduty"].wait_for(
+            lambda r: (r["json"] or {}).get("payload", {}).get("custom_details", {}).get("job") == OOM, timeout=45)
+        assert oom_page, f"no PagerDuty event for {OOM}"
+        oom_details = oom_page["json"]["payload"]["custom_details"]
+        assert "AdamwatchTrainerOutOfMemory rank=0: A trainer died because its device ran out of memory." \
+            in oom_details["firing"], oom_details
+        ticket = receivers["ticket"].wait_for(
+            lambda r: any(a["labels"].get("alertname") == "AdamwatchErrorBudgetSlowBurn"
+                          for a in (r["json"] or {}).get("alerts", [])), timeout=45)
+        assert ticket, "no ticket for the run-success SLO's burn"
+        burn = next(a for a in ticket["json"]["alerts"] if a["labels"]["alertname"] == "AdamwatchErrorBudgetSlowBurn")
+        assert burn["labels"]["slo"] == "run_success" and burn["labels"]["severity"] == "warning"
+        print(f"OOM -> PagerDuty {oom_page['time'] - started:.1f} s after start; SLO slow-burn ticket: "
+              f"{burn['annotations']['description']!r}")
 
         # --- every dashboard query has data while the healthy run trains --------------
         assert healthy.poll() is None, "the healthy run ended before the dashboard check"

@@ -366,3 +366,19 @@ def test_network_policy_should_append_extra_ingress_rules():
 def test_release_name_containing_adamwatch_should_not_be_repeated_in_names():
     assert one(render({}, release="adamwatch"), "PodMonitor")["metadata"]["name"] == "adamwatch"
     assert one(render({}, release=RELEASE), "PodMonitor")["metadata"]["name"] == f"{RELEASE}-adamwatch"
+
+
+def test_convergence_and_runs_values_should_reach_the_sidecar_config_and_load():
+    """Issue 11: targets per job and the vanish grace pass through; the sidecar accepts the file."""
+    from adamwatch_sidecar.config import build_config
+
+    assert {"convergence", "runs"}.isdisjoint(yaml.safe_load(
+        next(m for m in of_kind(render(), "ConfigMap") if m["metadata"]["name"].endswith("-config"))
+        ["data"]["config.yaml"]))
+    values = {"sidecar": {"config": {"convergence": {"targets": {"gpt": {"eval_loss": 1.6}}, "budget_seconds": 86400},
+                                     "runs": {"vanish_grace_seconds": 10}}}}
+    config = next(m for m in of_kind(render(values=values), "ConfigMap") if m["metadata"]["name"].endswith("-config"))
+    loaded = yaml.safe_load(config["data"]["config.yaml"])
+    assert loaded["convergence"]["targets"] == {"gpt": {"eval_loss": 1.6}}
+    assert loaded["runs"] == {"vanish_grace_seconds": 10}
+    assert build_config(loaded).convergence["budget_seconds"] == 86400
