@@ -1,0 +1,204 @@
+"""One rank of the cross-rank tests: a small model under DDP, FSDP1 or FSDP2 on gloo/CPU.
+
+argv: rank world workdir scenario layout impl nan [endpoint]
+scenario: "pieces" (CrossRankReduction driven directly) | "monitor" (adamwatch.watch, streams to endpoint)
+layout: ddp | fsdp1 | fsdp2;  impl: loop | foreach | fused
+nan: none | shard (rank 1 writes NaN into its own gradient shard after backward at step NAN_STEP)
+     | input (rank 1's input is NaN at step NAN_STEP: its loss and its gradients before the reduction)
+Writes workdir/rank<r>.json with the framework's own norms next to what adamwatch computed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from adamwatch.comm_watch import watch_local_grads
+from adamwatch.cross_rank import CrossRankReduction
+from adamwatch.shards import is_dtensor, local_tensor
+from adamwatch.step_stats import StepStats, decode_step
+
+STEPS = 6
+NAN_STEP = 3  # 1-based
+NAN_RANK = 1
+DEEP_EVERY = 2
+
+
+def build(layout: str):
+    torch.manual_seed(0)  # same init on every rank
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 4))
+    if layout == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model), model
+    if layout == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=False)
+        return wrapped, wrapped
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model[0])
+    fully_shard(model)
+    return model, model
+
+
+def param_groups(model, layout: str) -> list[dict]:
+    if layout == "fsdp1":  # one flat parameter
+        return [{"params": list(model.parameters())}]
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for n, p in named if n.endswith("weight")]},
+        {"params": [p for n, p in named if n.endswith("bias")], "lr": 5e-3},
+    ]
+
+
+def make_optimizer(groups, impl: str):
+    options = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+    return torch.optim.AdamW(groups, lr=1e-2, **options)
+
+
+def reference_norms(wrapped, optimizer, layout: str) -> tuple[float, list[float]]:
+    """The framework's own total norm (clip_grad_norm_ with an infinite max) and per group."""
+    def as_float(t):
+        return float(t.full_tensor() if is_dtensor(t) else t)
+
+    if layout == "fsdp1":
+        total = as_float(wrapped.clip_grad_norm_(math.inf))
+        return total, [total]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    total = as_float(torch.nn.utils.clip_grad_norm_(params, math.inf))
+    groups = [as_float(torch.nn.utils.clip_grad_norm_(g["params"], math.inf)) for g in optimizer.param_groups]
+    return total, groups
+
+
+def reference_state_norms(optimizer, key: str) -> list[float]:
+    """Global norm of an Adam state tensor per group: full_tensor() (FSDP2), all-reduced shards (FSDP1), local (DDP)."""
+    out = []
+    for group in optimizer.param_groups:
+        sq = torch.zeros((), dtype=torch.float64)
+        sharded = False
+        for p in group["params"]:
+            t = optimizer.state[p][key]
+            if is_dtensor(t):
+                sq += t.full_tensor().double().square().sum()
+            else:
+                sq += t.double().square().sum()
+                sharded = sharded or type(p).__name__ == "FlatParameter" or getattr(p, "_fsdp_flattened", False)
+        if sharded:
+            dist.all_reduce(sq)
+        out.append(math.sqrt(float(sq)))
+    return out
+
+
+def batch(rank: int, step: int, nan: str):
+    g = torch.Generator().manual_seed(1000 * rank + step)  # different data on every rank
+    x = torch.randn(8, 6, generator=g)
+    y = torch.randn(8, 4, generator=g)
+    if nan == "input" and rank == NAN_RANK and step == NAN_STEP:
+        x[0, 0] = float("nan")
+    return x, y
+
+
+def poison_shard(optimizer) -> None:
+    p = optimizer.param_groups[0]["params"][0]
+    local_tensor(p.grad).view(-1)[0] = float("nan")
+
+
+class Ctx:
+    """The StepContext fields CrossRankReduction uses (the pieces scenario drives it directly)."""
+
+    def __init__(self, optimizer, sq, loss):
+        self.optimizer = optimizer
+        self.params_by_group = [[p for p in g["params"] if p.grad is not None] for g in optimizer.param_groups]
+        self.grads_by_group = [[p.grad for p in ps] for ps in self.params_by_group]
+        self.group_norm_sq = sq
+        self.loss = loss.detach().float().reshape(())
+        self.has_loss = True
+        self.nonfinite = ~torch.isfinite(sq.sum()) | ~torch.isfinite(self.loss)
+        self.extras = {}
+
+    def add_extra(self, name, value):
+        self.extras[name] = float(value)
+
+
+def steps_and_states(optimizer) -> dict:
+    state = optimizer.state
+    return {
+        "adam_steps": [float(local_tensor(state[p]["step"])) for g in optimizer.param_groups for p in g["params"]],
+        "params": [local_tensor(p).detach().reshape(-1).tolist() for g in optimizer.param_groups for p in g["params"]],
+    }
+
+
+def pieces(rank: int, world: int, layout: str, impl: str, nan: str) -> dict:
+    wrapped, model = build(layout)
+    optimizer = make_optimizer(param_groups(model, layout), impl)
+    local_grads = watch_local_grads(wrapped)
+    reduction = CrossRankReduction(optimizer, local_grads=local_grads)
+    stats = StepStats(optimizer)
+    records = []
+    for step in range(1, STEPS + 1):
+        x, y = batch(rank, step, nan)
+        loss = torch.nn.functional.mse_loss(wrapped(x), y)
+        loss.backward()
+        if nan == "shard" and rank == NAN_RANK and step == NAN_STEP:
+            poison_shard(optimizer)
+        vector, _, layout_ = stats.per_step(loss)
+        groups = len(optimizer.param_groups)
+        ctx = Ctx(optimizer, vector[3:3 + groups].clone(), loss)
+        reduction.on_summary(ctx)
+        summary = torch.cat([vector[:1], ctx.group_norm_sq.sum().reshape(1), vector[2:3], ctx.group_norm_sq])
+        payload = decode_step(summary.tolist(), layout_)
+        ref_total, ref_groups = reference_norms(wrapped, optimizer, layout)
+        skip = ctx.nonfinite.to(torch.float32)
+        if impl == "fused":
+            optimizer.found_inf = skip
+        elif bool(ctx.nonfinite):  # guard="sync" semantics, in the test only
+            for g in optimizer.param_groups:
+                for p in g["params"]:
+                    p.grad = None
+        optimizer.step()
+        if impl == "fused":
+            del optimizer.found_inf
+        record = {
+            "step": step, "ref_total": ref_total, "ref_groups": ref_groups,
+            "total": payload["grad_norm"], "groups": payload["group_grad_norms"],
+            "nonfinite": bool(ctx.nonfinite), "extras": ctx.extras, "reductions": reduction.reductions,
+        }
+        if step % DEEP_EVERY == 0:
+            deep, present = stats.deep()
+            deep = reduction.reduce_deep(deep, present)
+            layout_.deep_groups = present
+            decoded = decode_step(torch.cat([summary, deep]).tolist(), layout_)["deep"]
+            record["m_norms"] = [d["exp_avg_norm"] for d in decoded]
+            record["v_norms"] = [d["exp_avg_sq_norm"] for d in decoded]
+            record["ref_m_norms"] = reference_state_norms(optimizer, "exp_avg")
+            record["ref_v_norms"] = reference_state_norms(optimizer, "exp_avg_sq")
+        records.append(record)
+        optimizer.zero_grad()
+    return {"records": records, "grad_origin_watch": local_grads.kind, **steps_and_states(optimizer)}
+
+
+def main() -> None:
+    rank, world, workdir = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+    scenario, layout, impl, nan = sys.argv[4:8]
+    dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    if scenario == "pieces":
+        result = pieces(rank, world, layout, impl, nan)
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
+    (workdir / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
