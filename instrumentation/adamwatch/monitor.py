@@ -73,6 +73,14 @@ class MonitorConfig:
             actions every this many steps: one asynchronous 4 KiB broadcast on a
             CPU/gloo channel, never waited on in the step path; actions apply on
             every rank one interval after their exchange point.
+        cross_rank: under torch.distributed with more than one rank, "auto"
+            (default) registers :class:`adamwatch.cross_rank.CrossRankReduction`
+            as the first step extension: global norms under FSDP1/FSDP2, one
+            non-finite decision for all ranks, the rank where a NaN began (one
+            asynchronous all-reduce per step on a group of its own). "off" keeps
+            every number rank-local.
+        local_grads: from :func:`adamwatch.comm_watch.watch_local_grads`, so the
+            gradient origin is this rank's gradients before the ranks' reduction.
     """
 
     endpoint: str | None = None
@@ -90,6 +98,8 @@ class MonitorConfig:
     lr_floor: float = 0.0
     lr_recovery_steps: int | None = None
     command_interval: int = 1
+    cross_rank: str = "auto"
+    local_grads: Any = None
 
     def validate(self) -> None:
         if self.guard not in _GUARDS:
@@ -108,6 +118,11 @@ class MonitorConfig:
         if self.batch_interval is not None and (not isinstance(self.batch_interval, (int, float))
                                                 or not 0 <= self.batch_interval <= 10):
             raise ValueError(f"batch_interval must be None or seconds in [0, 10], got {self.batch_interval!r}")
+        if self.cross_rank not in ("auto", "off"):
+            raise ValueError(f"cross_rank must be 'auto' or 'off', got {self.cross_rank!r}")
+        if self.local_grads is not None and not callable(getattr(self.local_grads, "take", None)):
+            raise TypeError(f"local_grads must come from adamwatch.comm_watch.watch_local_grads, "
+                            f"got {type(self.local_grads).__name__}")
         if not isinstance(self.command_interval, int) or self.command_interval < 1:
             raise ValueError(f"command_interval must be an int >= 1, got {self.command_interval!r}")
         if self.endpoint is not None:
@@ -184,6 +199,7 @@ class Monitor:
         self._scheduler_skip: SchedulerStepHook | None = None
         self._step_seconds: float | None = None
         self._setup_remediation(on_stop)
+        self._cross_rank = self._setup_cross_rank()
 
         endpoint = config.endpoint or os.environ.get(wire.ENDPOINT_ENV)
         self.endpoint = endpoint
@@ -486,6 +502,8 @@ class Monitor:
         every = self.config.deep_stats_every
         if every and self.step % every == 0 and skip_reason is None:
             deep, present = self._stats.deep()
+            if self._cross_rank is not None:  # global m, v, update and weight norms under sharding
+                deep = self._cross_rank.reduce_deep(deep, present)
             vector = torch.cat([vector, deep])
             layout.deep_groups = present
         if clip is not None:
@@ -605,6 +623,19 @@ class Monitor:
         )
         coordinator = StepCoordinator(interval=self.config.command_interval, resolve=self._remediator.resolve)
         self._coordinator = coordinator if coordinator.active() else None
+
+    def _setup_cross_rank(self) -> Any:
+        """Register the cross-rank reduction first (a collective: every rank calls watch())."""
+        dist = torch.distributed
+        if self.config.cross_rank == "off" or not (dist.is_available() and dist.is_initialized()):
+            return None
+        if dist.get_world_size() < 2:
+            return None
+        from adamwatch.cross_rank import CrossRankReduction
+
+        reduction = CrossRankReduction(self.optimizer, local_grads=self.config.local_grads)
+        self._extensions.insert(0, reduction)
+        return reduction
 
     def _queue_action(self, kind: str, args: dict[str, Any], reason: str | None, source: str = "local",
                       action_id: str | None = None) -> str:

@@ -326,7 +326,8 @@ class StepStats:
     def _context(self, step: int, groups: list[dict], sq: torch.Tensor, loss_t: torch.Tensor,
                  loss: Any, host_loss: float | None, grad_scale: torch.Tensor | None) -> StepContext:
         params_by_group = [[p for p in g["params"] if p.grad is not None] for g in groups]
-        grads_by_group = [[p.grad for p in ps] for ps in params_by_group]
+        # FSDP2: this rank's shard (a view: scaling it in place scales the DTensor)
+        grads_by_group = [[local_tensor(p.grad) for p in ps] for ps in params_by_group]
         if host_loss is not None:
             loss_0d = torch.full((), host_loss, dtype=torch.float32, device=self.device)
         else:
@@ -346,7 +347,7 @@ class StepStats:
         for index, group in enumerate(groups):
             for p in group["params"]:
                 if p.grad is not None:
-                    grads.append(p.grad)
+                    grads.append(local_tensor(p.grad))
                     owners.append(index)
         if not grads:
             return torch.zeros(len(groups), dtype=self.dtype, device=self.device)

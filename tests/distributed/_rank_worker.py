@@ -186,6 +186,37 @@ def pieces(rank: int, world: int, layout: str, impl: str, nan: str) -> dict:
     return {"records": records, "grad_origin_watch": local_grads.kind, **steps_and_states(optimizer)}
 
 
+def monitored(rank: int, world: int, layout: str, impl: str, nan: str, endpoint: str) -> dict:
+    """The real thing: adamwatch.watch() registers the cross-rank reduction and streams to a sidecar."""
+    import adamwatch
+
+    wrapped, model = build(layout)
+    optimizer = make_optimizer(param_groups(model, layout), impl)
+    local_grads = watch_local_grads(wrapped)
+    monitor = adamwatch.watch(optimizer, endpoint=endpoint, job=f"dist-{layout}-{impl}", deep_stats_every=DEEP_EVERY,
+                              local_grads=local_grads, batch_interval=0,
+                              # for-loop/foreach have no found_inf: the documented one-sync guard skips
+                              guard="auto" if impl == "fused" else "sync")
+    records = []
+    for step in range(1, STEPS + 1):
+        x, y = batch(rank, step, nan)
+        loss = torch.nn.functional.mse_loss(wrapped(x), y)
+        loss.backward()
+        monitor.observe_loss(loss)
+        if nan == "shard" and rank == NAN_RANK and step == NAN_STEP:
+            poison_shard(optimizer)
+        ref_total, ref_groups = reference_norms(wrapped, optimizer, layout)
+        optimizer.step()
+        record = {"step": step, "ref_total": ref_total, "ref_groups": ref_groups, "loss": float(loss)}
+        if step % DEEP_EVERY == 0:
+            record["ref_m_norms"] = reference_state_norms(optimizer, "exp_avg")
+            record["ref_v_norms"] = reference_state_norms(optimizer, "exp_avg_sq")
+        records.append(record)
+        optimizer.zero_grad()
+    monitor.close()
+    return {"records": records, "errors": monitor.errors, **steps_and_states(optimizer)}
+
+
 def main() -> None:
     rank, world, workdir = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     scenario, layout, impl, nan = sys.argv[4:8]
@@ -193,6 +224,8 @@ def main() -> None:
                             timeout=timedelta(seconds=60))
     if scenario == "pieces":
         result = pieces(rank, world, layout, impl, nan)
+    elif scenario == "monitor":
+        result = monitored(rank, world, layout, impl, nan, sys.argv[8])
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     (workdir / f"rank{rank}.json").write_text(json.dumps(result))
