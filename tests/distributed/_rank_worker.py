@@ -217,6 +217,40 @@ def monitored(rank: int, world: int, layout: str, impl: str, nan: str, endpoint:
     return {"records": records, "errors": monitor.errors, **steps_and_states(optimizer)}
 
 
+def nosync(rank: int, world: int, layout: str, impl: str) -> dict:
+    """Host reads on the training thread over whole iterations (forward, backward with the
+    communication hook, step with the all-reduce), watched against bare."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    import adamwatch
+    from tests.trainer.test_no_host_sync import HostReadCounter
+
+    def iteration(wrapped, optimizer, monitor, step):
+        x, y = batch(rank, step, "none")
+        counter = HostReadCounter()
+        with counter.counting():
+            loss = torch.nn.functional.mse_loss(wrapped(x), y)
+            loss.backward()
+            if monitor is not None:
+                monitor.observe_loss(loss)
+            optimizer.step()
+        optimizer.zero_grad()
+        return counter.calls
+
+    bare_wrapped, bare_model = build(layout)
+    bare_opt = make_optimizer(param_groups(bare_model, layout), impl)
+    wrapped, model = build(layout)
+    optimizer = make_optimizer(param_groups(model, layout), impl)
+    monitor = adamwatch.watch(optimizer, local_grads=watch_local_grads(wrapped), deep_stats_every=1)
+    iteration(bare_wrapped, bare_opt, None, 1)  # Adam's state is created on the first step
+    iteration(wrapped, optimizer, monitor, 1)
+    counts = []
+    for step in range(2, 5):
+        counts.append([iteration(bare_wrapped, bare_opt, None, step), iteration(wrapped, optimizer, monitor, step)])
+    reductions = monitor._cross_rank.reductions
+    monitor.close()
+    return {"counts": counts, "reductions": reductions, "errors": monitor.errors}
+
+
 def main() -> None:
     rank, world, workdir = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     scenario, layout, impl, nan = sys.argv[4:8]
@@ -224,6 +258,8 @@ def main() -> None:
                             timeout=timedelta(seconds=60))
     if scenario == "pieces":
         result = pieces(rank, world, layout, impl, nan)
+    elif scenario == "nosync":
+        result = nosync(rank, world, layout, impl)
     elif scenario == "monitor":
         result = monitored(rank, world, layout, impl, nan, sys.argv[8])
     else:
