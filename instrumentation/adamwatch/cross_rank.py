@@ -98,6 +98,7 @@ class CrossRankReduction:
         self._replicated = {id(p) for p in params if not is_sharded_param(p)} if self.sharded else set()
         self.local_grads = local_grads
         self.optimizer = optimizer
+        self._trainable_groups = [any(p.requires_grad for p in g["params"]) for g in optimizer.param_groups]
         #: reductions launched (per-step and deep)
         self.reductions = 0
         log.info(
@@ -129,6 +130,8 @@ class CrossRankReduction:
         groups = sq.numel() if self.sharded else 0
         if self.sharded:
             ctx.group_norm_sq = packed[:groups]
+            # Reported on every rank, even where this rank's shard of a group is empty.
+            ctx.groups_reported = self._trainable_groups
         ctx.nonfinite = packed[groups] > 0
         origin_any = (packed[groups + 1: groups + 1 + world] + packed[groups + 1 + world:]) > 0
         index = torch.arange(world, device=device, dtype=dtype)
@@ -155,7 +158,7 @@ class CrossRankReduction:
         return out
 
     # ------------------------------------------------------------------ deep
-    def reduce_deep(self, deep: torch.Tensor, present: list[bool]) -> torch.Tensor:
+    def reduce_deep(self, deep: torch.Tensor, present: list[bool]) -> tuple[torch.Tensor, list[bool]]:
         """Make the norms of a deep block (update, weight, m, v per group) global.
 
         Args:
@@ -164,10 +167,13 @@ class CrossRankReduction:
 
         Returns:
             The block with global norms (quantiles and eps share unchanged:
-            this rank's own sample). Unchanged under a replicated layout.
+            this rank's own sample), and per group whether it is reported:
+            under sharding every group with parameters, since another rank may
+            hold the state this one lacks (an empty shard: its sample, hence
+            its quantiles, are NaN). Unchanged under a replicated layout.
         """
         if not self.sharded:
-            return deep
+            return deep, present
         blocks = deep.reshape(len(present), DEEP_FIELDS_PER_GROUP)
         squares = blocks[:, _DEEP_NORMS].square()
         for index, has_state in enumerate(present):
@@ -178,4 +184,5 @@ class CrossRankReduction:
         work.wait()
         blocks = blocks.clone()
         blocks[:, _DEEP_NORMS] = squares.sqrt()
-        return blocks.reshape(-1)
+        reported = [bool(g["params"]) for g in self.optimizer.param_groups]
+        return blocks.reshape(-1), reported

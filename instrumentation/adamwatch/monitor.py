@@ -503,7 +503,7 @@ class Monitor:
         if every and self.step % every == 0 and skip_reason is None:
             deep, present = self._stats.deep()
             if self._cross_rank is not None:  # global m, v, update and weight norms under sharding
-                deep = self._cross_rank.reduce_deep(deep, present)
+                deep, present = self._cross_rank.reduce_deep(deep, present)
             vector = torch.cat([vector, deep])
             layout.deep_groups = present
         if clip is not None:

@@ -249,6 +249,11 @@ class StepStats:
         if on_context is not None:
             ctx = self._context(step, groups, sq, loss_t, loss, host_loss, grad_scale)
             on_context(ctx)
+            # A cross-rank reduction may report groups this rank holds no gradient
+            # of (an empty FSDP shard): the reduced norm is the other ranks'.
+            reported = getattr(ctx, "groups_reported", None)
+            if reported is not None:
+                has_grads = [bool(r) for r in reported]
             if ctx.group_norm_sq is not sq:
                 if tuple(ctx.group_norm_sq.shape) != (len(groups),):
                     raise ValueError(f"StepContext.group_norm_sq must keep shape [{len(groups)}], "

@@ -38,10 +38,10 @@ def build(layout: str):
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model), model
-    if layout == "fsdp1":
+    if layout in ("fsdp1", "fsdp1orig"):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=False)
+        wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=layout == "fsdp1orig")
         return wrapped, wrapped
     from torch.distributed.fsdp import fully_shard
 
@@ -70,29 +70,36 @@ def reference_norms(wrapped, optimizer, layout: str) -> tuple[float, list[float]
     def as_float(t):
         return float(t.full_tensor() if is_dtensor(t) else t)
 
-    if layout == "fsdp1":
+    if layout.startswith("fsdp1"):
         total = as_float(wrapped.clip_grad_norm_(math.inf))
-        return total, [total]
+        if layout == "fsdp1":
+            return total, [total]
+        groups = []
+        for group in optimizer.param_groups:  # views of the flat shards: all-reduce their squares
+            sq = torch.zeros((), dtype=torch.float64)
+            for p in group["params"]:
+                if p.grad is not None:
+                    sq += p.grad.double().square().sum()
+            dist.all_reduce(sq)
+            groups.append(math.sqrt(float(sq)))
+        return total, groups
     params = [p for g in optimizer.param_groups for p in g["params"]]
     total = as_float(torch.nn.utils.clip_grad_norm_(params, math.inf))
     groups = [as_float(torch.nn.utils.clip_grad_norm_(g["params"], math.inf)) for g in optimizer.param_groups]
     return total, groups
 
 
-def reference_state_norms(optimizer, key: str) -> list[float]:
+def reference_state_norms(optimizer, key: str, layout: str) -> list[float]:
     """Global norm of an Adam state tensor per group: full_tensor() (FSDP2), all-reduced shards (FSDP1), local (DDP)."""
     out = []
     for group in optimizer.param_groups:
         sq = torch.zeros((), dtype=torch.float64)
-        sharded = False
         for p in group["params"]:
-            t = optimizer.state[p][key]
-            if is_dtensor(t):
-                sq += t.full_tensor().double().square().sum()
-            else:
-                sq += t.double().square().sum()
-                sharded = sharded or type(p).__name__ == "FlatParameter" or getattr(p, "_fsdp_flattened", False)
-        if sharded:
+            t = optimizer.state.get(p, {}).get(key)
+            if t is None:  # FSDP1 use_orig_params: this rank's shard of p is empty
+                continue
+            sq += (t.full_tensor() if is_dtensor(t) else t).double().square().sum()
+        if layout.startswith("fsdp1"):
             dist.all_reduce(sq)
         out.append(math.sqrt(float(sq)))
     return out
@@ -124,6 +131,7 @@ class Ctx:
         self.has_loss = True
         self.nonfinite = ~torch.isfinite(sq.sum()) | ~torch.isfinite(self.loss)
         self.extras = {}
+        self.groups_reported = None
 
     def add_extra(self, name, value):
         self.extras[name] = float(value)
@@ -132,7 +140,8 @@ class Ctx:
 def steps_and_states(optimizer) -> dict:
     state = optimizer.state
     return {
-        "adam_steps": [float(local_tensor(state[p]["step"])) for g in optimizer.param_groups for p in g["params"]],
+        "adam_steps": [float(local_tensor(state[p]["step"])) for g in optimizer.param_groups for p in g["params"]
+                       if "step" in state.get(p, {})],
         "params": [local_tensor(p).detach().reshape(-1).tolist() for g in optimizer.param_groups for p in g["params"]],
     }
 
@@ -155,6 +164,8 @@ def pieces(rank: int, world: int, layout: str, impl: str, nan: str) -> dict:
         ctx = Ctx(optimizer, vector[3:3 + groups].clone(), loss)
         reduction.on_summary(ctx)
         summary = torch.cat([vector[:1], ctx.group_norm_sq.sum().reshape(1), vector[2:3], ctx.group_norm_sq])
+        if ctx.groups_reported is not None:
+            layout_.group_has_grads = list(ctx.groups_reported)
         payload = decode_step(summary.tolist(), layout_)
         ref_total, ref_groups = reference_norms(wrapped, optimizer, layout)
         skip = ctx.nonfinite.to(torch.float32)
@@ -174,13 +185,13 @@ def pieces(rank: int, world: int, layout: str, impl: str, nan: str) -> dict:
         }
         if step % DEEP_EVERY == 0:
             deep, present = stats.deep()
-            deep = reduction.reduce_deep(deep, present)
+            deep, present = reduction.reduce_deep(deep, present)
             layout_.deep_groups = present
             decoded = decode_step(torch.cat([summary, deep]).tolist(), layout_)["deep"]
             record["m_norms"] = [d["exp_avg_norm"] for d in decoded]
             record["v_norms"] = [d["exp_avg_sq_norm"] for d in decoded]
-            record["ref_m_norms"] = reference_state_norms(optimizer, "exp_avg")
-            record["ref_v_norms"] = reference_state_norms(optimizer, "exp_avg_sq")
+            record["ref_m_norms"] = reference_state_norms(optimizer, "exp_avg", layout)
+            record["ref_v_norms"] = reference_state_norms(optimizer, "exp_avg_sq", layout)
         records.append(record)
         optimizer.zero_grad()
     return {"records": records, "grad_origin_watch": local_grads.kind, **steps_and_states(optimizer)}
@@ -209,8 +220,8 @@ def monitored(rank: int, world: int, layout: str, impl: str, nan: str, endpoint:
         optimizer.step()
         record = {"step": step, "ref_total": ref_total, "ref_groups": ref_groups, "loss": float(loss)}
         if step % DEEP_EVERY == 0:
-            record["ref_m_norms"] = reference_state_norms(optimizer, "exp_avg")
-            record["ref_v_norms"] = reference_state_norms(optimizer, "exp_avg_sq")
+            record["ref_m_norms"] = reference_state_norms(optimizer, "exp_avg", layout)
+            record["ref_v_norms"] = reference_state_norms(optimizer, "exp_avg_sq", layout)
         records.append(record)
         optimizer.zero_grad()
     monitor.close()
