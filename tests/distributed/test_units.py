@@ -105,3 +105,20 @@ def test_steps_without_origin_extras_export_nothing():
     key = state.hello("c0", hello_payload(job="j", rank=0))
     state.apply(key, wire.Message(M.STEP, step_payload(1)))
     assert not [k for k in _metrics(state) if "origin" in k[0] or "first_rank" in k[0]]
+
+
+def test_the_non_finite_detection_names_the_rank_and_step_where_the_streak_began():
+    from adamwatch_sidecar.remediation.detectors import NonFiniteDetector
+    from adamwatch_sidecar.remediation.policy import NonFiniteParams
+
+    detector = NonFiniteDetector(NonFiniteParams(consecutive_steps=2))
+    healthy = step_payload(9, extras={"nonfinite_origin_first_rank": -1.0})
+    assert detector.observe(healthy) is None
+    first = step_payload(10, grad_norm=float("nan"), grad_nonfinite=True, extras={"nonfinite_origin_first_rank": 2.0})
+    assert detector.observe(first) is None  # streak of 1 < 2
+    # by the next step the NaN is everywhere and no rank produced a new one: the streak's origin stays
+    second = step_payload(11, grad_norm=float("nan"), grad_nonfinite=True, extras={"nonfinite_origin_first_rank": -1.0})
+    assert detector.observe(second)["origin"] == {"rank": 2, "step": 10}
+    # single process (no extras): no origin in the evidence
+    alone = NonFiniteDetector(NonFiniteParams(consecutive_steps=1))
+    assert "origin" not in alone.observe(step_payload(3, grad_norm=float("nan"), grad_nonfinite=True))
