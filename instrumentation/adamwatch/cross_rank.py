@@ -99,6 +99,8 @@ class CrossRankReduction:
         self.local_grads = local_grads
         self.optimizer = optimizer
         self._trainable_groups = [any(p.requires_grad for p in g["params"]) for g in optimizer.param_groups]
+        self._basis: torch.Tensor | None = None
+        self._index: torch.Tensor | None = None
         #: reductions launched (per-step and deep)
         self.reductions = 0
         log.info(
@@ -118,9 +120,9 @@ class CrossRankReduction:
         before = self.local_grads.take().to(device) if self.local_grads is not None else own_grad_bad
         loss_bad = self._loss_nonfinite(ctx, device)
         nonfinite = ctx.nonfinite.to(device).reshape(()) | before
-        world, rank = self.world, self.rank
-        origins = torch.zeros(2 * world, dtype=dtype, device=device)
-        origins[[rank, world + rank]] = torch.stack([loss_bad, before]).to(dtype)
+        world = self.world
+        basis, index = self._constants(device, dtype)
+        origins = torch.stack([loss_bad, before]).to(dtype) @ basis  # this rank's one-hot slots
         parts = ([sq.reshape(-1)] if self.sharded else []) + [nonfinite.to(dtype).reshape(1), origins]
         packed = torch.cat(parts)
         work = dist.all_reduce(packed, group=self.group, async_op=True)
@@ -134,12 +136,22 @@ class CrossRankReduction:
             ctx.groups_reported = self._trainable_groups
         ctx.nonfinite = packed[groups] > 0
         origin_any = (packed[groups + 1: groups + 1 + world] + packed[groups + 1 + world:]) > 0
-        index = torch.arange(world, device=device, dtype=dtype)
         first = torch.where(origin_any, index, torch.full_like(index, world)).min()
         first = torch.where(first >= world, torch.full_like(first, -1), first)
         ctx.add_extra("nonfinite_origin_loss", loss_bad.to(torch.float32))
         ctx.add_extra("nonfinite_origin_grad", before.to(torch.float32))
         ctx.add_extra("nonfinite_origin_first_rank", first.to(torch.float32))
+
+    def _constants(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device constants, made once (scalar fills: no host-to-device copy in the step path)."""
+        if self._basis is None or self._basis.device != device or self._basis.dtype != dtype:
+            world, rank = self.world, self.rank
+            basis = torch.zeros(2, 2 * world, dtype=dtype, device=device)
+            basis[0, rank] = 1.0
+            basis[1, world + rank] = 1.0
+            self._basis = basis
+            self._index = torch.arange(world, dtype=dtype, device=device)
+        return self._basis, self._index
 
     def _loss_nonfinite(self, ctx: Any, device: torch.device) -> torch.Tensor:
         loss = getattr(ctx, "loss", None)

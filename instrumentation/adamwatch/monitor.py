@@ -77,8 +77,8 @@ class MonitorConfig:
             (default) registers :class:`adamwatch.cross_rank.CrossRankReduction`
             as the first step extension: global norms under FSDP1/FSDP2, one
             non-finite decision for all ranks, the rank where a NaN began (one
-            asynchronous all-reduce per step on a group of its own). "off" keeps
-            every number rank-local.
+            asynchronous all-reduce per step on a group of its own). "on": also
+            with a single rank (exercises the path). "off" keeps every number rank-local.
         local_grads: from :func:`adamwatch.comm_watch.watch_local_grads`, so the
             gradient origin is this rank's gradients before the ranks' reduction.
     """
@@ -118,8 +118,8 @@ class MonitorConfig:
         if self.batch_interval is not None and (not isinstance(self.batch_interval, (int, float))
                                                 or not 0 <= self.batch_interval <= 10):
             raise ValueError(f"batch_interval must be None or seconds in [0, 10], got {self.batch_interval!r}")
-        if self.cross_rank not in ("auto", "off"):
-            raise ValueError(f"cross_rank must be 'auto' or 'off', got {self.cross_rank!r}")
+        if self.cross_rank not in ("auto", "on", "off"):
+            raise ValueError(f"cross_rank must be 'auto', 'on' or 'off', got {self.cross_rank!r}")
         if self.local_grads is not None and not callable(getattr(self.local_grads, "take", None)):
             raise TypeError(f"local_grads must come from adamwatch.comm_watch.watch_local_grads, "
                             f"got {type(self.local_grads).__name__}")
@@ -629,7 +629,7 @@ class Monitor:
         dist = torch.distributed
         if self.config.cross_rank == "off" or not (dist.is_available() and dist.is_initialized()):
             return None
-        if dist.get_world_size() < 2:
+        if dist.get_world_size() < 2 and self.config.cross_rank != "on":
             return None
         from adamwatch.cross_rank import CrossRankReduction
 

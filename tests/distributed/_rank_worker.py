@@ -262,13 +262,51 @@ def nosync(rank: int, world: int, layout: str, impl: str) -> dict:
     return {"counts": counts, "reductions": reductions, "errors": monitor.errors}
 
 
+def cuda_fsdp2(rank: int, world: int) -> dict:
+    """FSDP2 on one CUDA device per rank, NCCL, fused AdamW, watched steps under sync debug mode "error"."""
+    import adamwatch
+    from torch.distributed.fsdp import fully_shard
+
+    torch.cuda.set_device(rank)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).cuda()
+    fully_shard(model[0])
+    fully_shard(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    monitor = adamwatch.watch(optimizer, cross_rank="on", local_grads=watch_local_grads(model), deep_stats_every=10)
+    x = torch.randn(64, 256, device="cuda")
+
+    def iteration():
+        loss = model(x).square().mean()
+        loss.backward()
+        monitor.observe_loss(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # Adam allocates its state on the first step
+        iteration()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(30):
+            iteration()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    reductions = monitor._cross_rank.reductions
+    monitor.close()
+    return {"errors": monitor.errors, "errors_by_where": monitor.errors_by_where, "reductions": reductions}
+
+
 def main() -> None:
     rank, world, workdir = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     scenario, layout, impl, nan = sys.argv[4:8]
-    dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group("nccl" if scenario == "cuda" else "gloo", init_method=f"file://{workdir}/store",
+                            rank=rank, world_size=world, timeout=timedelta(seconds=60))
     if scenario == "pieces":
         result = pieces(rank, world, layout, impl, nan)
+    elif scenario == "cuda":
+        result = cuda_fsdp2(rank, world)
     elif scenario == "nosync":
         result = nosync(rank, world, layout, impl)
     elif scenario == "monitor":

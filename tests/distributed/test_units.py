@@ -60,7 +60,7 @@ def test_the_reduction_needs_torch_distributed():
 
 def test_config_names_bad_cross_rank_settings():
     with pytest.raises(ValueError, match="cross_rank"):
-        MonitorConfig(cross_rank="on").validate()
+        MonitorConfig(cross_rank="always").validate()
     with pytest.raises(TypeError, match="local_grads"):
         MonitorConfig(local_grads=object()).validate()
 
