@@ -67,9 +67,10 @@ class CrossRankReduction:
         layout: "auto" (sharded when any parameter is an FSDP1 flat shard or
             an FSDP2 DTensor shard), "sharded" or "replicated".
         local_grads: from :func:`adamwatch.comm_watch.watch_local_grads`: this
-            rank's gradients before the ranks' reduction. Without it the
-            gradient origin is this rank's gradients as the optimizer sees them
-            (under DDP every rank then reports the NaN).
+            rank's gradients before the ranks' reduction. Without it only the
+            loss names an origin (the gradients the optimizer sees are already
+            reduced, so every rank would look like one) and the extra
+            ``nonfinite_origin_grad`` is not sent.
     """
 
     def __init__(
@@ -116,8 +117,12 @@ class CrossRankReduction:
         device, dtype = sq.device, sq.dtype
         if self._replicated:
             sq = sq - self._replicated_sq(ctx, device, dtype) * (1.0 - 1.0 / self.world)
-        own_grad_bad = ~torch.isfinite(ctx.group_norm_sq.sum())
-        before = self.local_grads.take().to(device) if self.local_grads is not None else own_grad_bad
+        # Without the communication check the gradients seen here are already
+        # reduced (every rank's NaN is everyone's): they name no origin.
+        if self.local_grads is not None:
+            before = self.local_grads.take().to(device)
+        else:
+            before = torch.zeros((), dtype=torch.bool, device=device)
         loss_bad = self._loss_nonfinite(ctx, device)
         nonfinite = ctx.nonfinite.to(device).reshape(()) | before
         world = self.world
@@ -139,7 +144,8 @@ class CrossRankReduction:
         first = torch.where(origin_any, index, torch.full_like(index, world)).min()
         first = torch.where(first >= world, torch.full_like(first, -1), first)
         ctx.add_extra("nonfinite_origin_loss", loss_bad.to(torch.float32))
-        ctx.add_extra("nonfinite_origin_grad", before.to(torch.float32))
+        if self.local_grads is not None:
+            ctx.add_extra("nonfinite_origin_grad", before.to(torch.float32))
         ctx.add_extra("nonfinite_origin_first_rank", first.to(torch.float32))
 
     def _constants(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

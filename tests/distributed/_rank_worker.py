@@ -109,7 +109,7 @@ def batch(rank: int, step: int, nan: str):
     g = torch.Generator().manual_seed(1000 * rank + step)  # different data on every rank
     x = torch.randn(8, 6, generator=g)
     y = torch.randn(8, 4, generator=g)
-    if nan == "input" and rank == NAN_RANK and step == NAN_STEP:
+    if nan.startswith("input") and rank == NAN_RANK and step == NAN_STEP:
         x[0, 0] = float("nan")
     return x, y
 
@@ -149,7 +149,8 @@ def steps_and_states(optimizer) -> dict:
 def pieces(rank: int, world: int, layout: str, impl: str, nan: str) -> dict:
     wrapped, model = build(layout)
     optimizer = make_optimizer(param_groups(model, layout), impl)
-    local_grads = watch_local_grads(wrapped)
+    # "input-unwatched": no communication check, so only the loss can name the origin
+    local_grads = None if nan == "input-unwatched" else watch_local_grads(wrapped)
     reduction = CrossRankReduction(optimizer, local_grads=local_grads)
     stats = StepStats(optimizer)
     records = []
@@ -194,7 +195,7 @@ def pieces(rank: int, world: int, layout: str, impl: str, nan: str) -> dict:
             record["ref_v_norms"] = reference_state_norms(optimizer, "exp_avg_sq", layout)
         records.append(record)
         optimizer.zero_grad()
-    return {"records": records, "grad_origin_watch": local_grads.kind, **steps_and_states(optimizer)}
+    return {"records": records, "grad_origin_watch": local_grads and local_grads.kind, **steps_and_states(optimizer)}
 
 
 def monitored(rank: int, world: int, layout: str, impl: str, nan: str, endpoint: str) -> dict:

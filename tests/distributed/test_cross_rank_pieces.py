@@ -87,3 +87,15 @@ def test_a_nan_in_one_ranks_shard_makes_every_rank_skip(tmp_path, layout):
         origin = result["records"][NAN_STEP - 1]["extras"]
         # written after the reduce-scatter: no rank produced it in its own backward
         assert origin["nonfinite_origin_grad"] == 0.0 and origin["nonfinite_origin_first_rank"] == -1.0
+
+
+@pytest.mark.slow
+def test_without_the_communication_check_only_the_loss_names_the_origin(tmp_path):
+    # DDP's all-reduced gradients are NaN on every rank: they must not make rank 0 look like the origin
+    results = run_ranks(tmp_path, 2, WORKER, "pieces", "ddp", "fused", "input-unwatched")
+    _check_one_decision(results, 2)
+    for rank, result in enumerate(results):
+        assert result["records"][NAN_STEP - 1]["extras"] == {
+            "nonfinite_origin_loss": float(rank == 1),
+            "nonfinite_origin_first_rank": 1.0,
+        }
