@@ -9,8 +9,9 @@ in interleaved rounds, so load on the machine hits all three alike:
 
 - ``bare``: no adamwatch;
 - ``local``: ``adamwatch.watch(..., cross_rank="off")``: every number rank-local;
-- ``global``: ``adamwatch.watch(...)`` with the cross-rank reduction and the
-  pre-reduction gradient check (``watch_local_grads``).
+- ``reduce``: ``adamwatch.watch(...)``: the cross-rank reduction, without the
+  pre-reduction gradient check;
+- ``global``: the same plus the check (``watch_local_grads``): everything.
 
 It prints the median step time of each and the ratios global/local (the price
 of global numbers) and global/bare (the whole monitor), plus the mean time
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,12 +83,14 @@ def rank_main(rank: int, world: int, workdir: str, layouts: list[str], rounds: i
     results = {}
     for layout in layouts:
         variants = {}
-        for name in ("bare", "local", "global"):
+        for name in ("bare", "local", "reduce", "global"):
             wrapped, model = _wrap(torch, _model(torch, width, depth), layout)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             monitor = None
             if name == "local":
                 monitor = adamwatch.watch(optimizer, cross_rank="off", deep_stats_every=10)
+            elif name == "reduce":
+                monitor = adamwatch.watch(optimizer, deep_stats_every=10)
             elif name == "global":
                 monitor = adamwatch.watch(optimizer, local_grads=watch_local_grads(wrapped), deep_stats_every=10)
             variants[name] = (wrapped, optimizer, monitor)
@@ -108,14 +112,25 @@ def rank_main(rank: int, world: int, workdir: str, layouts: list[str], rounds: i
                 elapsed = (time.perf_counter() - started) / steps
                 if round_index:
                     times[name].append(elapsed)
-        for _, (_, _, monitor) in variants.items():
-            if monitor is not None:
-                monitor.close()
         warm = inside[steps:]  # the warm-up round's calls
+        # The all-reduce alone, ranks in step (after a barrier): its own cost,
+        # without the waiting for a slower rank that the in-step figure includes.
+        reduction = variants["global"][2]._cross_rank
+        packet = torch.zeros(len(variants["global"][1].param_groups) * reduction.sharded + 1 + 2 * world,
+                             dtype=torch.float64)
+        dist.barrier()
+        started = time.perf_counter()
+        for _ in range(200):
+            dist.all_reduce(packet, group=reduction.group, async_op=True).wait()
+        alone = (time.perf_counter() - started) / 200
         results[layout] = {
             "median_s": {name: statistics.median(t) for name, t in times.items()},
             "on_summary_mean_s": statistics.fmean(warm) if warm else None,
+            "all_reduce_alone_s": alone,
         }
+        for _, (_, _, monitor) in variants.items():
+            if monitor is not None:
+                monitor.close()
     (Path(workdir) / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
@@ -155,6 +170,7 @@ def main() -> None:
             if proc.poll() is None:
                 proc.kill()
     ranks = [json.loads((Path(workdir) / f"rank{r}.json").read_text()) for r in range(args.world)]
+    shutil.rmtree(workdir, ignore_errors=True)
     params = args.depth * (args.width * args.width + args.width)
     print(f"{args.world} gloo ranks on CPU, {args.depth} x Linear({args.width}) = {params:,} params, fused AdamW, "
           f"{args.rounds} rounds x {args.steps} steps per variant (medians of rank 0; max over ranks in brackets)")
@@ -163,10 +179,13 @@ def main() -> None:
         inside = [r[layout]["on_summary_mean_s"] for r in ranks]
         gl = [r[layout]["median_s"]["global"] / r[layout]["median_s"]["local"] for r in ranks]
         gb = [r[layout]["median_s"]["global"] / r[layout]["median_s"]["bare"] for r in ranks]
+        rl = [r[layout]["median_s"]["reduce"] / r[layout]["median_s"]["local"] for r in ranks]
         print(f"{layout:6s} step: bare {med['bare'] * 1e3:.2f} ms, local {med['local'] * 1e3:.2f} ms, "
-              f"global {med['global'] * 1e3:.2f} ms | global/local {gl[0]:.3f} [{max(gl):.3f}], "
+              f"reduce {med['reduce'] * 1e3:.2f} ms, global {med['global'] * 1e3:.2f} ms | "
+              f"reduce/local {rl[0]:.3f} [{max(rl):.3f}], global/local {gl[0]:.3f} [{max(gl):.3f}], "
               f"global/bare {gb[0]:.3f} [{max(gb):.3f}] | inside the reduction "
-              f"{inside[0] * 1e6:.0f} us/step [{max(inside) * 1e6:.0f}]")
+              f"{inside[0] * 1e6:.0f} us/step [{max(inside) * 1e6:.0f}], the all-reduce alone "
+              f"{ranks[0][layout]['all_reduce_alone_s'] * 1e6:.0f} us")
 
 
 if __name__ == "__main__":
