@@ -34,6 +34,7 @@ from adamwatch.loss_window import LossWindow
 from adamwatch.lr_control import LRRecovery
 from adamwatch.optimizer_info import describe_optimizer, group_names, is_fused
 from adamwatch.remediation import Action, ActionResult, Remediator, SchedulerStepHook, skip_next_scheduler_step
+from adamwatch.shards import params_are_sharded
 from adamwatch.step_extensions import StepContext, StepExtension
 from adamwatch.step_stats import StepLayout, StepStats, decode_step, skip_reason
 from adamwatch.transfer import SummaryTransfer
@@ -189,6 +190,7 @@ class Monitor:
         # coefficient follows from the reported pre-clip norm on the host (no device op)
         self._clip: tuple[float, torch.Tensor | None] | None = None
         self._clip_total: torch.Tensor | None = None
+        self._params_sharded = params_are_sharded(p for g in optimizer.param_groups for p in g["params"])
         self._clip_tap = _ClipTap(self)
         self.errors_by_where: dict[str, int] = {}
         self._pending: tuple[torch.Tensor, StepLayout] | None = None
@@ -476,6 +478,8 @@ class Monitor:
         """
         if self._closed or self._summarized or self._clip_sq is not None:
             return None
+        if self._params_sharded:
+            return None  # FSDP: our pass sees this rank's shard; the clip needs the global norm (torch's)
         try:
             grads = [p.grad for p in parameters if p.grad is not None]
             if not grads:
