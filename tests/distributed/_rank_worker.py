@@ -5,6 +5,7 @@ scenario: "pieces" (CrossRankReduction driven directly) | "monitor" (adamwatch.w
 layout: ddp | fsdp1 | fsdp2;  impl: loop | foreach | fused
 nan: none | shard (rank 1 writes NaN into its own gradient shard after backward at step NAN_STEP)
      | input (rank 1's input is NaN at step NAN_STEP: its loss and its gradients before the reduction)
+     | input-streak (the same at three steps in a row: the sidecar's non-finite detector fires)
 Writes workdir/rank<r>.json with the framework's own norms next to what adamwatch computed.
 """
 
@@ -109,7 +110,8 @@ def batch(rank: int, step: int, nan: str):
     g = torch.Generator().manual_seed(1000 * rank + step)  # different data on every rank
     x = torch.randn(8, 6, generator=g)
     y = torch.randn(8, 4, generator=g)
-    if nan.startswith("input") and rank == NAN_RANK and step == NAN_STEP:
+    streak = (NAN_STEP, NAN_STEP + 1, NAN_STEP + 2) if nan == "input-streak" else (NAN_STEP,)
+    if nan.startswith("input") and rank == NAN_RANK and step in streak:
         x[0, 0] = float("nan")
     return x, y
 

@@ -8,6 +8,7 @@ framework itself computed (``clip_grad_norm_``, ``full_tensor()``).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -85,3 +86,30 @@ def test_every_rank_exports_the_frameworks_norms_and_names_the_rank_where_the_na
         assert sidecar.value("adamwatch_skipped_steps_total", job=job, rank=str(rank), reason="guard") == 1.0
     if layout == "ddp":  # replicas stay identical
         assert all(r["params"] == results[0]["params"] for r in results)
+
+
+@pytest.fixture
+def sidecar_with_audit(tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(json.dumps({"remediation": {"audit": {"path": str(audit)}}}))
+    proc = SidecarProcess(str(tmp_path), "--config", str(config))
+    proc.audit_path = audit
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.slow
+def test_the_audit_line_of_the_detection_names_the_rank_and_step_where_the_nan_began(tmp_path, sidecar_with_audit):
+    sidecar = sidecar_with_audit
+    # rank 1's input is NaN at steps 3, 4, 5: three non-finite steps in a row on every rank
+    run_ranks(tmp_path, 2, WORKER, "monitor", "ddp", "fused", "input-streak", sidecar.endpoint)
+    job = "dist-ddp-fused"
+    sidecar.wait_value("adamwatch_nonfinite_steps_total", lambda v: v == 3, job=job, rank="0", source="grad")
+    lines = [json.loads(line) for line in sidecar.audit_path.read_text().splitlines()]
+    detections = [x for x in lines if isinstance(x.get("evidence"), dict) and "sources" in x["evidence"]]
+    assert detections, lines
+    assert all(x["evidence"]["origin"] == {"rank": 1, "step": NAN_STEP} for x in detections), detections
+    assert sidecar.value("adamwatch_nonfinite_origin_steps_total", job=job, rank="1", source="loss") == 3.0
+    assert sidecar.value("adamwatch_nonfinite_origin_step", job=job, rank="1", source="loss") == float(NAN_STEP)
