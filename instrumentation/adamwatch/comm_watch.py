@@ -108,7 +108,13 @@ def watch_fsdp1(model: Any, flag: LocalGradFlag) -> LocalGradFlag:
 
 
 def watch_fsdp2(model: Any, flag: LocalGradFlag) -> LocalGradFlag:
-    """Install an observing reduce-scatter on every ``fully_shard`` module of ``model``."""
+    """Install an observing reduce-scatter on every ``fully_shard`` module of ``model``.
+
+    A module with its own reduce-scatter already (``set_custom_reduce_scatter``,
+    symmetric memory) keeps it, with a warning. Call it after such settings:
+    FSDP2 refuses some of them (``set_symm_mem_for_comm``, process-group
+    allocation) once a custom reduce-scatter is installed.
+    """
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
 
@@ -120,12 +126,21 @@ def watch_fsdp2(model: Any, flag: LocalGradFlag) -> LocalGradFlag:
 
     comm = ObservedReduceScatter()
     count = 0
+    kept = 0
     for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_custom_reduce_scatter(comm)
-            count += 1
+        if not isinstance(module, FSDPModule):
+            continue
+        count += 1
+        current = [getattr(g, "_reduce_scatter_comm", None) for g in module._get_fsdp_state()._fsdp_param_groups]
+        if any(type(c) is not DefaultReduceScatter for c in current):
+            kept += 1  # the user's own reduce-scatter (or a symmetric-memory one) stays; not observed
+            continue
+        module.set_custom_reduce_scatter(comm)
     if count == 0:
         raise ValueError("watch_fsdp2: model has no fully_shard module")
+    if kept:
+        log.warning("adamwatch: %d of %d fully_shard modules keep their own reduce-scatter: "
+                    "gradients they reduce are not checked before the reduction", kept, count)
     flag.kind = "fsdp2"
     return flag
 
