@@ -99,3 +99,11 @@ def test_without_the_communication_check_only_the_loss_names_the_origin(tmp_path
             "nonfinite_origin_loss": float(rank == 1),
             "nonfinite_origin_first_rank": 1.0,
         }
+
+
+@pytest.mark.slow
+def test_one_rank_fsdp2_runs_the_dtensor_path_exactly(tmp_path):
+    # world size 1: DTensor params and grads all the same; what a CUDA check of the path runs
+    [result] = run_ranks(tmp_path, 1, WORKER, "pieces", "fsdp2", "fused", "none")
+    _check_exact([result], True)
+    assert set(result["adam_steps"]) == {float(STEPS)}
