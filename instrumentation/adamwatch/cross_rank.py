@@ -16,6 +16,11 @@ its work handle right before the values are used:
 Under DDP the gradients are already identical after DDP's all-reduce: the
 norm slots are left out (summing them would count each replica once per rank).
 
+When other step extensions are registered after it (a spike guard), the
+Monitor calls :meth:`CrossRankReduction.agree_on_skip` after them: one more
+all-reduce (MAX) of the skip request, so a skip asked on one rank is every
+rank's.
+
 On CUDA with NCCL ``work.wait()`` makes the current stream wait for the
 collective and returns at once: no host sync. On CPU with gloo the wait is the
 reduction itself (CPU kernels are synchronous anyway); its cost per step is
@@ -147,6 +152,18 @@ class CrossRankReduction:
         if self.local_grads is not None:
             ctx.add_extra("nonfinite_origin_grad", before.to(torch.float32))
         ctx.add_extra("nonfinite_origin_first_rank", first.to(torch.float32))
+
+    def agree_on_skip(self, ctx: Any) -> None:
+        """Make the extensions' skip requests global: skipped on every rank if asked on any.
+
+        Called by the Monitor after the later extensions, on every rank (a second
+        all-reduce, only when other extensions are registered).
+        """
+        flag = ctx.skip.to(torch.float32).reshape(1)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self.reductions += 1
+        work.wait()
+        ctx.skip = flag.reshape(()) > 0
 
     def _constants(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Device constants, made once (scalar fills: no host-to-device copy in the step path)."""

@@ -469,6 +469,14 @@ class Monitor:
                 extension.on_summary(ctx)
             except Exception:
                 self._report_error("extension")
+        if self._cross_rank is not None and len(self._extensions) > 1:
+            # Later extensions (a spike guard) may ask to skip on one rank only:
+            # every rank skips, or none. Same registrations on every rank, so
+            # every rank makes this second all-reduce or none does.
+            try:
+                self._cross_rank.agree_on_skip(ctx)
+            except Exception:
+                self._report_error("extension")
 
     def _clip_total_norm(self, parameters: list[torch.Tensor]) -> torch.Tensor | None:
         """clip_grad_norm_ over exactly this optimizer's gradients: our pass gives its total norm.

@@ -211,6 +211,17 @@ def monitored(rank: int, world: int, layout: str, impl: str, nan: str, endpoint:
                               local_grads=local_grads, batch_interval=0,
                               # for-loop/foreach have no found_inf: the documented one-sync guard skips
                               guard="auto" if impl == "fused" else "sync")
+    if nan == "skip-ext":
+        # a later extension asks to skip step NAN_STEP on rank 1 only (a rank-local judgement)
+        class SkipOnOneRank:
+            def __init__(self):
+                self.step = 0
+
+            def on_summary(self, ctx):
+                self.step += 1
+                ctx.request_skip(torch.tensor(rank == NAN_RANK and self.step == NAN_STEP), "test")
+
+        monitor.add_step_extension(SkipOnOneRank())
     records = []
     for step in range(1, STEPS + 1):
         x, y = batch(rank, step, nan)

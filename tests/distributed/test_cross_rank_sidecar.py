@@ -113,3 +113,16 @@ def test_the_audit_line_of_the_detection_names_the_rank_and_step_where_the_nan_b
     assert all(x["evidence"]["origin"] == {"rank": 1, "step": NAN_STEP} for x in detections), detections
     assert sidecar.value("adamwatch_nonfinite_origin_steps_total", job=job, rank="1", source="loss") == 3.0
     assert sidecar.value("adamwatch_nonfinite_origin_step", job=job, rank="1", source="loss") == float(NAN_STEP)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["ddp", "fsdp2"])
+def test_a_skip_a_later_extension_asks_on_one_rank_is_every_ranks(tmp_path, sidecar, layout):
+    results = run_ranks(tmp_path, 2, WORKER, "monitor", layout, "fused", "skip-ext", sidecar.endpoint)
+    job = f"dist-{layout}-fused"
+    assert {s for r in results for s in r["adam_steps"]} == {float(STEPS - 1)}
+    for rank in range(2):
+        skipped = _series(sidecar.samples(), "adamwatch_skipped_steps_total", job=job, rank=str(rank))
+        assert sum(skipped.values()) == 1.0, skipped
+    if layout == "ddp":
+        assert results[0]["params"] == results[1]["params"]
