@@ -104,6 +104,11 @@ class CrossRankReduction:
         self._replicated = {id(p) for p in params if not is_sharded_param(p)} if self.sharded else set()
         self.local_grads = local_grads
         self.optimizer = optimizer
+        self._group_kind = [
+            "sharded" if not any(id(p) in self._replicated for p in g["params"])
+            else "replicated" if all(id(p) in self._replicated for p in g["params"]) else "mixed"
+            for g in optimizer.param_groups
+        ]
         self._trainable_groups = [any(p.requires_grad for p in g["params"]) for g in optimizer.param_groups]
         self._basis: torch.Tensor | None = None
         self._index: torch.Tensor | None = None
@@ -214,6 +219,12 @@ class CrossRankReduction:
         for index, has_state in enumerate(present):
             if not has_state:  # an empty shard here: contributes nothing, rather than NaN
                 squares[index] = 0.0
+            elif self._group_kind[index] == "replicated":  # every rank holds it whole: count it once
+                squares[index] = squares[index] / self.world
+            elif self._group_kind[index] == "mixed":
+                # shards and whole tensors in one group: their deep norms are not
+                # split here, and a wrong number is worse than a missing one
+                squares[index] = float("nan")
         work = dist.all_reduce(squares, group=self.group, async_op=True)
         self.reductions += 1
         work.wait()

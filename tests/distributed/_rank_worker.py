@@ -153,7 +153,10 @@ def pieces(rank: int, world: int, layout: str, impl: str, nan: str) -> dict:
     optimizer = make_optimizer(param_groups(model, layout), impl)
     # "input-unwatched": no communication check, so only the loss can name the origin
     local_grads = None if nan == "input-unwatched" else watch_local_grads(wrapped)
-    reduction = CrossRankReduction(optimizer, local_grads=local_grads)
+    # "replicated-in-sharded": DDP's replicated params under a forced sharded layout, as
+    # replicated tensors inside a sharded model are: each must count once, not once per rank
+    layout_arg = "sharded" if nan == "replicated-in-sharded" else "auto"
+    reduction = CrossRankReduction(optimizer, local_grads=local_grads, layout=layout_arg)
     stats = StepStats(optimizer)
     records = []
     for step in range(1, STEPS + 1):

@@ -107,3 +107,9 @@ def test_one_rank_fsdp2_runs_the_dtensor_path_exactly(tmp_path):
     [result] = run_ranks(tmp_path, 1, WORKER, "pieces", "fsdp2", "fused", "none")
     _check_exact([result], True)
     assert set(result["adam_steps"]) == {float(STEPS)}
+
+
+@pytest.mark.slow
+def test_replicated_tensors_inside_a_sharded_layout_count_once(tmp_path):
+    results = run_ranks(tmp_path, 3, WORKER, "pieces", "ddp", "fused", "replicated-in-sharded")
+    _check_exact(results, True)  # would be sqrt(3) times too large if each rank's copy were summed
