@@ -25,6 +25,7 @@ _LAZY = {
     "Monitor": "adamwatch.monitor",
     "MonitorConfig": "adamwatch.monitor",
     "Checkpointer": "adamwatch.checkpoint",
+    "watch_local_grads": "adamwatch.comm_watch",
 }
 
 __all__ = ["__version__", *_LAZY]

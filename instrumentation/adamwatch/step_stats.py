@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from adamwatch.shards import local_tensor
 from adamwatch.step_extensions import MAX_EXTRAS, StepContext
 from adamwatch.wire import QUANTILES
 
@@ -155,6 +156,7 @@ class StepStats:
         self._owners = self._zero
 
     def _to_dev(self, t: torch.Tensor) -> torch.Tensor:
+        t = local_tensor(t)  # a DTensor's own shard: no hidden collective on the step path
         if t.device != self.device:
             t = t.to(self.device, non_blocking=True)
         return t
@@ -210,7 +212,8 @@ class StepStats:
             before = len(grads)
             for p in group["params"]:
                 if p.grad is not None:
-                    grads.append(p.grad)
+                    # FSDP2: this rank's shard; adamwatch.cross_rank makes the sums global
+                    grads.append(local_tensor(p.grad))
                     owners.append(index)
             has_grads.append(len(grads) > before)
         # Few, small ops: after backward every dispatch costs ~10 µs of cold
@@ -250,6 +253,11 @@ class StepStats:
         if on_context is not None:
             ctx = self._context(step, groups, sq, loss_t, loss, host_loss, grad_scale)
             on_context(ctx)
+            # A cross-rank reduction may report groups this rank holds no gradient
+            # of (an empty FSDP shard): the reduced norm is the other ranks'.
+            reported = getattr(ctx, "groups_reported", None)
+            if reported is not None:
+                has_grads = [bool(r) for r in reported]
             if ctx.group_norm_sq is not sq:
                 if tuple(ctx.group_norm_sq.shape) != (len(groups),):
                     raise ValueError(f"StepContext.group_norm_sq must keep shape [{len(groups)}], "
@@ -332,7 +340,8 @@ class StepStats:
     def _context(self, step: int, groups: list[dict], sq: torch.Tensor, loss_t: torch.Tensor,
                  loss: Any, host_loss: float | None, grad_scale: torch.Tensor | None) -> StepContext:
         params_by_group = [[p for p in g["params"] if p.grad is not None] for g in groups]
-        grads_by_group = [[p.grad for p in ps] for ps in params_by_group]
+        # FSDP2: this rank's shard (a view: scaling it in place scales the DTensor)
+        grads_by_group = [[local_tensor(p.grad) for p in ps] for ps in params_by_group]
         if host_loss is not None:
             loss_0d = torch.full((), host_loss, dtype=torch.float32, device=self.device)
         else:
@@ -352,7 +361,7 @@ class StepStats:
         for index, group in enumerate(groups):
             for p in group["params"]:
                 if p.grad is not None:
-                    grads.append(p.grad)
+                    grads.append(local_tensor(p.grad))
                     owners.append(index)
         if not grads:
             return torch.zeros(len(groups), dtype=self.dtype, device=self.device)
@@ -378,7 +387,10 @@ class StepStats:
         plan = self._plans.get(index)
         key = tuple(id(p) for p in params)
         if plan is None or plan.key != key:
-            plan = _SamplePlan(params, self.sample_size, self._generator, self.device)
+            # Sharded params: a sample of this rank's own shard (to_local() is
+            # a fresh view each call, so the key is the params' identity).
+            plan = _SamplePlan([local_tensor(p) for p in params], self.sample_size, self._generator, self.device)
+            plan.key = key
             self._plans[index] = plan
         return plan
 
@@ -417,7 +429,7 @@ class StepStats:
         second = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
         plan = self._plan(index, params)
 
-        step_tensors = [state[p]["step"].detach().reshape(()) for p in params]
+        step_tensors = [local_tensor(state[p]["step"]).detach().reshape(()) for p in params]
         if self._single_device or all(t.device == step_tensors[0].device for t in step_tensors):
             steps = torch.stack(step_tensors).to(self.device, torch.float32, non_blocking=True)
         else:
@@ -429,10 +441,10 @@ class StepStats:
         bc2 = 1 - torch.pow(b2, steps)
 
         m_sample = _as_float32(torch.cat(self._on_device(
-            [state[p]["exp_avg"].reshape(-1).index_select(0, idx) for p, idx in zip(params, plan.indices)]
+            [local_tensor(state[p]["exp_avg"]).reshape(-1).index_select(0, idx) for p, idx in zip(params, plan.indices)]
         )))
         v_sample = _as_float32(torch.cat(self._on_device(
-            [state[p][second].reshape(-1).index_select(0, idx) for p, idx in zip(params, plan.indices)]
+            [local_tensor(state[p][second]).reshape(-1).index_select(0, idx) for p, idx in zip(params, plan.indices)]
         )))
         bc1_c = torch.repeat_interleave(bc1, plan.counts, output_size=plan.size)
         bc2_c = torch.repeat_interleave(bc2, plan.counts, output_size=plan.size)
@@ -447,8 +459,8 @@ class StepStats:
         update_sq = []
         bc1_each, bc2_each = bc1.unbind(), bc2.unbind()
         for chunk in _chunks(params, _DEEP_CHUNK_ELEMENTS):
-            ms = [_as_float32(state[p]["exp_avg"]) for _, p in chunk]
-            vs = [_as_float32(state[p][second]) for _, p in chunk]
+            ms = [_as_float32(local_tensor(state[p]["exp_avg"])) for _, p in chunk]
+            vs = [_as_float32(local_tensor(state[p][second])) for _, p in chunk]
             if self._single_device:
                 b2s, b1s = [bc2_each[i] for i, _ in chunk], [bc1_each[i] for i, _ in chunk]
             else:
@@ -462,9 +474,9 @@ class StepStats:
             update_sq.append(torch.stack(self._on_device(torch._foreach_norm(upd))))
             del ms, vs, denom, upd
         update_norm = torch.cat(update_sq).to(self.dtype).square().sum().sqrt() * lr
-        weight_norm = self._group_norm([p.detach() for p in params])
-        m_norm = self._group_norm([state[p]["exp_avg"] for p in params])
-        v_norm = self._group_norm([state[p]["exp_avg_sq"] for p in params])
+        weight_norm = self._group_norm([local_tensor(p).detach() for p in params])
+        m_norm = self._group_norm([local_tensor(state[p]["exp_avg"]) for p in params])
+        v_norm = self._group_norm([local_tensor(state[p]["exp_avg_sq"]) for p in params])
 
         return torch.cat(
             [

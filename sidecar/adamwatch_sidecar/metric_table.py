@@ -248,6 +248,16 @@ METRICS: tuple[MetricSpec, ...] = (
                "max_norm of the trainer's gradient clipping at its latest clipped step.", T),
     MetricSpec("adamwatch_clipped_steps_total", "counter", "",
                "Steps whose gradients clipping scaled down (pre-clip norm above max_norm).", T),
+    # --- where a NaN began, under torch.distributed (issue 9 item 5; adamwatch.cross_rank) -------------
+    MetricSpec("adamwatch_nonfinite_origin_steps_total", "counter", "",
+               "Steps at which this rank's own loss (source=\"loss\") or its own gradients before the ranks' "
+               "reduction (source=\"grad\") were non-finite.", T + ("source",)),
+    MetricSpec("adamwatch_nonfinite_origin_step", "gauge", "",
+               "Step at which this rank's latest streak of its own non-finite loss or gradients began.",
+               T + ("source",)),
+    MetricSpec("adamwatch_nonfinite_first_rank", "gauge", "",
+               "Lowest rank whose own loss or gradients were non-finite, at the latest step where any rank's were.",
+               T),
     # --- never silently blind (issue 8 item 8) -----------------------------------
     MetricSpec("adamwatch_monitor_errors_total", "counter", "",
                "Failures inside the trainer's monitor, by where (a step it could not summarise, its reader "

@@ -28,6 +28,7 @@ from .collector import CONTENT_TYPE, RunStateCollector
 from .config import SidecarConfig
 from .http_server import HttpServer
 from .ingest import IngestServer
+from .nan_origin import NanOriginTracker
 from .run_state import RunState
 from .status_page import StatusPage
 
@@ -78,6 +79,9 @@ class Sidecar:
             name="metrics",
         )
         self._tickers: list[Ticker] = [self.state.expire, self.status_page.on_tick]
+        # Where a NaN began under torch.distributed (STEP extras of adamwatch.cross_rank).
+        self.nan_origin = NanOriginTracker(self.state)
+        self.state.add_listener(self.nan_origin.on_message)
         self._servers: list[HttpServer] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None

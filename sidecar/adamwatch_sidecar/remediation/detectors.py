@@ -211,6 +211,7 @@ class NonFiniteDetector:
     def __init__(self, params: NonFiniteParams):
         self.params = params
         self.streak = 0
+        self._origin: dict[str, Any] | None = None  # where the current streak began (multi-rank)
 
     def reset(self) -> None:
         """Forget the current streak."""
@@ -239,9 +240,11 @@ class NonFiniteDetector:
         if self.params.ignore_grad_scaler_skips and payload.get("skip_reason") == "grad_scaler":
             return None
         self.streak += 1
+        if self.streak == 1:
+            self._origin = _nonfinite_origin(payload)
         if self.streak < self.params.consecutive_steps:
             return None
-        return {
+        evidence = {
             "sources": sources,
             "streak": self.streak,
             "consecutive_steps": self.params.consecutive_steps,
@@ -249,6 +252,19 @@ class NonFiniteDetector:
             "grad_norm": grad_norm if _finite(grad_norm) else (None if grad_norm is None else str(grad_norm)),
             "skipped": bool(payload.get("skipped", False)),
         }
+        if self._origin is not None:
+            evidence["origin"] = self._origin
+        return evidence
+
+
+def _nonfinite_origin(payload: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Under torch.distributed (adamwatch.cross_rank): the lowest rank whose own loss or
+    gradients were non-finite before the ranks' reduction, at the streak's first step."""
+    extras = payload.get("extras") or {}
+    first = extras.get("nonfinite_origin_first_rank")
+    if not isinstance(first, (int, float)) or not _finite(first) or first < 0:
+        return None
+    return {"rank": int(first), "step": payload.get("step")}
 
 
 class StallDetector:
