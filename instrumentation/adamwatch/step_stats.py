@@ -56,6 +56,36 @@ class StepLayout:
         return self.step_length + deep
 
 
+def _groups_key(groups: list[dict]) -> tuple:
+    """Identity of the param groups' contents, cheap enough to check every step."""
+    return tuple((id(g["params"]), len(g["params"])) for g in groups)
+
+
+def _one_hot(owners: list[int], num_groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[num_groups x len(owners)] matrix with a 1 where grad j belongs to group i,
+    built on the host and copied without blocking (no device value is read)."""
+    matrix = torch.zeros(num_groups, len(owners), dtype=dtype)
+    if owners:
+        matrix[torch.tensor(owners), torch.arange(len(owners))] = 1.0
+    return matrix.to(device, non_blocking=True)
+
+
+class _GradLayout:
+    """Which group each parameter belongs to, computed once (at ``watch()`` or
+    the first step) and again only when the param groups change."""
+
+    def __init__(self, groups: list[dict], device: torch.device, dtype: torch.dtype):
+        self.key = _groups_key(groups)
+        self.num_groups = len(groups)
+        self.params = [p for g in groups for p in g["params"]]
+        self.owner_list = [i for i, g in enumerate(groups) for _ in g["params"]]
+        self.nonempty = [len(g["params"]) > 0 for g in groups]
+        self.owners = _one_hot(self.owner_list, self.num_groups, dtype, device)
+
+    def matches(self, groups: list[dict]) -> bool:
+        return len(groups) == self.num_groups and _groups_key(groups) == self.key
+
+
 class _SamplePlan:
     """Fixed random coordinates of one param group, drawn once."""
 
@@ -63,6 +93,7 @@ class _SamplePlan:
         numels = [p.numel() for p in params]
         total = sum(numels)
         self.key = tuple(id(p) for p in params)
+        self.requested = sample_size
         self.indices: list[torch.Tensor] = []
         counts = []
         # Exactly sample_size coordinates, shared out in proportion to size
@@ -81,6 +112,7 @@ class _SamplePlan:
             self.indices.append(idx.to(p.device, non_blocking=True))
             counts.append(len(idx))
         self.size = sum(counts)
+        self.count_list = counts
         # Built on the host and copied without blocking: this runs inside the
         # first deep step, which must not synchronise either.
         self.counts = torch.tensor(counts).to(device, non_blocking=True)
@@ -89,6 +121,7 @@ class _SamplePlan:
         positions = [q * (self.size - 1) for q in QUANTILES]
         lo = [int(math.floor(p)) for p in positions]
         hi = [min(i + 1, self.size - 1) for i in lo]
+        self.host_positions = (lo, hi, [p - i for p, i in zip(positions, lo)])
         self.q_lo = torch.tensor(lo).to(device, non_blocking=True)
         self.q_hi = torch.tensor(hi).to(device, non_blocking=True)
         self.q_w = torch.tensor([p - i for p, i in zip(positions, lo)], dtype=torch.float32).to(device, non_blocking=True)
@@ -130,6 +163,7 @@ class StepStats:
         self.dtype = torch.float32 if self.device.type == "mps" else torch.float64
         self._generator = torch.Generator().manual_seed(seed)
         self._plans: dict[int, _SamplePlan] = {}
+        self._deep_plan: _DeepPlan | None = None
         self._nan = torch.full((1,), float("nan"), dtype=self.dtype, device=self.device)
         self._zero = torch.zeros(1, dtype=self.dtype, device=self.device)
         self._false = torch.zeros(1, dtype=torch.bool, device=self.device)
@@ -140,6 +174,9 @@ class StepStats:
         )
         self._owners_key: tuple[int, ...] | None = None
         self._owners = self._zero
+        # The per-parameter bookkeeping, done here at watch() time.
+        self._layout: _GradLayout | None = None
+        self._grad_layout()
 
     def _to_dev(self, t: torch.Tensor) -> torch.Tensor:
         if t.device != self.device:
@@ -157,6 +194,49 @@ class StepStats:
         return _FIXED + 2 * groups + groups * DEEP_FIELDS_PER_GROUP
 
     # ------------------------------------------------------------------ per step
+    def _grad_layout(self) -> "_GradLayout":
+        """The flat parameter list and group index of each parameter, rebuilt
+        only when the param groups change (not per step)."""
+        groups = self.optimizer.param_groups
+        layout = self._layout
+        if layout is None or not layout.matches(groups):
+            layout = self._layout = _GradLayout(groups, self.device, self.dtype)
+        return layout
+
+    def grads_by_group(self) -> tuple[list[torch.Tensor], torch.Tensor, int, list[bool]]:
+        """This step's gradients as one flat list, with the group of each.
+
+        Returns:
+            (grads, a one-hot [groups x grads] matrix on the device mapping each
+            grad to its group, number of groups, per group: has at least one grad).
+        """
+        layout = self._grad_layout()
+        grads = [p.grad for p in layout.params]
+        present = [g for g in grads if g is not None]
+        if len(present) == len(grads):
+            return present, layout.owners, layout.num_groups, layout.nonempty
+        # Some params have no grad this step (frozen, unused): the general path.
+        owners = [o for o, g in zip(layout.owner_list, grads) if g is not None]
+        has_grads = [False] * layout.num_groups
+        for o in owners:
+            has_grads[o] = True
+        return present, self._owner_matrix(owners, layout.num_groups), layout.num_groups, has_grads
+
+    def group_sq_norms(self, grads: list[torch.Tensor], owners: torch.Tensor, num_groups: int) -> torch.Tensor:
+        """Per-group sums of squares of ``grads``: one fused norm kernel over
+        every gradient of every group, then one matrix-vector product (float64: an
+        exploding norm of 1e20 squared stays finite)."""
+        if not grads:
+            return torch.zeros(num_groups, dtype=self.dtype, device=self.device)
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        squares = torch.stack(self._on_device(norms)).to(self.dtype).square()
+        if num_groups == 1:
+            return squares.sum(0, keepdim=True)
+        # A one-hot [groups x grads] matrix times the squares: one deterministic
+        # kernel (bincount and index_add_ use atomics on CUDA and refuse to run
+        # under torch.use_deterministic_algorithms).
+        return torch.mv(owners, squares)
+
     def per_step(
         self,
         loss: torch.Tensor | float | None,
@@ -180,32 +260,11 @@ class StepStats:
         """
         need_flag = need_flag or guard
         groups = self.optimizer.param_groups
-        grads: list[torch.Tensor] = []
-        owners: list[int] = []  # the group of each grad
-        has_grads: list[bool] = []
-        for index, group in enumerate(groups):
-            before = len(grads)
-            for p in group["params"]:
-                if p.grad is not None:
-                    grads.append(p.grad)
-                    owners.append(index)
-            has_grads.append(len(grads) > before)
         # Few, small ops: after backward every dispatch costs ~10 µs of cold
-        # caches, and this runs on every step.
-        if grads:
-            # One foreach kernel for every gradient of every group, then
-            # per-group sums of squares (float64: an exploding norm of 1e20
-            # squared stays finite).
-            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-            squares = torch.stack(self._on_device(norms)).to(self.dtype).square()
-            if len(groups) == 1:
-                sq = squares.sum(0, keepdim=True)
-            else:
-                sq = torch.zeros(len(groups), dtype=self.dtype, device=self.device).index_add_(
-                    0, self._owner_index(owners), squares
-                )
-        else:
-            sq = torch.zeros(len(groups), dtype=self.dtype, device=self.device)
+        # caches, and this runs on every step. The per-parameter Python work
+        # (which param belongs to which group) was done once, in _GradLayout.
+        grads, owners, num_groups, has_grads = self.grads_by_group()
+        sq = self.group_sq_norms(grads, owners, num_groups)
         if grad_scale is not None:
             scale = self._to_dev(grad_scale).to(self.dtype)
             sq = sq / (scale * scale)
@@ -222,6 +281,8 @@ class StepStats:
                 host_loss = float(loss)
         # The non-finite flag on the device is only needed to skip the step
         # (the fused guard); otherwise the host derives it from the values.
+        # It comes from the norms: a NaN or Inf in any gradient makes the sum
+        # of squares non-finite, so no second pass over the gradients.
         bad = None
         if need_flag:
             bad = ~torch.isfinite(total) if grads else self._false
@@ -233,20 +294,20 @@ class StepStats:
         if found_inf is not None:
             skipped = torch.where(self._to_dev(found_inf) > 0, 2.0, skipped).to(self.dtype)
 
-        host_lrs: list[float | None] = []
-        lr_tensors: list[torch.Tensor] = []
-        tensor_lr_groups: list[int] = []
-        for index, group in enumerate(groups):
-            lr = group["lr"]
-            if isinstance(lr, torch.Tensor):
-                host_lrs.append(None)
-                tensor_lr_groups.append(index)
-                lr_tensors.append(self._to_dev(lr.detach()).reshape(1).to(self.dtype))
-            else:
-                host_lrs.append(float(lr))
-
+        lrs = [group["lr"] for group in groups]
         parts = [loss_t, total, skipped.reshape(1), sq]
-        parts.extend(lr_tensors)
+        tensor_lr_groups: list[int] = []
+        if any(isinstance(lr, torch.Tensor) for lr in lrs):
+            host_lrs: list[float | None] = []
+            for index, lr in enumerate(lrs):
+                if isinstance(lr, torch.Tensor):
+                    host_lrs.append(None)
+                    tensor_lr_groups.append(index)
+                    parts.append(self._to_dev(lr.detach()).reshape(1).to(self.dtype))
+                else:
+                    host_lrs.append(float(lr))
+        else:
+            host_lrs = [float(lr) for lr in lrs]
         vector = torch.cat(parts)
         layout = StepLayout(
             num_groups=len(groups),
@@ -258,53 +319,71 @@ class StepStats:
         )
         return vector, bad, layout
 
-    def _owner_index(self, owners: list[int]) -> torch.Tensor:
-        """Device tensor of group indices per grad, cached: the set of params
-        with a grad rarely changes between steps."""
-        key = tuple(owners)
+    def _owner_matrix(self, owners: list[int], num_groups: int) -> torch.Tensor:
+        """One-hot group matrix of a subset of the params, cached: the set of
+        params with a grad rarely changes between steps."""
+        key = (num_groups, *owners)
         if key != self._owners_key:
             self._owners_key = key
-            self._owners = torch.tensor(owners).to(self.device, non_blocking=True)
+            self._owners = _one_hot(owners, num_groups, self.dtype, self.device)
         return self._owners
 
     # ------------------------------------------------------------------ deep
-    def _plan(self, index: int, params: list[torch.Tensor]) -> _SamplePlan:
+    def group_sample_size(self, num_groups: int) -> int:
+        """Coordinates sampled per group: ``sample_size`` for up to
+        ``_SAMPLE_GROUPS`` groups, beyond that an equal share of
+        ``_SAMPLE_GROUPS × sample_size``, so the sample (and its one sort) does
+        not grow with the number of groups."""
+        return max(1, min(self.sample_size, (_SAMPLE_GROUPS * self.sample_size) // max(1, num_groups)))
+
+    def _plan(self, index: int, params: list[torch.Tensor], size: int | None = None) -> _SamplePlan:
         plan = self._plans.get(index)
         key = tuple(id(p) for p in params)
-        if plan is None or plan.key != key:
-            plan = _SamplePlan(params, self.sample_size, self._generator, self.device)
+        size = self.sample_size if size is None else size
+        if plan is None or plan.key != key or plan.requested != size:
+            plan = _SamplePlan(params, size, self._generator, self.device)
             self._plans[index] = plan
         return plan
 
     def deep(self) -> tuple[torch.Tensor, list[bool]]:
         """Adam's own state after the update (post-step).
 
+        The learning rate is left out of the block (lr = 1): the reader
+        multiplies each group's effective LR, update sizes and update norm by
+        the group's LR, which the per-step part of the vector already carries.
+
         Returns:
             (vector of num_groups × DEEP_FIELDS_PER_GROUP, per group: had state).
         """
         opt = self.optimizer
+        groups = opt.param_groups
+        params_by_group = [[p for p in group["params"] if "exp_avg" in opt.state.get(p, {})] for group in groups]
+        present = [bool(ps) for ps in params_by_group]
+        if any(present) and self._single_device and all(
+            not isinstance(b, torch.Tensor) for g in groups for b in g["betas"]
+        ):
+            key = _DeepPlan.key_of(groups, params_by_group)
+            plan = self._deep_plan
+            if plan is None or plan.key != key:
+                plan = self._deep_plan = _DeepPlan(
+                    groups, params_by_group, self, self.group_sample_size(sum(present))
+                )
+            return plan.compute(opt.state, self.dtype), present
+        # General path (tensor betas, parameters on several devices): group by group.
         blocks: list[torch.Tensor] = []
-        present: list[bool] = []
         empty = torch.full((DEEP_FIELDS_PER_GROUP,), float("nan"), dtype=self.dtype, device=self.device)
-        for index, group in enumerate(opt.param_groups):
-            params = [p for p in group["params"] if "exp_avg" in opt.state.get(p, {})]
-            if not params:
-                blocks.append(empty)
-                present.append(False)
-                continue
-            present.append(True)
-            blocks.append(self._deep_group(index, group, params))
+        size = self.group_sample_size(sum(present))
+        for index, (group, params) in enumerate(zip(groups, params_by_group)):
+            blocks.append(self._deep_group(index, group, params, size) if params else empty)
         return torch.cat(blocks), present
 
-    def _deep_group(self, index: int, group: dict, params: list[torch.Tensor]) -> torch.Tensor:
+    def _deep_group(self, index: int, group: dict, params: list[torch.Tensor], size: int) -> torch.Tensor:
         state = self.optimizer.state
         beta1, beta2 = group["betas"]
         eps = group["eps"]
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            lr = self._to_dev(lr.detach()).to(torch.float32)
+        lr = 1.0  # applied by the reader (see deep())
         second = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
-        plan = self._plan(index, params)
+        plan = self._plan(index, params, size)
 
         step_tensors = [state[p]["step"].detach().reshape(()) for p in params]
         if self._single_device or all(t.device == step_tensors[0].device for t in step_tensors):
@@ -375,6 +454,145 @@ class StepStats:
         return torch.stack(self._on_device(norms)).to(self.dtype).square().sum().sqrt()
 
 
+# Groups that each get the full ``sample_size``; more share that many samples' worth.
+_SAMPLE_GROUPS = 4
+
+
+class _DeepPlan:
+    """The deep statistics of every group at once, with the per-parameter and
+    per-group bookkeeping done once (again only when groups, state or
+    hyperparameters other than the LR change).
+
+    Cost per deep step, whatever the number of groups: one gather per
+    parameter for the sample, ONE sort call (every group's sqrt(v_hat) and
+    update sizes as the rows of one matrix), one fused norm over weights, m
+    and v, and four foreach passes for the exact update norm.
+    """
+
+    def __init__(self, groups: list[dict], params_by_group: list[list[torch.Tensor]], stats: "StepStats",
+                 group_size: int):
+        device, dtype = stats.device, stats.dtype
+        self.key = self.key_of(groups, params_by_group)
+        self.num_groups = len(groups)
+        self.present = [i for i, ps in enumerate(params_by_group) if ps]
+        self.params = [p for i in self.present for p in params_by_group[i]]
+        self.second = [("max_exp_avg_sq" if groups[i].get("amsgrad") else "exp_avg_sq")
+                       for i in self.present for _ in params_by_group[i]]
+        owner = [k for k, i in enumerate(self.present) for _ in params_by_group[i]]
+        g = len(self.present)
+        self.onehot = _one_hot(owner, g, dtype, device)  # [g x params]
+        f32 = dict(dtype=torch.float32)
+        self.beta1 = torch.tensor([groups[self.present[k]]["betas"][0] for k in owner], **f32).to(device, non_blocking=True)
+        self.beta2 = torch.tensor([groups[self.present[k]]["betas"][1] for k in owner], **f32).to(device, non_blocking=True)
+        self.eps_param = torch.tensor([groups[self.present[k]]["eps"] for k in owner], **f32).to(device, non_blocking=True)
+        # One coordinate sample per group (the same draw as group-by-group), laid end to end.
+        self.indices: list[torch.Tensor] = []
+        counts: list[int] = []
+        sizes: list[int] = []
+        lo_rel, hi_rel, weights = [], [], []
+        for i in self.present:
+            plan = stats._plan(i, params_by_group[i], group_size)
+            self.indices.extend(plan.indices)
+            counts.extend(plan.count_list)
+            sizes.append(plan.size)
+            lo, hi, w = plan.host_positions
+            lo_rel.append(lo)
+            hi_rel.append(hi)
+            weights.append(w)
+        starts = [sum(sizes[:k]) for k in range(g)]
+        self.size = sum(sizes)
+        self.counts = torch.tensor(counts).to(device, non_blocking=True)
+        group_eps = [float(groups[i]["eps"]) for i in self.present]
+        self.eps_sample = torch.repeat_interleave(
+            torch.tensor(group_eps, **f32), torch.tensor(sizes)).to(device, non_blocking=True)
+        # One sort for every group and both distributions: rows 0..g-1 of a
+        # [2g x longest] matrix hold each group's sqrt(v_hat), rows g..2g-1 its
+        # update sizes, padded with NaN (sorted last, as a NaN in the data is).
+        width = max(sizes)
+        rows = torch.repeat_interleave(torch.arange(g), torch.tensor(sizes))
+        cols = torch.cat([torch.arange(n) for n in sizes])
+        self.padded_shape = (2 * g, width)
+        self.scatter = torch.cat([rows * width + cols, (rows + g) * width + cols]).to(device, non_blocking=True)
+        # Positions in the sorted matrix. The effective LR decreases with
+        # sqrt(v_hat): its k-th smallest value comes from the (n-1-k)-th
+        # sqrt(v_hat) of the group (mirrored), so one sort serves both.
+        mirrored = lambda rel: [k * width + sizes[k] - 1 - j for k, row in enumerate(rel) for j in row]  # noqa: E731
+        direct = lambda rel: [(g + k) * width + j for k, row in enumerate(rel) for j in row]  # noqa: E731
+        self.gather = torch.tensor(mirrored(lo_rel) + mirrored(hi_rel) + direct(lo_rel) + direct(hi_rel)).to(
+            device, non_blocking=True)
+        self.w = torch.tensor(weights, **f32).to(device, non_blocking=True)  # [g x Q]
+        self.eps_q = torch.tensor([[e] * len(QUANTILES) for e in group_eps], **f32).to(device, non_blocking=True)
+        self.ends = torch.tensor([st + n - 1 for st, n in zip(starts, sizes)]).to(device, non_blocking=True)
+        self.sizes = torch.tensor(sizes, dtype=dtype).to(device, non_blocking=True)
+        self.place = None
+        if g != self.num_groups:
+            self.place = torch.tensor(self.present).to(device, non_blocking=True)
+        self.chunks = _chunks(self.params, _DEEP_CHUNK_ELEMENTS)
+        self.device, self.dtype = device, dtype
+
+    @staticmethod
+    def key_of(groups: list[dict], params_by_group: list[list[torch.Tensor]]) -> tuple:
+        return tuple(
+            (tuple(map(id, ps)), tuple(g["betas"]), g["eps"], bool(g.get("amsgrad")))
+            for g, ps in zip(groups, params_by_group)
+        )
+
+    def compute(self, state: dict, dtype: torch.dtype) -> torch.Tensor:
+        params, g = self.params, len(self.present)
+        steps = torch.stack([state[p]["step"].detach().reshape(()) for p in params]).to(
+            self.device, torch.float32, non_blocking=True)
+        bc1 = 1 - torch.pow(self.beta1, steps)
+        bc2 = 1 - torch.pow(self.beta2, steps)
+        ms = [state[p]["exp_avg"] for p in params]
+        vs = [state[p][second] for p, second in zip(params, self.second)]
+
+        m_sample = _as_float32(torch.cat([m.reshape(-1).index_select(0, idx) for m, idx in zip(ms, self.indices)]))
+        v_sample = _as_float32(torch.cat([v.reshape(-1).index_select(0, idx) for v, idx in zip(vs, self.indices)]))
+        bc1_c = torch.repeat_interleave(bc1, self.counts, output_size=self.size)
+        bc2_c = torch.repeat_interleave(bc2, self.counts, output_size=self.size)
+        sqrt_v_hat = (v_sample / bc2_c).sqrt()
+        update_size = (m_sample.abs() / bc1_c) / (sqrt_v_hat + self.eps_sample)  # lr = 1
+        below = torch.cumsum((sqrt_v_hat <= self.eps_sample).to(dtype), 0).index_select(0, self.ends)
+        eps_share = torch.diff(below, prepend=below.new_zeros(1)) / self.sizes
+
+        # One sort for every group and both distributions (see __init__).
+        padded = torch.full((self.padded_shape[0] * self.padded_shape[1],), float("nan"), device=self.device)
+        padded.index_copy_(0, self.scatter, torch.cat([sqrt_v_hat, update_size]))
+        ordered = torch.sort(padded.view(self.padded_shape), dim=1).values.view(-1)
+        picked = ordered.index_select(0, self.gather).view(4, g, -1)
+        eff_low = 1 / (picked[0] + self.eps_q)
+        eff_high = 1 / (picked[1] + self.eps_q)
+        effective_lr = eff_low + (eff_high - eff_low) * self.w
+        update_q = picked[2] + (picked[3] - picked[2]) * self.w
+
+        # Exact norms: weights, m and v in one fused pass, summed per group.
+        norms = torch._foreach_norm([p.detach() for p in params] + ms + [state[p]["exp_avg_sq"] for p in params],
+                                    2, dtype=torch.float32)
+        wmv = torch.mm(torch.stack(norms).to(dtype).square().view(3, -1), self.onehot.t()).sqrt()  # [3 x g]
+        # Exact update norm: m / (sqrt(v) + eps*sqrt(bc2)) = update * bc1 / sqrt(bc2),
+        # four foreach passes over chunks of parameters (bounded extra memory).
+        root_bc2 = bc2.sqrt()
+        eps_scaled = (self.eps_param * root_bc2).unbind()
+        update_norms = []
+        for chunk in self.chunks:
+            denom = torch._foreach_sqrt([_as_float32(vs[i]) for i, _ in chunk])
+            torch._foreach_add_(denom, [eps_scaled[i] for i, _ in chunk])
+            upd = torch._foreach_div([_as_float32(ms[i]) for i, _ in chunk], denom)
+            update_norms.append(torch.stack(torch._foreach_norm(upd)))
+            del denom, upd
+        per_param = torch.cat(update_norms) * (root_bc2 / bc1)
+        update_norm = torch.mv(self.onehot, per_param.to(dtype).square()).sqrt()
+
+        block = torch.cat([
+            effective_lr.to(dtype), update_q.to(dtype),
+            torch.stack([update_norm, wmv[0], wmv[1], wmv[2], eps_share.to(dtype)], dim=1),
+        ], dim=1)  # [g x DEEP_FIELDS_PER_GROUP]
+        if self.place is not None:
+            full = torch.full((self.num_groups, DEEP_FIELDS_PER_GROUP), float("nan"), dtype=dtype, device=self.device)
+            block = full.index_copy_(0, self.place, block)
+        return block.reshape(-1)
+
+
 def _as_float32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.to(torch.float32)
 
@@ -441,11 +659,14 @@ def decode_step(values: list[float], layout: StepLayout) -> dict[str, Any]:
                 deep.append({})
                 continue
             block = values[base + i * DEEP_FIELDS_PER_GROUP : base + (i + 1) * DEEP_FIELDS_PER_GROUP]
+            # The device left the LR out (lr = 1): scale by this step's LR here.
+            lr = float(lrs[i])
             update_norm, weight_norm, m_norm, v_norm, eps_share = block[2 * nq :]
+            update_norm = update_norm * lr
             deep.append(
                 {
-                    "effective_lr": block[:nq],
-                    "update_size": block[nq : 2 * nq],
+                    "effective_lr": [x * lr for x in block[:nq]],
+                    "update_size": [x * lr for x in block[nq : 2 * nq]],
                     "update_norm": update_norm,
                     "weight_norm": weight_norm,
                     "update_to_weight": (update_norm / weight_norm) if weight_norm > 0 else None,
