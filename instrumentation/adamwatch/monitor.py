@@ -30,6 +30,7 @@ import torch
 from adamwatch import __version__, wire
 from adamwatch.client import StreamClient, default_job_name
 from adamwatch.distributed import StepCoordinator
+from adamwatch.fingerprint import fingerprint
 from adamwatch.lr_control import LRRecovery
 from adamwatch.optimizer_info import describe_optimizer, group_names, is_fused
 from adamwatch.remediation import Action, ActionResult, Remediator, SchedulerStepHook, skip_next_scheduler_step
@@ -71,6 +72,10 @@ class MonitorConfig:
             actions every this many steps: one asynchronous 4 KiB broadcast on a
             CPU/gloo channel, never waited on in the step path; actions apply on
             every rank one interval after their exchange point.
+        fingerprint_every: every this many steps, a fingerprint of the
+            parameters and Adam state (adamwatch.fingerprint) is sent, so the
+            sidecar and the AdamwatchReplicaDivergence alert can compare
+            data-parallel replicas; 0 disables.
     """
 
     endpoint: str | None = None
@@ -88,6 +93,7 @@ class MonitorConfig:
     lr_floor: float = 0.0
     lr_recovery_steps: int | None = None
     command_interval: int = 1
+    fingerprint_every: int = 100
 
     def validate(self) -> None:
         if self.guard not in _GUARDS:
@@ -108,6 +114,9 @@ class MonitorConfig:
             raise ValueError(f"batch_interval must be None or seconds in [0, 10], got {self.batch_interval!r}")
         if not isinstance(self.command_interval, int) or self.command_interval < 1:
             raise ValueError(f"command_interval must be an int >= 1, got {self.command_interval!r}")
+        if not isinstance(self.fingerprint_every, int) or isinstance(self.fingerprint_every, bool) \
+                or self.fingerprint_every < 0:
+            raise ValueError(f"fingerprint_every must be an int >= 0, got {self.fingerprint_every!r}")
         if self.endpoint is not None:
             wire.parse_endpoint(self.endpoint)
 
@@ -363,6 +372,10 @@ class Monitor:
             deep, present = self._stats.deep()
             vector = torch.cat([vector, deep])
             layout.deep_groups = present
+        if self.config.fingerprint_every and self.step % self.config.fingerprint_every == 0:
+            fp = fingerprint(self.optimizer, self._stats.device, self._stats.dtype)
+            vector = torch.cat([vector, fp.reshape(1)])
+            layout.fingerprint = True
         samples = self._samples_next if self._samples_next is not None else self.config.samples_per_step
         tokens = self._tokens_next if self._tokens_next is not None else self.config.tokens_per_step
         self._samples_next = self._tokens_next = None
@@ -448,7 +461,13 @@ class Monitor:
         return payloads
 
     def _poll_summaries(self, timeout: float) -> list[bytes]:
-        return [wire.encode_frame(wire.MessageType.STEP, p) for p in self._summaries(timeout)]
+        frames = []
+        for p in self._summaries(timeout):
+            fp = p.pop("fingerprint", None)
+            frames.append(wire.encode_frame(wire.MessageType.STEP, p))
+            if fp is not None:
+                frames.append(wire.encode_frame(wire.MessageType.FINGERPRINT, {"step": p["step"], "fingerprint": fp}))
+        return frames
 
     def _drain_without_client(self) -> None:
         while not self._closed or not self._transfer.idle:
@@ -598,7 +617,7 @@ def watch(
         guard: "auto" (skip non-finite steps where free), "sync" or "off".
         on_stop: called when a "stop" action is applied (``monitor.stop_requested`` turns True too).
         **options: further MonitorConfig fields (sample_size, max_queued, world_size, seed,
-            lr_floor, lr_recovery_steps, command_interval).
+            lr_floor, lr_recovery_steps, command_interval, fingerprint_every).
 
     Returns:
         The Monitor; use it as a context manager or call ``close()``.

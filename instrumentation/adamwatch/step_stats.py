@@ -45,6 +45,7 @@ class StepLayout:
     tensor_lr_groups: list[int]
     deep_groups: list[bool] | None = None  # per group: had optimizer state (deep block present)
     meta: dict[str, Any] = field(default_factory=dict)
+    fingerprint: bool = False  # the replica fingerprint is the vector's last value
 
     @property
     def step_length(self) -> int:
@@ -53,7 +54,7 @@ class StepLayout:
     @property
     def length(self) -> int:
         deep = self.num_groups * DEEP_FIELDS_PER_GROUP if self.deep_groups is not None else 0
-        return self.step_length + deep
+        return self.step_length + deep + int(self.fingerprint)
 
 
 def _groups_key(groups: list[dict]) -> tuple:
@@ -191,7 +192,7 @@ class StepStats:
     def max_length(self) -> int:
         """Longest vector this optimizer's summaries can take (per step plus deep block)."""
         groups = len(self.optimizer.param_groups)
-        return _FIXED + 2 * groups + groups * DEEP_FIELDS_PER_GROUP
+        return _FIXED + 2 * groups + groups * DEEP_FIELDS_PER_GROUP + 1  # + the replica fingerprint
 
     # ------------------------------------------------------------------ per step
     def _grad_layout(self) -> "_GradLayout":
@@ -676,4 +677,7 @@ def decode_step(values: list[float], layout: StepLayout) -> dict[str, Any]:
                 }
             )
         payload["deep"] = deep
+    if layout.fingerprint:
+        # Sent as its own FINGERPRINT message (see Monitor): an integer below 2^52.
+        payload["fingerprint"] = int(values[layout.length - 1])
     return payload

@@ -98,6 +98,7 @@ class MessageType(enum.IntEnum):
     ACK = 5  # trainer → sidecar, a command took effect (or failed) at a step
     GOODBYE = 6  # trainer → sidecar, clean shutdown: the run ended, not crashed
     COMMAND = 7  # sidecar → trainer, a remediation action to apply at a step boundary
+    FINGERPRINT = 11  # trainer → sidecar, replica fingerprint of params and Adam state at a step
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,12 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
     MessageType.GOODBYE: {
         "reason": _f("str", required=False, nullable=True),
         "step": _f("int", required=False, nullable=True),
+    },
+    MessageType.FINGERPRINT: {
+        "step": _f("int"),  # the step after which it was computed (the STEP with the same number)
+        # integer in [0, 2^52) from the bit patterns of params, m, v, step (adamwatch.fingerprint):
+        # data-parallel replicas at the same step must send the same value
+        "fingerprint": _f("int"),
     },
     MessageType.COMMAND: {
         "id": _f("str"),

@@ -97,6 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:  # PolicyError names the field: "remediation.x: ..."
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    sidecar.replica_check.audit = remediation.audit  # divergences go to the audit log too
     try:
         sidecar.serve_forever()
     except OSError as exc:

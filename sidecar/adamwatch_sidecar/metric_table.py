@@ -167,6 +167,15 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("adamwatch_corrupt_checkpoints_total", "counter", "",
                "Checkpoints found unusable (invalid manifest, size or sha256 mismatch, unloadable, "
                "or not fitting the live model and optimizer) and skipped.", T),
+    # --- replica consistency (issue 9 item 4) -------------------------------------------
+    MetricSpec("adamwatch_parameter_fingerprint", "gauge", "",
+               "Fingerprint of the rank's parameters and Adam state (an integer below 2^52) at "
+               "adamwatch_parameter_fingerprint_step; data-parallel replicas at the same step must agree.", T),
+    MetricSpec("adamwatch_parameter_fingerprint_step", "gauge", "",
+               "Optimizer step at which adamwatch_parameter_fingerprint was computed.", T),
+    MetricSpec("adamwatch_replica_divergence", "gauge", "",
+               "1 when this rank's latest fingerprint differs from the most common one among the ranks of its "
+               "job that this sidecar saw at the same step, else 0.", T),
 )
 
 BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}

@@ -28,6 +28,7 @@ from .collector import CONTENT_TYPE, RunStateCollector
 from .config import SidecarConfig
 from .http_server import HttpServer
 from .ingest import IngestServer
+from .replica_check import ReplicaCheck
 from .run_state import RunState
 from .status_page import StatusPage
 
@@ -77,6 +78,10 @@ class Sidecar:
             name="metrics",
         )
         self._tickers: list[Ticker] = [self.state.expire, self.status_page.on_tick]
+        # Replica fingerprints of the ranks this sidecar sees (the audit log is
+        # attached with remediation, see cli).
+        self.replica_check = ReplicaCheck(self.state)
+        self.state.add_listener(self.replica_check.on_message)
         self._servers: list[HttpServer] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
