@@ -9,6 +9,10 @@ throughput, so the statistic is the ratio of SUMMED step times, arm over bare,
 not a median of per-step ratios (which would hide the periodic deep step).
 The rounds are split into repeats; each repeat gives one ratio and the table
 shows min / median / max over repeats and the added milliseconds per step.
+Besides wall time it reports the training thread's CPU time (``thread_time``)
+the same way: on a machine shared with other work, preemption inflates wall
+time at random, the thread's own CPU time much less. The client threads' CPU
+(decoding, encoding, sending) is printed separately.
 
 Arms:
 
@@ -105,6 +109,7 @@ class Arm:
         self.opt = torch.optim.AdamW(split_groups(self.model, args.groups), lr=3e-4, **impl)
         self.monitor = None
         self.seconds = 0.0
+        self.cpu_seconds = 0.0  # the training thread's CPU time: what other processes' load cannot inflate
         self.steps = 0
         self.sink = 0.0  # keeps the naive logger's values alive
 
@@ -172,8 +177,11 @@ def run(args) -> int:
     try:
         for i, arm in enumerate(arms):
             arm.start(endpoint, f"bench-{run_id}-{i}")
-        # per repeat, per arm: summed seconds and steps
+        # per repeat, per arm: summed wall seconds and training-thread CPU seconds
         sums = [[0.0] * len(arms) for _ in range(args.repeats)]
+        cpu_sums = [[0.0] * len(arms) for _ in range(args.repeats)]
+        process_cpu = time.process_time()
+        thread_cpu = time.thread_time()
         total_rounds = args.warmup_rounds + args.rounds * args.repeats
         for r in range(total_rounds):
             batches = [tuple(t.to(args.device) for t in corpus.batch(args.batch)) for _ in range(args.block)]
@@ -185,15 +193,20 @@ def run(args) -> int:
             for a in order:
                 arm = arms[a]
                 sync()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.thread_time()
                 for x, y in batches:
                     arm.step(x, y)
                 sync()  # timing only: the monitor itself never syncs
-                elapsed = time.perf_counter() - start
+                elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
                 if r >= args.warmup_rounds:
                     sums[(r - args.warmup_rounds) // args.rounds][a] += elapsed
+                    cpu_sums[(r - args.warmup_rounds) // args.rounds][a] += cpu
                     arm.steps += len(batches)
                     arm.seconds += elapsed
+                    arm.cpu_seconds += cpu
+        # CPU of every thread but this one, over the timed loop (warm-up included)
+        other_cpu = (time.process_time() - process_cpu) - (time.thread_time() - thread_cpu)
+        all_watched_steps = sum(args.block * total_rounds for arm in arms if arm.monitor is not None)
         for arm in arms:
             if arm.monitor is not None:
                 arm.monitor.close()
@@ -214,15 +227,22 @@ def run(args) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
     bare_ms = 1000 * arms[0].seconds / arms[0].steps
-    print(f"\nbare step: {bare_ms:.2f} ms (mean over {arms[0].steps} steps)")
-    print(f"{'arm':<36} {'sum-ratio min / median / max':>30} {'added ms/step':>14}")
+    print(f"\nbare step: {bare_ms:.2f} ms wall, {1000 * arms[0].cpu_seconds / arms[0].steps:.2f} ms CPU "
+          f"(mean over {arms[0].steps} steps)")
+    print(f"{'arm':<36} {'wall sum-ratio min / median / max':>34} {'added ms/step':>14}"
+          f" {'thread-CPU sum-ratio min / median / max':>40} {'added CPU ms':>12}")
     results = {}
     for a, arm in enumerate(arms):
         ratios = [rep[a] / rep[0] for rep in sums]
+        cpu_ratios = [rep[a] / rep[0] for rep in cpu_sums]
         added = 1000 * (arm.seconds - arms[0].seconds) / arm.steps
+        added_cpu = 1000 * (arm.cpu_seconds - arms[0].cpu_seconds) / arm.steps
         results[arm.name] = statistics.median(ratios)
-        print(f"{arm.name:<36} {min(ratios):>10.4f} / {statistics.median(ratios):.4f} / {max(ratios):.4f} "
-              f"{added:>+13.2f}")
+        print(f"{arm.name:<36} {min(ratios):>14.4f} / {statistics.median(ratios):.4f} / {max(ratios):.4f} "
+              f"{added:>+13.2f} {min(cpu_ratios):>20.4f} / {statistics.median(cpu_ratios):.4f} / "
+              f"{max(cpu_ratios):.4f} {added_cpu:>+12.2f}")
+    print(f"CPU of the process's other threads (the watched arms' client threads): "
+          f"{1000 * other_cpu / max(1, all_watched_steps):.3f} ms per watched step")
     print(f"\nsidecar received every step of every watched arm ({expected} each): "
           f"{'yes' if not missing else 'NO, got ' + repr(missing)}")
     per_step = results["adamwatch"]
