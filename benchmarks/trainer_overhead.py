@@ -66,7 +66,7 @@ from tiny_gpt import ArithmeticCorpus, GPTConfig, TinyGPT  # noqa: E402
 # Model sizes: the demo's model and two bigger TinyGPTs (parameter counts printed at start).
 MODELS = {
     "demo": dict(n_layer=2, n_embd=64),
-    "2.7M": dict(n_layer=3, n_embd=256),
+    "2.7M": dict(n_layer=3, n_embd=272),
     "25M": dict(n_layer=8, n_embd=512),
 }
 

@@ -3,11 +3,15 @@
 | value | when | how |
 | --- | --- | --- |
 | loss, non-finite loss | every step | the tensor given to ``observe_loss`` |
-| global and per-group gradient L2 norm | every step | ``torch._foreach_norm``, summed in float64, unscaled by GradScaler's scale |
+| global and per-group gradient L2 norm | every step | one ``torch._foreach_norm`` over every gradient (flat list built at ``watch()``), squares summed per group in float64 by one matrix-vector product, unscaled by GradScaler's scale |
+| non-finite gradients | every step | derived from the norms (a NaN/Inf anywhere makes the sum of squares non-finite): no second pass |
 | skipped flag | every step | GradScaler's / adamwatch's ``found_inf`` |
-| effective LR and update-size quantiles | every N steps | fixed random coordinate sample per group, sorted on device |
-| update L2 norm, weight norm, m and v norms | every N steps | exact, one parameter at a time (bounded extra memory) |
+| effective LR and update-size quantiles | every N steps | fixed random coordinate sample per group (bounded in total, see ``group_sample_size``), every group sorted by ONE sort call |
+| update L2 norm, weight norm, m and v norms | every N steps | exact: weights, m and v in one fused norm call (one pass each), the update norm in four foreach passes over chunks (bounded extra memory) |
 | share of coordinates with sqrt(v_hat) <= eps | every N steps | on the sample |
+
+The learning rate is left out of the deep block on the device and applied by
+``decode_step`` (it is in the per-step part already).
 
 Nothing here reads a tensor on the host: no ``.item()``, ``.cpu()``, ``bool()``.
 The vector is decoded by ``decode_step`` in the background thread after the
