@@ -31,8 +31,8 @@ the benchmark reads its ``/metrics`` and checks that it received every step of
 every watched arm.
 
     python benchmarks/trainer_overhead.py                       # demo model, about a minute
-    python benchmarks/trainer_overhead.py --model 2.7M --rounds 6
-    python benchmarks/trainer_overhead.py --model 25M --rounds 3
+    python benchmarks/trainer_overhead.py --model 2.7M
+    python benchmarks/trainer_overhead.py --model 25M --rounds 3 --fingerprint-every 0
     python benchmarks/trainer_overhead.py --groups 64
     python benchmarks/trainer_overhead.py --device cuda
 
@@ -185,11 +185,11 @@ def run(args) -> int:
         total_rounds = args.warmup_rounds + args.rounds * args.repeats
         for r in range(total_rounds):
             batches = [tuple(t.to(args.device) for t in corpus.batch(args.batch)) for _ in range(args.block)]
-            order = list(range(len(arms)))
+            # Cyclic rotation: over len(arms) consecutive rounds every arm runs
+            # once in every position (first after the batches are made, after
+            # each other arm, ...), so position effects cancel within a repeat.
             shift = r % len(arms)
-            order = order[shift:] + order[:shift]
-            if r % 2:
-                order.reverse()
+            order = list(range(len(arms)))[shift:] + list(range(len(arms)))[:shift]
             for a in order:
                 arm = arms[a]
                 sync()
@@ -262,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="AdamW implementation (default: torch's choice, for-loop on CPU)")
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--block", type=int, default=10, help="consecutive steps per arm (= deep-stats period)")
-    parser.add_argument("--rounds", type=int, default=6, help="rounds per repeat (each arm runs one block per round)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds per repeat, each arm one block per round (default: the number of arms, "
+                             "so every arm takes every position once per repeat)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup-rounds", type=int, default=1)
     parser.add_argument("--fingerprint-every", type=int, default=100,
@@ -273,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.groups <= 64:
         parser.error(f"--groups must be in 1..64, got {args.groups}")
+    if args.rounds is None:
+        args.rounds = 6 + (1 if args.fingerprint_every else 0)
     torch.set_num_threads(args.threads)
     return run(args)
 
