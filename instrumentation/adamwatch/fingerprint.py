@@ -4,8 +4,9 @@ Data-parallel replicas (DDP) must hold bit-identical parameters and optimizer
 state; when they drift apart (a non-deterministic kernel, a rank that skipped
 a step or restored another checkpoint, silent data corruption) every later
 step trains a different model on each rank. Every N steps each rank computes
-one integer from the bit patterns of its parameters, ``exp_avg``,
-``exp_avg_sq`` (``max_exp_avg_sq`` with amsgrad) and step counters; the sidecar
+one integer from the bit patterns of its parameters and of every tensor of the
+optimizer state (Adam: ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` with
+amsgrad, step counters); the sidecar
 and the ``AdamwatchReplicaDivergence`` alert compare them across the ranks of
 a job at the same step.
 
@@ -79,10 +80,10 @@ def fingerprint(optimizer: torch.optim.Optimizer, device: torch.device,
             st = state.get(p)
             if not st:
                 continue
-            for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"):
-                value = st.get(name)
-                if isinstance(value, torch.Tensor):
-                    sums.append(_tensor_sum(value))
+            # Every tensor of the state, in key order (Adam: exp_avg, exp_avg_sq,
+            # max_exp_avg_sq, step; other optimizers their own buffers).
+            for name in sorted(k for k, v in st.items() if isinstance(v, torch.Tensor)):
+                sums.append(_tensor_sum(st[name]))
     if not sums:
         return torch.zeros((), dtype=dtype, device=device)
     stacked = torch.stack([s.to(device, non_blocking=True) for s in sums])
