@@ -33,7 +33,7 @@ every watched arm.
     python benchmarks/trainer_overhead.py                       # demo model, about a minute
     python benchmarks/trainer_overhead.py --model 2.7M
     python benchmarks/trainer_overhead.py --model 25M --rounds 3 --fingerprint-every 0
-    python benchmarks/trainer_overhead.py --groups 64
+    python benchmarks/trainer_overhead.py --model demo-6L --groups 64
     python benchmarks/trainer_overhead.py --device cuda
 
 Budgets on the 2-core CI CPU (sum-ratios): per-step <= 1.02, deep every 10 <= 1.03.
@@ -66,6 +66,8 @@ from tiny_gpt import ArithmeticCorpus, GPTConfig, TinyGPT  # noqa: E402
 # Model sizes: the demo's model and two bigger TinyGPTs (parameter counts printed at start).
 MODELS = {
     "demo": dict(n_layer=2, n_embd=64),
+    # the demo's width with 6 layers: 75 parameter tensors, enough for --groups 64
+    "demo-6L": dict(n_layer=6, n_embd=64),
     "2.7M": dict(n_layer=3, n_embd=272),
     "25M": dict(n_layer=8, n_embd=512),
 }
@@ -89,7 +91,10 @@ def split_groups(model: torch.nn.Module, groups: int) -> list[dict]:
     if groups == 2:
         return model.param_groups()
     params = list(model.parameters())
-    return [{"params": params[i::groups], "name": f"g{i}"} for i in range(min(groups, len(params)))]
+    if groups > len(params):
+        raise SystemExit(f"--groups {groups}: the model has only {len(params)} parameter tensors "
+                         f"(use --model demo-6L or bigger)")
+    return [{"params": params[i::groups], "name": f"g{i}"} for i in range(groups)]
 
 
 class Arm:
