@@ -615,7 +615,6 @@ class _DeepPlan:
             device, non_blocking=True)
         self.w = torch.tensor(weights, **f32).to(device, non_blocking=True)  # [g x Q]
         self.eps_q = torch.tensor([[e] * len(QUANTILES) for e in group_eps], **f32).to(device, non_blocking=True)
-        self.ends = torch.tensor([st + n - 1 for st, n in zip(starts, sizes)]).to(device, non_blocking=True)
         self.sizes = torch.tensor(sizes, dtype=dtype).to(device, non_blocking=True)
         self.place = None
         if g != self.num_groups:
@@ -645,14 +644,15 @@ class _DeepPlan:
         bc2_c = torch.repeat_interleave(bc2, self.counts, output_size=self.size)
         sqrt_v_hat = (v_sample / bc2_c).sqrt()
         update_size = (m_sample.abs() / bc1_c) / (sqrt_v_hat + self.eps_sample)  # lr = 1
-        below = torch.cumsum((sqrt_v_hat <= self.eps_sample).to(dtype), 0).index_select(0, self.ends)
-        eps_share = torch.diff(below, prepend=below.new_zeros(1)) / self.sizes
 
         # One sort for every group and both distributions (see __init__).
         padded = torch.full((self.padded_shape[0] * self.padded_shape[1],), float("nan"), device=self.device)
         padded.index_copy_(0, self.scatter, torch.cat([sqrt_v_hat, update_size]))
-        ordered = torch.sort(padded.view(self.padded_shape), dim=1).values.view(-1)
-        picked = ordered.index_select(0, self.gather).view(4, g, -1)
+        ordered = torch.sort(padded.view(self.padded_shape), dim=1).values
+        picked = ordered.view(-1).index_select(0, self.gather).view(4, g, -1)
+        # Share of sqrt(v_hat) <= eps per group (NaN, data or padding, compares false).
+        below = (ordered[:g] <= self.eps_q[:, :1]).sum(1)
+        eps_share = below.to(dtype) / self.sizes
         eff_low = 1 / (picked[0] + self.eps_q)
         eff_high = 1 / (picked[1] + self.eps_q)
         effective_lr = eff_low + (eff_high - eff_low) * self.w
