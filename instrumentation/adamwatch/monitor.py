@@ -62,7 +62,8 @@ class MonitorConfig:
         job: job label; default ``$ADAMWATCH_JOB`` or the script name.
         rank: default torch.distributed rank, else ``$RANK``, else 0.
         deep_stats_every: compute Adam-state statistics every N steps; 0 disables.
-        sample_size: coordinates sampled per param group for the quantiles.
+        sample_size: coordinates sampled per param group for the quantiles (up to
+            4 groups; more groups share 4 x sample_size equally).
         guard: "auto" skips non-finite steps without a sync where the
             optimizer is fused and only reports elsewhere; "sync" also skips
             them for non-fused optimizers at one host sync per step; "off"
