@@ -67,3 +67,26 @@ def test_the_sample_does_not_grow_with_the_number_of_groups():
     stats = StepStats(_trained_optimizer(groups=2), sample_size=4096)
     assert stats.group_sample_size(2) == 4096
     assert stats.group_sample_size(64) * 64 <= 4 * 4096
+
+
+def test_the_reader_applies_each_groups_lr_float_or_tensor():
+    from adamwatch.step_stats import decode_step
+
+    decoded = []
+    for lr in (2e-3, torch.tensor(2e-3)):
+        opt = _trained_optimizer(groups=2)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        stats = StepStats(opt, sample_size=100_000)
+        vector, _bad, layout = stats.per_step(None)
+        deep, layout.deep_groups = stats.deep()
+        payload = decode_step(torch.cat([vector, deep]).tolist(), layout)
+        decoded.append(payload["deep"])
+    float_lr, tensor_lr = decoded
+    for a, b in zip(float_lr[:2], tensor_lr[:2]):
+        assert a["effective_lr"] == pytest.approx(b["effective_lr"], rel=1e-6)
+        assert a["update_size"] == pytest.approx(b["update_size"], rel=1e-6)
+        assert a["update_norm"] == pytest.approx(b["update_norm"], rel=1e-6)
+    # lr / (sqrt(v_hat) + eps) is at most lr / eps
+    assert max(float_lr[0]["effective_lr"]) <= 2e-3 / 1e-8
+    assert float_lr[0]["effective_lr"][0] > 0
