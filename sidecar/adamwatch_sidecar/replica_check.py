@@ -42,6 +42,9 @@ __all__ = ["ReplicaCheck"]
 
 log = logging.getLogger(__name__)
 
+# Ranks compared per job and step; a sidecar serves the ranks of one pod, far fewer.
+MAX_RANKS_PER_JOB = 4096
+
 
 class ReplicaCheck:
     """Listener of :class:`RunState` that compares FINGERPRINT messages across ranks.
@@ -51,15 +54,19 @@ class ReplicaCheck:
         audit: an ``AuditLog`` (remediation's) for the detection lines, or None.
         keep_steps: fingerprint steps remembered per job (ranks report a step
             at slightly different times; older steps are dropped).
+        max_jobs: jobs remembered; the one that reported least recently is
+            forgotten first (memory stays bounded whatever trainers send).
     """
 
-    def __init__(self, state: RunState, *, audit: Any = None, keep_steps: int = 4):
+    def __init__(self, state: RunState, *, audit: Any = None, keep_steps: int = 4, max_jobs: int = 1024):
         self.state = state
         self.audit = audit
         self.keep_steps = keep_steps
+        self.max_jobs = max_jobs
         self._lock = threading.Lock()
-        # job -> {step: {rank: fingerprint}}, steps in arrival order
-        self._jobs: dict[str, collections.OrderedDict[int, dict[int, int]]] = {}
+        # job -> {step: {rank: fingerprint}}, steps in arrival order; jobs least recent first
+        self._jobs: collections.OrderedDict[str, collections.OrderedDict[int, dict[int, int]]] = \
+            collections.OrderedDict()
         self._reported: dict[str, int] = {}  # job -> latest step already audited as divergent
         self._divergent: dict[str, tuple[int, list[int]]] = {}
 
@@ -72,7 +79,14 @@ class ReplicaCheck:
         self.state.set_gauge(key, "adamwatch_parameter_fingerprint_step", {}, float(step))
         with self._lock:
             steps = self._jobs.setdefault(key.job, collections.OrderedDict())
+            self._jobs.move_to_end(key.job)
+            while len(self._jobs) > self.max_jobs:
+                old, _ = self._jobs.popitem(last=False)
+                self._reported.pop(old, None)
+                self._divergent.pop(old, None)
             by_rank = steps.setdefault(step, {})
+            if len(by_rank) >= MAX_RANKS_PER_JOB and key.rank not in by_rank:
+                return
             by_rank[key.rank] = value
             while len(steps) > self.keep_steps:
                 steps.popitem(last=False)

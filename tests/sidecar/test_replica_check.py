@@ -65,3 +65,13 @@ def test_out_of_range_fingerprints_are_refused_by_name(setup):
     with pytest.raises(wire.SchemaError, match="FINGERPRINT.fingerprint"):
         wire.validate_payload(wire.MessageType.FINGERPRINT, {"step": 1, "fingerprint": 1.5})
     assert state.value("adamwatch_parameter_fingerprint", {"job": "gpt", "rank": 0}) is None
+
+
+def test_memory_stays_bounded_in_jobs():
+    state = RunState(retention_seconds=60, clock=lambda: 1000.0)
+    check = ReplicaCheck(state, max_jobs=3)
+    state.add_listener(check.on_message)
+    for j in range(5):
+        key = _hello(state, f"job{j}", 0)
+        _send(state, key, 100, j)
+    assert list(check._jobs) == ["job2", "job3", "job4"]
