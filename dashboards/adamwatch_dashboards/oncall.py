@@ -126,6 +126,12 @@ def oncall_dashboard() -> dashboard_builders.Dashboard:
         .with_panel(timeseries_panel(
             ids, "Remediation ladder exhausted", "1 while every rung is used up (AdamwatchRemediationLadderExhausted).",
             [query(f'adamwatch_remediation_ladder_exhausted{{{SEL}}}', "{{job}}/{{rank}}")]))
+        .with_panel(timeseries_panel(
+            ids, "Replica divergence",
+            "1 on ranks whose parameter fingerprint differs from their job's other ranks at the same step "
+            "(as one sidecar sees them; AdamwatchReplicaDivergence compares the whole job).",
+            [query(f'adamwatch_replica_divergence{{{SEL}}}', "{{job}}/{{rank}}")]))
+
         # issue 11: how runs end, restores, device memory, error budget
         .with_row(dashboard_builders.Row("Runs and SLOs"))
         .with_panel(timeseries_panel(

@@ -33,6 +33,7 @@ from adamwatch.distributed import StepCoordinator
 from adamwatch.evaluation import EvalRecorder, validate_eval_metrics
 from adamwatch.exits import ExitReporter, classify_exception
 from adamwatch.footprint import footprint_payload
+from adamwatch.fingerprint import fingerprint
 from adamwatch.loss_window import LossWindow
 from adamwatch.lr_control import LRRecovery
 from adamwatch.optimizer_config import capture_config, config_hash, diff_configs, group_signature
@@ -66,7 +67,8 @@ class MonitorConfig:
         job: job label; default ``$ADAMWATCH_JOB`` or the script name.
         rank: default torch.distributed rank, else ``$RANK``, else 0.
         deep_stats_every: compute Adam-state statistics every N steps; 0 disables.
-        sample_size: coordinates sampled per param group for the quantiles.
+        sample_size: coordinates sampled per param group for the quantiles (up to
+            4 groups; more groups share 4 x sample_size equally).
         guard: "auto" skips non-finite steps without a sync where the
             optimizer is fused and only reports elsewhere; "sync" also skips
             them for non-fused optimizers at one host sync per step; "off"
@@ -99,6 +101,10 @@ class MonitorConfig:
             with a single rank (exercises the path). "off" keeps every number rank-local.
         local_grads: from :func:`adamwatch.comm_watch.watch_local_grads`, so the
             gradient origin is this rank's gradients before the ranks' reduction.
+        fingerprint_every: every this many steps, a fingerprint of the
+            parameters and Adam state (adamwatch.fingerprint) is sent, so the
+            sidecar and the AdamwatchReplicaDivergence alert can compare
+            data-parallel replicas; 0 disables.
     """
 
     endpoint: str | None = None
@@ -125,6 +131,7 @@ class MonitorConfig:
     report_exits: bool = True
     cross_rank: str = "auto"
     local_grads: Any = None
+    fingerprint_every: int = 100
 
     def validate(self) -> None:
         if self.guard not in _GUARDS:
@@ -156,6 +163,9 @@ class MonitorConfig:
         if not isinstance(self.check_config_every, int) or isinstance(self.check_config_every, bool) \
                 or self.check_config_every < 0:
             raise ValueError(f"check_config_every must be an int >= 0, got {self.check_config_every!r}")
+        if not isinstance(self.fingerprint_every, int) or isinstance(self.fingerprint_every, bool) \
+                or self.fingerprint_every < 0:
+            raise ValueError(f"fingerprint_every must be an int >= 0, got {self.fingerprint_every!r}")
         if self.endpoint is not None:
             wire.parse_endpoint(self.endpoint)
         if self.target is not None:
@@ -737,6 +747,10 @@ class Monitor:
                 layout.clip_from_norm = True
             else:
                 vector = torch.cat([vector, clip[1].reshape(1).to(vector.dtype)])
+        if self.config.fingerprint_every and self.step % self.config.fingerprint_every == 0:
+            fp = fingerprint(self.optimizer, self._stats.device, self._stats.dtype)
+            vector = torch.cat([vector, fp.reshape(1)])
+            layout.fingerprint = True
         samples = self._samples_next if self._samples_next is not None else self.config.samples_per_step
         tokens = self._tokens_next if self._tokens_next is not None else self.config.tokens_per_step
         self._samples_next = self._tokens_next = None
@@ -833,7 +847,13 @@ class Monitor:
 
     def _poll_summaries(self, timeout: float) -> list[bytes]:
         try:
-            frames = [wire.encode_frame(wire.MessageType.STEP, p) for p in self._summaries(timeout)]
+            frames = []
+            for p in self._summaries(timeout):
+                fp = p.pop("fingerprint", None)
+                frames.append(wire.encode_frame(wire.MessageType.STEP, p))
+                if fp is not None:
+                    frames.append(wire.encode_frame(wire.MessageType.FINGERPRINT,
+                                                    {"step": p["step"], "fingerprint": fp}))
         except Exception:
             self._report_error("summary_reader")
             frames = []
@@ -1155,7 +1175,7 @@ def watch(
         on_stop: called when a "stop" action is applied (``monitor.stop_requested`` turns True too).
         **options: further MonitorConfig fields (sample_size, max_queued, world_size, seed,
             lr_floor, lr_recovery_steps, command_interval, target (e.g. ``{"eval_loss": 1.6}``),
-            model_family, footprint_interval, report_exits).
+            model_family, footprint_interval, report_exits, cross_rank, local_grads, fingerprint_every).
 
     Returns:
         The Monitor; use it as a context manager or call ``close()``.

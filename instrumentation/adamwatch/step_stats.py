@@ -3,11 +3,15 @@
 | value | when | how |
 | --- | --- | --- |
 | loss, non-finite loss | every step | the tensor given to ``observe_loss`` |
-| global and per-group gradient L2 norm | every step | ``torch._foreach_norm``, summed in float64, unscaled by GradScaler's scale |
+| global and per-group gradient L2 norm | every step | one ``torch._foreach_norm`` over every gradient (flat list built at ``watch()``), squares summed per group in float64 by one matrix-vector product, unscaled by GradScaler's scale |
+| non-finite gradients | every step | derived from the norms (a NaN/Inf anywhere makes the sum of squares non-finite): no second pass |
 | skipped flag | every step | GradScaler's / adamwatch's ``found_inf`` |
-| effective LR and update-size quantiles | every N steps | fixed random coordinate sample per group, sorted on device |
-| update L2 norm, weight norm, m and v norms | every N steps | exact, one parameter at a time (bounded extra memory) |
+| effective LR and update-size quantiles | every N steps | fixed random coordinate sample per group (bounded in total, see ``group_sample_size``), every group sorted by ONE sort call |
+| update L2 norm, weight norm, m and v norms | every N steps | exact: weights, m and v in one fused norm call (one pass each), the update norm in four foreach passes over chunks (bounded extra memory) |
 | share of coordinates with sqrt(v_hat) <= eps | every N steps | on the sample |
+
+The learning rate is left out of the deep block on the device and applied by
+``decode_step`` (it is in the per-step part already).
 
 Nothing here reads a tensor on the host: no ``.item()``, ``.cpu()``, ``bool()``.
 The vector is decoded by ``decode_step`` in the background thread after the
@@ -22,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from adamwatch.shards import local_tensor
+from adamwatch.shards import is_dtensor, local_tensor
 from adamwatch.step_extensions import MAX_EXTRAS, StepContext
 from adamwatch.wire import QUANTILES
 
@@ -58,6 +62,8 @@ class StepLayout:
     # the clip used the summary's own pre-clip norm: its coefficient is computed on
     # the host from that norm, and the vector has no clip element
     clip_from_norm: bool = False
+    # the replica fingerprint is the vector's last value (after the clip element)
+    fingerprint: bool = False
 
     @property
     def step_length(self) -> int:
@@ -67,7 +73,40 @@ class StepLayout:
     def length(self) -> int:
         deep = self.num_groups * DEEP_FIELDS_PER_GROUP if self.deep_groups is not None else 0
         clip = 1 if self.clip_max_norm is not None and not self.clip_from_norm else 0
-        return self.step_length + deep + clip
+        return self.step_length + deep + clip + int(self.fingerprint)
+
+
+def _groups_key(groups: list[dict]) -> tuple:
+    """Identity of the param groups' contents, cheap enough to check every step."""
+    return tuple((id(g["params"]), len(g["params"])) for g in groups)
+
+
+def _one_hot(owners: list[int], num_groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[num_groups x len(owners)] matrix with a 1 where grad j belongs to group i,
+    built on the host and copied without blocking (no device value is read)."""
+    matrix = torch.zeros(num_groups, len(owners), dtype=dtype)
+    if owners:
+        matrix[torch.tensor(owners), torch.arange(len(owners))] = 1.0
+    return matrix.to(device, non_blocking=True)
+
+
+class _GradLayout:
+    """Which group each parameter belongs to, computed once (at ``watch()`` or
+    the first step) and again only when the param groups change."""
+
+    def __init__(self, groups: list[dict], device: torch.device, dtype: torch.dtype):
+        self.key = _groups_key(groups)
+        self.num_groups = len(groups)
+        self.params = [p for g in groups for p in g["params"]]
+        self.owner_list = [i for i, g in enumerate(groups) for _ in g["params"]]
+        self.nonempty = [len(g["params"]) > 0 for g in groups]
+        self.owners = _one_hot(self.owner_list, self.num_groups, dtype, device)
+        # FSDP2: the grads are DTensors; the sums are over this rank's shard
+        # (adamwatch.cross_rank makes them global). Checked once, not per step.
+        self.sharded = any(is_dtensor(p) for p in self.params)
+
+    def matches(self, groups: list[dict]) -> bool:
+        return len(groups) == self.num_groups and _groups_key(groups) == self.key
 
 
 class _SamplePlan:
@@ -77,6 +116,7 @@ class _SamplePlan:
         numels = [p.numel() for p in params]
         total = sum(numels)
         self.key = tuple(id(p) for p in params)
+        self.requested = sample_size
         self.indices: list[torch.Tensor] = []
         counts = []
         # Exactly sample_size coordinates, shared out in proportion to size
@@ -95,6 +135,7 @@ class _SamplePlan:
             self.indices.append(idx.to(p.device, non_blocking=True))
             counts.append(len(idx))
         self.size = sum(counts)
+        self.count_list = counts
         # Built on the host and copied without blocking: this runs inside the
         # first deep step, which must not synchronise either.
         self.counts = torch.tensor(counts).to(device, non_blocking=True)
@@ -103,6 +144,7 @@ class _SamplePlan:
         positions = [q * (self.size - 1) for q in QUANTILES]
         lo = [int(math.floor(p)) for p in positions]
         hi = [min(i + 1, self.size - 1) for i in lo]
+        self.host_positions = (lo, hi, [p - i for p, i in zip(positions, lo)])
         self.q_lo = torch.tensor(lo).to(device, non_blocking=True)
         self.q_hi = torch.tensor(hi).to(device, non_blocking=True)
         self.q_w = torch.tensor([p - i for p, i in zip(positions, lo)], dtype=torch.float32).to(device, non_blocking=True)
@@ -144,6 +186,7 @@ class StepStats:
         self.dtype = torch.float32 if self.device.type == "mps" else torch.float64
         self._generator = torch.Generator().manual_seed(seed)
         self._plans: dict[int, _SamplePlan] = {}
+        self._deep_plan: _DeepPlan | None = None
         self._nan = torch.full((1,), float("nan"), dtype=self.dtype, device=self.device)
         self._zero = torch.zeros(1, dtype=self.dtype, device=self.device)
         self._false = torch.zeros(1, dtype=torch.bool, device=self.device)
@@ -154,6 +197,9 @@ class StepStats:
         )
         self._owners_key: tuple[int, ...] | None = None
         self._owners = self._zero
+        # The per-parameter bookkeeping, done here at watch() time.
+        self._layout: _GradLayout | None = None
+        self._grad_layout()
 
     def _to_dev(self, t: torch.Tensor) -> torch.Tensor:
         t = local_tensor(t)  # a DTensor's own shard: no hidden collective on the step path
@@ -169,9 +215,54 @@ class StepStats:
     def max_length(self) -> int:
         """Longest vector this optimizer's summaries can take (per step, extras, deep block, clip)."""
         groups = len(self.optimizer.param_groups)
-        return _FIXED + 2 * groups + MAX_EXTRAS + groups * DEEP_FIELDS_PER_GROUP + 1
+        return _FIXED + 2 * groups + MAX_EXTRAS + groups * DEEP_FIELDS_PER_GROUP + 2  # + clip, fingerprint
 
     # ------------------------------------------------------------------ per step
+    def _grad_layout(self) -> "_GradLayout":
+        """The flat parameter list and group index of each parameter, rebuilt
+        only when the param groups change (not per step)."""
+        groups = self.optimizer.param_groups
+        layout = self._layout
+        if layout is None or not layout.matches(groups):
+            layout = self._layout = _GradLayout(groups, self.device, self.dtype)
+        return layout
+
+    def grads_by_group(self) -> tuple[list[torch.Tensor], torch.Tensor, int, list[bool]]:
+        """This step's gradients as one flat list, with the group of each.
+
+        Returns:
+            (grads, a one-hot [groups x grads] matrix on the device mapping each
+            grad to its group, number of groups, per group: has at least one grad).
+        """
+        layout = self._grad_layout()
+        grads = [p.grad for p in layout.params]
+        if layout.sharded:
+            grads = [None if g is None else local_tensor(g) for g in grads]
+        present = [g for g in grads if g is not None]
+        if len(present) == len(grads):
+            return present, layout.owners, layout.num_groups, layout.nonempty
+        # Some params have no grad this step (frozen, unused): the general path.
+        owners = [o for o, g in zip(layout.owner_list, grads) if g is not None]
+        has_grads = [False] * layout.num_groups
+        for o in owners:
+            has_grads[o] = True
+        return present, self._owner_matrix(owners, layout.num_groups), layout.num_groups, has_grads
+
+    def group_sq_norms(self, grads: list[torch.Tensor], owners: torch.Tensor, num_groups: int) -> torch.Tensor:
+        """Per-group sums of squares of ``grads``: one fused norm kernel over
+        every gradient of every group, then one matrix-vector product (float64: an
+        exploding norm of 1e20 squared stays finite)."""
+        if not grads:
+            return torch.zeros(num_groups, dtype=self.dtype, device=self.device)
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        squares = torch.stack(self._on_device(norms)).to(self.dtype).square()
+        if num_groups == 1:
+            return squares.sum(0, keepdim=True)
+        # A one-hot [groups x grads] matrix times the squares: one deterministic
+        # kernel (bincount and index_add_ use atomics on CUDA and refuse to run
+        # under torch.use_deterministic_algorithms).
+        return torch.mv(owners, squares)
+
     def per_step(
         self,
         loss: torch.Tensor | float | None,
@@ -205,35 +296,14 @@ class StepStats:
         """
         need_flag = need_flag or guard
         groups = self.optimizer.param_groups
-        grads: list[torch.Tensor] = []
-        owners: list[int] = []  # the group of each grad
-        has_grads: list[bool] = []
-        for index, group in enumerate(groups):
-            before = len(grads)
-            for p in group["params"]:
-                if p.grad is not None:
-                    # FSDP2: this rank's shard; adamwatch.cross_rank makes the sums global
-                    grads.append(local_tensor(p.grad))
-                    owners.append(index)
-            has_grads.append(len(grads) > before)
         # Few, small ops: after backward every dispatch costs ~10 µs of cold
-        # caches, and this runs on every step.
+        # caches, and this runs on every step. The per-parameter Python work
+        # (which param belongs to which group) was done once, in _GradLayout.
+        grads, owners, num_groups, has_grads = self.grads_by_group()
         if group_sq is not None:
-            sq = group_sq
-        elif grads:
-            # One foreach kernel for every gradient of every group, then
-            # per-group sums of squares (float64: an exploding norm of 1e20
-            # squared stays finite).
-            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-            squares = torch.stack(self._on_device(norms)).to(self.dtype).square()
-            if len(groups) == 1:
-                sq = squares.sum(0, keepdim=True)
-            else:
-                sq = torch.zeros(len(groups), dtype=self.dtype, device=self.device).index_add_(
-                    0, self._owner_index(owners), squares
-                )
+            sq = group_sq  # taken just before clipping (adamwatch.grad_clip): no second pass
         else:
-            sq = torch.zeros(len(groups), dtype=self.dtype, device=self.device)
+            sq = self.group_sq_norms(grads, owners, num_groups)
         if grad_scale is not None:
             scale = self._to_dev(grad_scale).to(self.dtype)
             sq = sq / (scale * scale)
@@ -267,6 +337,8 @@ class StepStats:
 
         # The non-finite flag on the device is only needed to skip the step
         # (the fused guard); otherwise the host derives it from the values.
+        # It comes from the norms: a NaN or Inf in any gradient makes the sum
+        # of squares non-finite, so no second pass over the gradients.
         bad = None
         if need_flag:
             if ctx is not None and ctx.nonfinite_read:
@@ -298,20 +370,20 @@ class StepStats:
         if found_inf is not None:
             skipped = torch.where(self._to_dev(found_inf) > 0, 2.0, skipped).to(self.dtype)
 
-        host_lrs: list[float | None] = []
-        lr_tensors: list[torch.Tensor] = []
-        tensor_lr_groups: list[int] = []
-        for index, group in enumerate(groups):
-            lr = group["lr"]
-            if isinstance(lr, torch.Tensor):
-                host_lrs.append(None)
-                tensor_lr_groups.append(index)
-                lr_tensors.append(self._to_dev(lr.detach()).reshape(1).to(self.dtype))
-            else:
-                host_lrs.append(float(lr))
-
+        lrs = [group["lr"] for group in groups]
         parts = [loss_t, total, skipped.reshape(1), sq]
-        parts.extend(lr_tensors)
+        tensor_lr_groups: list[int] = []
+        if any(isinstance(lr, torch.Tensor) for lr in lrs):
+            host_lrs: list[float | None] = []
+            for index, lr in enumerate(lrs):
+                if isinstance(lr, torch.Tensor):
+                    host_lrs.append(None)
+                    tensor_lr_groups.append(index)
+                    parts.append(self._to_dev(lr.detach()).reshape(1).to(self.dtype))
+                else:
+                    host_lrs.append(float(lr))
+        else:
+            host_lrs = [float(lr) for lr in lrs]
         extra_names: list[str] = []
         host_extras: dict[str, float] = {}
         if ctx is not None:
@@ -355,41 +427,34 @@ class StepStats:
         Taken just before clipping (adamwatch.grad_clip), so the step's summary
         reports the pre-clip norm without a second pass over the gradients.
         """
-        groups = self.optimizer.param_groups
-        grads: list[torch.Tensor] = []
-        owners: list[int] = []
-        for index, group in enumerate(groups):
-            for p in group["params"]:
-                if p.grad is not None:
-                    grads.append(local_tensor(p.grad))
-                    owners.append(index)
-        if not grads:
-            return torch.zeros(len(groups), dtype=self.dtype, device=self.device)
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        squares = torch.stack(self._on_device(norms)).to(self.dtype).square()
-        if len(groups) == 1:
-            return squares.sum(0, keepdim=True)
-        return torch.zeros(len(groups), dtype=self.dtype, device=self.device).index_add_(
-            0, self._owner_index(owners), squares
-        )
+        grads, owners, num_groups, _ = self.grads_by_group()
+        return self.group_sq_norms(grads, owners, num_groups)
 
-    def _owner_index(self, owners: list[int]) -> torch.Tensor:
-        """Device tensor of group indices per grad, cached: the set of params
-        with a grad rarely changes between steps."""
-        key = tuple(owners)
+    def _owner_matrix(self, owners: list[int], num_groups: int) -> torch.Tensor:
+        """One-hot group matrix of a subset of the params, cached: the set of
+        params with a grad rarely changes between steps."""
+        key = (num_groups, *owners)
         if key != self._owners_key:
             self._owners_key = key
-            self._owners = torch.tensor(owners).to(self.device, non_blocking=True)
+            self._owners = _one_hot(owners, num_groups, self.dtype, self.device)
         return self._owners
 
     # ------------------------------------------------------------------ deep
-    def _plan(self, index: int, params: list[torch.Tensor]) -> _SamplePlan:
+    def group_sample_size(self, num_groups: int) -> int:
+        """Coordinates sampled per group: ``sample_size`` for up to
+        ``_SAMPLE_GROUPS`` groups, beyond that an equal share of
+        ``_SAMPLE_GROUPS × sample_size``, so the sample (and its one sort) does
+        not grow with the number of groups."""
+        return max(1, min(self.sample_size, (_SAMPLE_GROUPS * self.sample_size) // max(1, num_groups)))
+
+    def _plan(self, index: int, params: list[torch.Tensor], size: int | None = None) -> _SamplePlan:
         plan = self._plans.get(index)
         key = tuple(id(p) for p in params)
-        if plan is None or plan.key != key:
+        size = self.sample_size if size is None else size
+        if plan is None or plan.key != key or plan.requested != size:
             # Sharded params: a sample of this rank's own shard (to_local() is
             # a fresh view each call, so the key is the params' identity).
-            plan = _SamplePlan([local_tensor(p) for p in params], self.sample_size, self._generator, self.device)
+            plan = _SamplePlan([local_tensor(p) for p in params], size, self._generator, self.device)
             plan.key = key
             self._plans[index] = plan
         return plan
@@ -397,37 +462,42 @@ class StepStats:
     def deep(self) -> tuple[torch.Tensor, list[bool]]:
         """Adam's own state after the update (post-step).
 
+        The learning rate is left out of the block (lr = 1): the reader
+        multiplies each group's effective LR, update sizes and update norm by
+        the group's LR, which the per-step part of the vector already carries.
+
         Returns:
             (vector of num_groups × DEEP_FIELDS_PER_GROUP, per group: had state).
         """
         opt = self.optimizer
+        groups = opt.param_groups
+        params_by_group = [_adam_params(group, opt.state) for group in groups]
+        present = [bool(ps) for ps in params_by_group]
+        if any(present) and self._single_device and all(
+            not isinstance(b, torch.Tensor) for g, ps in zip(groups, params_by_group) if ps for b in g["betas"]
+        ):
+            key = _DeepPlan.key_of(groups, params_by_group)
+            plan = self._deep_plan
+            if plan is None or plan.key != key:
+                plan = self._deep_plan = _DeepPlan(
+                    groups, params_by_group, self, self.group_sample_size(sum(present))
+                )
+            return plan.compute(opt.state, self.dtype), present
+        # General path (tensor betas, parameters on several devices): group by group.
         blocks: list[torch.Tensor] = []
-        present: list[bool] = []
         empty = torch.full((DEEP_FIELDS_PER_GROUP,), float("nan"), dtype=self.dtype, device=self.device)
-        for index, group in enumerate(opt.param_groups):
-            # Adam's statistics where the state holds Adam's moments (Adam, AdamW, NAdam,
-            # RAdam); other optimizers (SGD, Adagrad, Adamax...) have no deep block.
-            second = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
-            params = [] if "betas" not in group or "eps" not in group else [
-                p for p in group["params"] if "exp_avg" in (st := opt.state.get(p, {})) and second in st
-            ]
-            if not params:
-                blocks.append(empty)
-                present.append(False)
-                continue
-            present.append(True)
-            blocks.append(self._deep_group(index, group, params))
+        size = self.group_sample_size(sum(present))
+        for index, (group, params) in enumerate(zip(groups, params_by_group)):
+            blocks.append(self._deep_group(index, group, params, size) if params else empty)
         return torch.cat(blocks), present
 
-    def _deep_group(self, index: int, group: dict, params: list[torch.Tensor]) -> torch.Tensor:
+    def _deep_group(self, index: int, group: dict, params: list[torch.Tensor], size: int) -> torch.Tensor:
         state = self.optimizer.state
         beta1, beta2 = group["betas"]
         eps = group["eps"]
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            lr = self._to_dev(lr.detach()).to(torch.float32)
+        lr = 1.0  # applied by the reader (see deep())
         second = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
-        plan = self._plan(index, params)
+        plan = self._plan(index, params, size)
 
         step_tensors = [local_tensor(state[p]["step"]).detach().reshape(()) for p in params]
         if self._single_device or all(t.device == step_tensors[0].device for t in step_tensors):
@@ -496,6 +566,156 @@ class StepStats:
     def _group_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
         return torch.stack(self._on_device(norms)).to(self.dtype).square().sum().sqrt()
+
+
+# Groups that each get the full ``sample_size``; more share that many samples' worth.
+_SAMPLE_GROUPS = 4
+
+
+class _DeepPlan:
+    """The deep statistics of every group at once, with the per-parameter and
+    per-group bookkeeping done once (again only when groups, state or
+    hyperparameters other than the LR change).
+
+    Cost per deep step, whatever the number of groups: one gather per
+    parameter for the sample, ONE sort call (every group's sqrt(v_hat) and
+    update sizes as the rows of one matrix), one fused norm over weights, m
+    and v, and four foreach passes for the exact update norm.
+    """
+
+    def __init__(self, groups: list[dict], params_by_group: list[list[torch.Tensor]], stats: "StepStats",
+                 group_size: int):
+        device, dtype = stats.device, stats.dtype
+        self.key = self.key_of(groups, params_by_group)
+        self.num_groups = len(groups)
+        self.present = [i for i, ps in enumerate(params_by_group) if ps]
+        self.params = [p for i in self.present for p in params_by_group[i]]
+        self.second = [("max_exp_avg_sq" if groups[i].get("amsgrad") else "exp_avg_sq")
+                       for i in self.present for _ in params_by_group[i]]
+        owner = [k for k, i in enumerate(self.present) for _ in params_by_group[i]]
+        g = len(self.present)
+        self.onehot = _one_hot(owner, g, dtype, device)  # [g x params]
+        f32 = dict(dtype=torch.float32)
+        self.beta1 = torch.tensor([groups[self.present[k]]["betas"][0] for k in owner], **f32).to(device, non_blocking=True)
+        self.beta2 = torch.tensor([groups[self.present[k]]["betas"][1] for k in owner], **f32).to(device, non_blocking=True)
+        self.eps_param = torch.tensor([groups[self.present[k]]["eps"] for k in owner], **f32).to(device, non_blocking=True)
+        # One coordinate sample per group (the same draw as group-by-group), laid end to end.
+        self.indices: list[torch.Tensor] = []
+        counts: list[int] = []
+        sizes: list[int] = []
+        lo_rel, hi_rel, weights = [], [], []
+        for i in self.present:
+            plan = stats._plan(i, params_by_group[i], group_size)
+            self.indices.extend(plan.indices)
+            counts.extend(plan.count_list)
+            sizes.append(plan.size)
+            lo, hi, w = plan.host_positions
+            lo_rel.append(lo)
+            hi_rel.append(hi)
+            weights.append(w)
+        starts = [sum(sizes[:k]) for k in range(g)]
+        self.size = sum(sizes)
+        self.counts = torch.tensor(counts).to(device, non_blocking=True)
+        group_eps = [float(groups[i]["eps"]) for i in self.present]
+        self.eps_sample = torch.repeat_interleave(
+            torch.tensor(group_eps, **f32), torch.tensor(sizes)).to(device, non_blocking=True)
+        # One sort for every group and both distributions: rows 0..g-1 of a
+        # [2g x longest] matrix hold each group's sqrt(v_hat), rows g..2g-1 its
+        # update sizes, padded with NaN (sorted last, as a NaN in the data is).
+        width = max(sizes)
+        rows = torch.repeat_interleave(torch.arange(g), torch.tensor(sizes))
+        cols = torch.cat([torch.arange(n) for n in sizes])
+        self.padded_shape = (2 * g, width)
+        self.scatter = torch.cat([rows * width + cols, (rows + g) * width + cols]).to(device, non_blocking=True)
+        # Positions in the sorted matrix. The effective LR decreases with
+        # sqrt(v_hat): its k-th smallest value comes from the (n-1-k)-th
+        # sqrt(v_hat) of the group (mirrored), so one sort serves both.
+        mirrored = lambda rel: [k * width + sizes[k] - 1 - j for k, row in enumerate(rel) for j in row]  # noqa: E731
+        direct = lambda rel: [(g + k) * width + j for k, row in enumerate(rel) for j in row]  # noqa: E731
+        self.gather = torch.tensor(mirrored(lo_rel) + mirrored(hi_rel) + direct(lo_rel) + direct(hi_rel)).to(
+            device, non_blocking=True)
+        self.w = torch.tensor(weights, **f32).to(device, non_blocking=True)  # [g x Q]
+        self.eps_q = torch.tensor([[e] * len(QUANTILES) for e in group_eps], **f32).to(device, non_blocking=True)
+        self.sizes = torch.tensor(sizes, dtype=dtype).to(device, non_blocking=True)
+        self.place = None
+        if g != self.num_groups:
+            self.place = torch.tensor(self.present).to(device, non_blocking=True)
+        self.chunks = _chunks(self.params, _DEEP_CHUNK_ELEMENTS)
+        self.device, self.dtype = device, dtype
+
+    @staticmethod
+    def key_of(groups: list[dict], params_by_group: list[list[torch.Tensor]]) -> tuple:
+        return tuple(
+            (tuple(map(id, ps)), tuple(g.get("betas", ())), g.get("eps"), bool(g.get("amsgrad")))
+            for g, ps in zip(groups, params_by_group)
+        )
+
+    def compute(self, state: dict, dtype: torch.dtype) -> torch.Tensor:
+        params, g = self.params, len(self.present)
+        # FSDP2: each rank's own shard of the state (local_tensor; cross_rank sums the norms)
+        steps = torch.stack([local_tensor(state[p]["step"]).detach().reshape(()) for p in params]).to(
+            self.device, torch.float32, non_blocking=True)
+        bc1 = 1 - torch.pow(self.beta1, steps)
+        bc2 = 1 - torch.pow(self.beta2, steps)
+        ms = [local_tensor(state[p]["exp_avg"]) for p in params]
+        vs = [local_tensor(state[p][second]) for p, second in zip(params, self.second)]
+
+        m_sample = _as_float32(torch.cat([m.reshape(-1).index_select(0, idx) for m, idx in zip(ms, self.indices)]))
+        v_sample = _as_float32(torch.cat([v.reshape(-1).index_select(0, idx) for v, idx in zip(vs, self.indices)]))
+        bc1_c = torch.repeat_interleave(bc1, self.counts, output_size=self.size)
+        bc2_c = torch.repeat_interleave(bc2, self.counts, output_size=self.size)
+        sqrt_v_hat = (v_sample / bc2_c).sqrt()
+        update_size = (m_sample.abs() / bc1_c) / (sqrt_v_hat + self.eps_sample)  # lr = 1
+
+        # One sort for every group and both distributions (see __init__).
+        padded = torch.full((self.padded_shape[0] * self.padded_shape[1],), float("nan"), device=self.device)
+        padded.index_copy_(0, self.scatter, torch.cat([sqrt_v_hat, update_size]))
+        ordered = torch.sort(padded.view(self.padded_shape), dim=1).values
+        picked = ordered.view(-1).index_select(0, self.gather).view(4, g, -1)
+        # Share of sqrt(v_hat) <= eps per group (NaN, data or padding, compares false).
+        below = (ordered[:g] <= self.eps_q[:, :1]).sum(1)
+        eps_share = below.to(dtype) / self.sizes
+        eff_low = 1 / (picked[0] + self.eps_q)
+        eff_high = 1 / (picked[1] + self.eps_q)
+        effective_lr = eff_low + (eff_high - eff_low) * self.w
+        update_q = picked[2] + (picked[3] - picked[2]) * self.w
+
+        # Exact norms: weights, m and v in one fused pass, summed per group.
+        norms = torch._foreach_norm([local_tensor(p).detach() for p in params] + ms
+                                    + [local_tensor(state[p]["exp_avg_sq"]) for p in params],
+                                    2, dtype=torch.float32)
+        wmv = torch.mm(torch.stack(norms).to(dtype).square().view(3, -1), self.onehot.t()).sqrt()  # [3 x g]
+        # Exact update norm: m / (sqrt(v) + eps*sqrt(bc2)) = update * bc1 / sqrt(bc2),
+        # four foreach passes over chunks of parameters (bounded extra memory).
+        root_bc2 = bc2.sqrt()
+        eps_scaled = (self.eps_param * root_bc2).unbind()
+        update_norms = []
+        for chunk in self.chunks:
+            denom = torch._foreach_sqrt([_as_float32(vs[i]) for i, _ in chunk])
+            torch._foreach_add_(denom, [eps_scaled[i] for i, _ in chunk])
+            upd = torch._foreach_div([_as_float32(ms[i]) for i, _ in chunk], denom)
+            update_norms.append(torch.stack(torch._foreach_norm(upd)))
+            del denom, upd
+        per_param = torch.cat(update_norms) * (root_bc2 / bc1)
+        update_norm = torch.mv(self.onehot, per_param.to(dtype).square()).sqrt()
+
+        block = torch.cat([
+            effective_lr.to(dtype), update_q.to(dtype),
+            torch.stack([update_norm, wmv[0], wmv[1], wmv[2], eps_share.to(dtype)], dim=1),
+        ], dim=1)  # [g x DEEP_FIELDS_PER_GROUP]
+        if self.place is not None:
+            full = torch.full((self.num_groups, DEEP_FIELDS_PER_GROUP), float("nan"), dtype=dtype, device=self.device)
+            block = full.index_copy_(0, self.place, block)
+        return block.reshape(-1)
+
+
+def _adam_params(group: dict, state: dict) -> list[torch.Tensor]:
+    """The group's params whose state holds Adam's moments (Adam, AdamW, NAdam,
+    RAdam); other optimizers (SGD, Adagrad, Adamax...) have no deep block."""
+    if "betas" not in group or "eps" not in group:
+        return []
+    second = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+    return [p for p in group["params"] if "exp_avg" in (st := state.get(p, {})) and second in st]
 
 
 def _as_float32(t: torch.Tensor) -> torch.Tensor:
@@ -569,7 +789,7 @@ def decode_step(values: list[float], layout: StepLayout) -> dict[str, Any]:
             payload["clip_coefficient"] = (min(1.0, layout.clip_max_norm / (math.sqrt(total_sq) + 1e-6))
                                            if total_sq >= 0 else math.nan)
         else:
-            payload["clip_coefficient"] = values[layout.length - 1]
+            payload["clip_coefficient"] = values[layout.length - 1 - int(layout.fingerprint)]
     if layout.deep_groups is not None:
         deep = []
         nq = len(QUANTILES)
@@ -579,11 +799,14 @@ def decode_step(values: list[float], layout: StepLayout) -> dict[str, Any]:
                 deep.append({})
                 continue
             block = values[base + i * DEEP_FIELDS_PER_GROUP : base + (i + 1) * DEEP_FIELDS_PER_GROUP]
+            # The device left the LR out (lr = 1): scale by this step's LR here.
+            lr = float(lrs[i])
             update_norm, weight_norm, m_norm, v_norm, eps_share = block[2 * nq :]
+            update_norm = update_norm * lr
             deep.append(
                 {
-                    "effective_lr": block[:nq],
-                    "update_size": block[nq : 2 * nq],
+                    "effective_lr": [x * lr for x in block[:nq]],
+                    "update_size": [x * lr for x in block[nq : 2 * nq]],
                     "update_norm": update_norm,
                     "weight_norm": weight_norm,
                     "update_to_weight": (update_norm / weight_norm) if weight_norm > 0 else None,
@@ -593,6 +816,9 @@ def decode_step(values: list[float], layout: StepLayout) -> dict[str, Any]:
                 }
             )
         payload["deep"] = deep
+    if layout.fingerprint:
+        # Sent as its own FINGERPRINT message (see Monitor): an integer below 2^52.
+        payload["fingerprint"] = int(values[layout.length - 1])
     return payload
 
 

@@ -118,6 +118,7 @@ class MessageType(enum.IntEnum):
     EVAL = 8  # trainer → sidecar, evaluation results (validation loss, scores) at a step
     FOOTPRINT = 9  # trainer → sidecar, bytes of parameters and optimizer state, device memory
     CONFIG = 10  # trainer → sidecar, the optimizer's configuration changed mid-run (not by adamwatch)
+    FINGERPRINT = 11  # trainer → sidecar, replica fingerprint of params and Adam state at a step
     MONITOR_ERRORS = 12  # trainer → sidecar, cumulative failures inside the monitor, by where
 
 
@@ -251,6 +252,12 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "exit_reason": _f("str", required=False, nullable=True),
         "exception": _f("str", required=False, nullable=True),  # exception type name
         "signal": _f("str", required=False, nullable=True),  # signal name, e.g. "SIGTERM"
+    },
+    MessageType.FINGERPRINT: {
+        "step": _f("int"),  # the step after which it was computed (the STEP with the same number)
+        # integer in [0, 2^52) from the bit patterns of params, m, v, step (adamwatch.fingerprint):
+        # data-parallel replicas at the same step must send the same value
+        "fingerprint": _f("int"),
     },
     MessageType.MONITOR_ERRORS: {
         # {where: count}: failures inside the trainer's monitor (a summary that

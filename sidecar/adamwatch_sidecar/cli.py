@@ -103,6 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .optimizer_policy_service import attach_policy
 
     attach_policy(sidecar, config.optimizer_policy)
+    sidecar.replica_check.audit = remediation.audit  # divergences go to the audit log too
     try:
         sidecar.serve_forever()
     except OSError as exc:

@@ -240,6 +240,15 @@ METRICS: tuple[MetricSpec, ...] = (
                "Peak bytes allocated by tensors on this rank's CUDA device (absent on CPU).", T),
     MetricSpec("adamwatch_device_memory_reserved_bytes", "gauge", "bytes",
                "Bytes reserved by the CUDA caching allocator on this rank's device (absent on CPU).", T),
+    # --- replica consistency (issue 9 item 4) -------------------------------------------
+    MetricSpec("adamwatch_parameter_fingerprint", "gauge", "",
+               "Fingerprint of the rank's parameters and Adam state (an integer below 2^52) at "
+               "adamwatch_parameter_fingerprint_step; data-parallel replicas at the same step must agree.", T),
+    MetricSpec("adamwatch_parameter_fingerprint_step", "gauge", "",
+               "Optimizer step at which adamwatch_parameter_fingerprint was computed.", T),
+    MetricSpec("adamwatch_replica_divergence", "gauge", "",
+               "1 when this rank's latest fingerprint differs from the most common one among the ranks of its "
+               "job that this sidecar saw at the same step, else 0.", T),
     # --- gradient clipping (issue 8 item 1): adamwatch_grad_norm stays the pre-clip norm --------
     MetricSpec("adamwatch_grad_clip_coefficient", "gauge", "ratio",
                "Factor gradient clipping applied at the latest clipped step, min(1, max_norm/pre-clip norm); "

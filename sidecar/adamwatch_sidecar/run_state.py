@@ -491,6 +491,13 @@ class RunState:
             validate_sre_message(mtype, payload)
             with self._lock:
                 self._get(key)
+        elif mtype is wire.MessageType.FINGERPRINT:
+            # Kept by the replica check (adamwatch_sidecar.replica_check), a listener.
+            value = payload["fingerprint"]
+            if not 0 <= value < 1 << 53:
+                raise wire.SchemaError(f"FINGERPRINT.fingerprint must be an integer in [0, 2^53), got {value}")
+            with self._lock:
+                self._get(key)
         else:
             raise wire.FrameError("unexpected", f"{mtype.name} is not a trainer message")
         if self._listeners:

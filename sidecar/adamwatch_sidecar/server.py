@@ -29,6 +29,7 @@ from .config import SidecarConfig
 from .http_server import HttpServer
 from .ingest import IngestServer
 from .nan_origin import NanOriginTracker
+from .replica_check import ReplicaCheck
 from .run_state import RunState
 from .status_page import StatusPage
 
@@ -82,6 +83,10 @@ class Sidecar:
         # Where a NaN began under torch.distributed (STEP extras of adamwatch.cross_rank).
         self.nan_origin = NanOriginTracker(self.state)
         self.state.add_listener(self.nan_origin.on_message)
+        # Replica fingerprints of the ranks this sidecar sees (the audit log is
+        # attached with remediation, see cli).
+        self.replica_check = ReplicaCheck(self.state)
+        self.state.add_listener(self.replica_check.on_message)
         self._servers: list[HttpServer] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None

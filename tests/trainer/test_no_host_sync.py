@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import adamwatch
+from adamwatch import wire
 
 from .test_monitor import IMPLEMENTATIONS, batch, make_model, make_optimizer
 
@@ -78,7 +79,7 @@ def test_a_watched_step_adds_no_host_reads(sink, impl):
     bare_opt, opt = make_optimizer(bare_model, "AdamW", impl), make_optimizer(model, "AdamW", impl)
     # Adam creates its state on the first step; compare steady-state steps.
     count_step_reads(bare_opt, bare_model)
-    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=1) as monitor:
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=1, fingerprint_every=1) as monitor:
         count_step_reads(opt, model, monitor)
         for seed in range(1, 4):
             bare = count_step_reads(bare_opt, bare_model, seed=seed)
@@ -86,6 +87,7 @@ def test_a_watched_step_adds_no_host_reads(sink, impl):
             assert watched == bare, f"watched step made extra host reads: {watched} vs {bare}"
     sink.wait_for(lambda: len(sink.steps()) == 4)
     assert all("deep" in s for s in sink.steps())  # the deep path ran inside the counted steps
+    assert len(sink.of_type(wire.MessageType.FINGERPRINT)) == 4  # and the replica fingerprint
 
 
 def test_the_fused_guard_skips_without_host_reads(sink):

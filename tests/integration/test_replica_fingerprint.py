@@ -1,0 +1,91 @@
+"""Replica consistency end to end: two DDP ranks (gloo, real processes), one real sidecar.
+
+One rank's weight moves by one ulp between two fingerprints: the next
+fingerprints differ, the sidecar marks that rank divergent and audits it, and
+every exported fingerprint equals the one the rank computed itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import SidecarProcess
+
+WORKER = Path(__file__).with_name("_fingerprint_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def sidecar_with_audit(workdir):
+    audit = os.path.join(workdir, "audit.jsonl")
+    config = os.path.join(workdir, "sidecar.yaml")
+    with open(config, "w") as f:
+        json.dump({"remediation": {"audit": {"path": audit}}}, f)
+    proc = SidecarProcess(workdir, "--config", config)
+    proc.audit_path = audit
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+def run_ranks(workdir: str, endpoint: str, perturb_rank: int, world: int = 2) -> list[dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen([sys.executable, str(WORKER), str(rank), str(world), workdir, endpoint, str(perturb_rank)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for rank in range(world)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=120)[0])
+    finally:
+        for proc in procs:  # a hung collective fails the test instead of hanging CI
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    for rank, (proc, out) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank} exited {proc.returncode}:\n{out[-3000:]}"
+    return [{(int(k) if k.isdigit() else k): v for k, v in json.loads(Path(workdir, f"rank{r}.json").read_text()).items()}
+            for r in range(world)]
+
+
+@pytest.mark.slow
+def test_one_ulp_on_one_replica_is_detected_through_a_real_sidecar(sidecar_with_audit, workdir):
+    sidecar = sidecar_with_audit
+    truth = run_ranks(workdir, sidecar.endpoint, perturb_rank=1)
+    # Identical replicas, identical fingerprints; one ulp later, different ones.
+    assert truth[0]["weights_equal"] is False
+    assert truth[0][5] == truth[1][5]
+    assert truth[0][10] != truth[1][10]
+    for rank in (0, 1):
+        labels = {"job": "ddp-replicas", "rank": str(rank)}
+        sidecar.wait_value("adamwatch_parameter_fingerprint_step", lambda v: v == 10, **labels)
+        # exported exactly: the integer below 2^52 survives the float64 exposition
+        assert sidecar.value("adamwatch_parameter_fingerprint", **labels) == truth[rank][10] < 2**52
+    assert sidecar.value("adamwatch_replica_divergence", job="ddp-replicas", rank="1") == 1
+    assert sidecar.value("adamwatch_replica_divergence", job="ddp-replicas", rank="0") == 0
+    with open(sidecar.audit_path) as f:
+        detections = [json.loads(line) for line in f if '"replica_divergence"' in line]
+    assert len(detections) == 1
+    d = detections[0]
+    assert (d["event"], d["job"], d["rank"], d["step"]) == ("detection", "ddp-replicas", 1, 10)
+    assert d["evidence"] == {"fingerprints": {"0": truth[0][10], "1": truth[1][10]}, "divergent_ranks": [1]}
+
+
+@pytest.mark.slow
+def test_replicas_that_agree_are_never_flagged(sidecar, workdir):
+    truth = run_ranks(workdir, sidecar.endpoint, perturb_rank=-1)
+    assert truth[0] == truth[1]
+    assert truth[0]["weights_equal"] is True
+    for rank in (0, 1):
+        labels = {"job": "ddp-replicas", "rank": str(rank)}
+        sidecar.wait_value("adamwatch_parameter_fingerprint_step", lambda v: v == 10, **labels)
+        assert sidecar.value("adamwatch_parameter_fingerprint", **labels) == truth[rank][10]
+        assert sidecar.value("adamwatch_replica_divergence", **labels) == 0
