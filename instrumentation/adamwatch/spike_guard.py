@@ -1,0 +1,358 @@
+"""On-device spike guard: stop most loss spikes inside the step instead of repairing them later.
+
+Two modes, both computed on the device from the step's pre-clip global gradient
+norm (and, for ``skip``, the step's loss), with no host sync and no Python branch
+on a device value:
+
+| mode | rule | published defaults | action |
+| --- | --- | --- | --- |
+| ``clip`` | ZClip: EMA of the norm's mean and variance; z = (g - mean) / std | alpha 0.97, z 2.5, warm-up 25 | scale the gradients so the norm sits at mean + z·std |
+| ``skip`` | OLMo-core: loss or norm > mean + k·std of the last ``window`` accepted values | k 6, window 128 | skip the step (fused: ``found_inf``; else the one-sync fallback) |
+
+Semantics that the sidecar and the docs rely on:
+
+- The guard judges the **pre-clip** norm; the exported ``adamwatch_grad_norm`` stays
+  the pre-clip norm as well. A step the guard acted on is flagged in the STEP's
+  extras (``spike_guard_clip`` / ``spike_guard_skip`` = 1), so the sidecar's spike
+  detectors neither raise on it nor let it into their windows: the guard already
+  handled it. A *streak* of activations is its own detection (``spike_guard``).
+- Values that triggered the guard never enter its statistics at full size: ``clip``
+  feeds the EMA with the clipped norm (as ZClip does), ``skip`` leaves its window
+  untouched. Non-finite values are left to the non-finite guard and never enter.
+- ``std`` has a floor of ``min_std_ratio · mean`` (as the sidecar's detectors do),
+  so a very flat norm is not clipped on rounding noise.
+- Under torch.distributed the decision uses global values only: the norm from
+  ``ctx.group_norm_sq`` after the cross-rank extension, and the loss averaged over
+  ranks with one small on-device all-reduce (skip mode only), so every rank
+  takes the same decision.
+
+    >>> import torch
+    >>> mean, var = torch.tensor(1.0), torch.tensor(0.01)
+    >>> out = zclip_decide(torch.tensor(2.0), mean, var, z_threshold=2.5, alpha=0.97,
+    ...                    min_std_ratio=0.0, armed=True)
+    >>> round(float(out.threshold), 4), round(float(out.coefficient), 4), bool(out.activated)
+    (1.25, 0.625, True)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = [
+    "SpikeGuardConfig",
+    "SpikeGuard",
+    "ZClipDecision",
+    "zclip_decide",
+    "welford_update",
+    "window_bound",
+    "window_push",
+    "EXTRA_NAMES",
+]
+
+_MODES = ("clip", "skip")
+
+# Defaults from the published work (see the module docstring).
+_DEFAULT_THRESHOLD = {"clip": 2.5, "skip": 6.0}
+
+# Names of the extras the guard sends in each STEP (the sidecar's collector reads them).
+EXTRA_NAMES = {
+    "clip": "spike_guard_clip",                 # 1.0 when this step was clipped
+    "skip": "spike_guard_skip",                 # 1.0 when this step was skipped
+    "threshold_grad_norm": "spike_guard_threshold_grad_norm",
+    "zscore_grad_norm": "spike_guard_zscore_grad_norm",
+    "threshold_loss": "spike_guard_threshold_loss",
+    "zscore_loss": "spike_guard_zscore_loss",
+}
+
+
+@dataclass(frozen=True)
+class SpikeGuardConfig:
+    """How the spike guard decides. Pass it as ``adamwatch.watch(..., spike_guard=SpikeGuardConfig(...))``
+    (or just ``spike_guard="clip"`` / ``"skip"`` for the defaults).
+
+    Args:
+        mode: "clip" (ZClip adaptive clipping) or "skip" (OLMo-core style step skipping).
+        warmup: steps with a finite value before the guard may act (statistics only before that).
+        threshold: z for "clip" (default 2.5), k for "skip" (default 6.0): the bound is
+            mean + threshold · std.
+        ema: "clip": weight of the history in the EMA of the norm's mean and variance (ZClip's alpha).
+        window: "skip": how many recent accepted values the mean and std are taken over.
+        min_std_ratio: std is at least this share of the mean, so a flat series does not trigger.
+    """
+
+    mode: str = "clip"
+    warmup: int = 25
+    threshold: float | None = None
+    ema: float = 0.97
+    window: int = 128
+    min_std_ratio: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ValueError(f"spike_guard.mode must be one of {_MODES}, got {self.mode!r}")
+        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 2:
+            raise ValueError(f"spike_guard.warmup must be an int >= 2, got {self.warmup!r}")
+        if self.threshold is not None and not (isinstance(self.threshold, (int, float))
+                                               and math.isfinite(self.threshold) and self.threshold > 0):
+            raise ValueError(f"spike_guard.threshold must be a finite number > 0 or None, got {self.threshold!r}")
+        if not (isinstance(self.ema, (int, float)) and 0 < self.ema < 1):
+            raise ValueError(f"spike_guard.ema must be in (0, 1), got {self.ema!r}")
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 2:
+            raise ValueError(f"spike_guard.window must be an int >= 2, got {self.window!r}")
+        if self.mode == "skip" and self.warmup > self.window:
+            raise ValueError(f"spike_guard.warmup ({self.warmup}) must not exceed spike_guard.window "
+                             f"({self.window}) in skip mode: the window could never hold enough values")
+        if not (isinstance(self.min_std_ratio, (int, float)) and 0 <= self.min_std_ratio < 1):
+            raise ValueError(f"spike_guard.min_std_ratio must be in [0, 1), got {self.min_std_ratio!r}")
+
+    @property
+    def bound(self) -> float:
+        """The threshold in use: the given one or the mode's published default."""
+        return float(self.threshold) if self.threshold is not None else _DEFAULT_THRESHOLD[self.mode]
+
+    @classmethod
+    def coerce(cls, value: Any) -> "SpikeGuardConfig | None":
+        """Accept None/False (off), "clip"/"skip", a mapping of fields, or a config."""
+        if value is None or value is False:
+            return None
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls(mode=value)
+        if isinstance(value, dict):
+            unknown = set(value) - set(cls.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"spike_guard: unknown field(s) {sorted(unknown)}")
+            return cls(**value)
+        raise TypeError(f"spike_guard must be None, 'clip', 'skip', a dict or a SpikeGuardConfig, got {value!r}")
+
+
+# ---------------------------------------------------------------------- pure tensor functions
+def welford_update(value: torch.Tensor, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
+                   accept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of Welford's running mean/variance, taken only where ``accept`` is True.
+
+    Args:
+        value, count, mean, m2: 0-dim float tensors (m2 = Σ (x - mean)²).
+        accept: 0-dim bool tensor; False leaves the statistics unchanged (even for a NaN value).
+
+    Returns:
+        (count, mean, m2) after the step.
+    """
+    x = torch.where(accept, value, mean)  # a rejected NaN must not reach the arithmetic
+    new_count = count + accept.to(count.dtype)
+    delta = x - mean
+    new_mean = mean + delta / new_count.clamp(min=1)
+    new_m2 = m2 + delta * (x - new_mean)
+    return new_count, new_mean, new_m2
+
+
+class ZClipDecision(NamedTuple):
+    """What :func:`zclip_decide` computed for one step (all 0-dim device tensors)."""
+
+    coefficient: torch.Tensor  # multiply the gradients by this (1 when not activated)
+    activated: torch.Tensor    # bool
+    threshold: torch.Tensor    # mean + z·std before this step's update
+    zscore: torch.Tensor       # (g - mean) / std
+    mean: torch.Tensor         # EMA mean after this step
+    var: torch.Tensor          # EMA variance after this step
+
+
+def zclip_decide(norm: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, *, z_threshold: float,
+                 alpha: float, min_std_ratio: float, armed: bool | torch.Tensor) -> ZClipDecision:
+    """ZClip for one step: clip when the z-score of the norm exceeds ``z_threshold``.
+
+    The EMA is fed the norm the update will actually have (the clipped one), so a
+    spike cannot inflate the statistics that judge the next one; a non-finite norm
+    neither clips nor updates (the non-finite guard handles it).
+
+    Args:
+        norm: the global pre-clip gradient norm (0-dim).
+        mean, var: the EMA statistics before this step.
+        z_threshold, alpha, min_std_ratio: see :class:`SpikeGuardConfig`.
+        armed: warm-up is over (a host bool, or a device bool).
+
+    Returns:
+        A :class:`ZClipDecision`.
+    """
+    std = torch.maximum(var.clamp(min=0).sqrt(), min_std_ratio * mean.abs())
+    std = std.clamp(min=torch.finfo(std.dtype).tiny)
+    threshold = mean + z_threshold * std
+    zscore = (norm - mean) / std
+    finite = torch.isfinite(norm)
+    activated = (norm > threshold) & finite
+    if isinstance(armed, torch.Tensor):
+        activated = activated & armed
+    elif not armed:
+        activated = activated & False
+    coefficient = torch.where(activated, threshold / norm, torch.ones_like(norm))
+    used = torch.where(activated, threshold, norm)
+    used = torch.where(finite, used, mean)
+    new_mean = alpha * mean + (1 - alpha) * used
+    new_var = alpha * var + (1 - alpha) * (used - new_mean) ** 2
+    return ZClipDecision(coefficient, activated, threshold, zscore, new_mean, new_var)
+
+
+def window_bound(buffer: torch.Tensor, count: torch.Tensor, k: float,
+                 min_std_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, sample std and bound mean + k·max(std, min_std_ratio·|mean|) of a circular window.
+
+    Args:
+        buffer: float tensor [window]; only the first ``min(count, window)`` slots are filled
+            (slots are filled in order and then overwritten oldest first).
+        count: 0-dim float tensor, values pushed so far (may exceed the window).
+
+    Returns:
+        (mean, std, bound), each 0-dim; NaN-free garbage while count < 2 (the caller arms on count).
+    """
+    size = buffer.shape[0]
+    n = count.clamp(max=size)
+    filled = torch.arange(size, device=buffer.device) < n
+    values = torch.where(filled, buffer, torch.zeros_like(buffer))
+    mean = values.sum() / n.clamp(min=1)
+    dev = torch.where(filled, buffer - mean, torch.zeros_like(buffer))
+    std = ((dev * dev).sum() / (n - 1).clamp(min=1)).sqrt()
+    bound = mean + k * torch.maximum(std, min_std_ratio * mean.abs())
+    return mean, std, bound
+
+
+def window_push(buffer: torch.Tensor, count: torch.Tensor, value: torch.Tensor, accept: torch.Tensor) -> None:
+    """Write ``value`` into the circular window (in place) when ``accept``; no host sync.
+
+    Args:
+        buffer: float tensor [window].
+        count: 0-dim float tensor, values pushed so far; incremented in place when accepted.
+        value: 0-dim float tensor.
+        accept: 0-dim bool tensor.
+    """
+    size = buffer.shape[0]
+    slot = torch.remainder(count, size).to(torch.long).reshape(1)
+    old = buffer.index_select(0, slot)
+    buffer.index_copy_(0, slot, torch.where(accept, value.reshape(1).to(buffer.dtype), old))
+    count.add_(accept.to(count.dtype))
+
+
+# ---------------------------------------------------------------------- the extension
+class SpikeGuard:
+    """The spike guard as a step extension (``Monitor.add_step_extension``).
+
+    ``watch(..., spike_guard=...)`` registers it after the cross-rank extension, so
+    ``ctx.group_norm_sq`` already holds global values. Keeps its statistics in a few
+    device tensors created at the first step.
+
+    Args:
+        config: the :class:`SpikeGuardConfig`.
+        process_group: the torch.distributed group the loss is averaged over in skip
+            mode (default: the world, when torch.distributed is initialised).
+    """
+
+    def __init__(self, config: SpikeGuardConfig, *, process_group: Any = None):
+        self.config = config
+        self.process_group = process_group
+        self.calls = 0  # summaries seen (host-side count: the warm-up is not data dependent)
+        self._device: torch.device | None = None
+        self._grad_split: tuple[tuple[int, ...], dict[torch.device, list[int]]] | None = None
+
+    # State lives on the statistics device, created lazily.
+    def _init_state(self, device: torch.device) -> None:
+        self._device = device
+        f = dict(dtype=torch.float32, device=device)
+        if self.config.mode == "clip":
+            self.count = torch.zeros((), **f)
+            self.mean = torch.zeros((), **f)
+            self.m2 = torch.zeros((), **f)
+            self.var = torch.zeros((), **f)
+        else:
+            self.norm_window = torch.zeros(self.config.window, **f)
+            self.norm_count = torch.zeros((), **f)
+            self.loss_window = torch.zeros(self.config.window, **f)
+            self.loss_count = torch.zeros((), **f)
+
+    def on_summary(self, ctx: Any) -> None:
+        """Decide for this step (see the module docstring); everything stays on the device."""
+        norm_sq = ctx.group_norm_sq
+        if self._device is None or norm_sq.device != self._device:
+            self._init_state(norm_sq.device)
+        norm = norm_sq.to(torch.float32).sum().sqrt()
+        self.calls += 1
+        if self.config.mode == "clip":
+            self._clip(ctx, norm)
+        else:
+            self._skip(ctx, norm)
+
+    def _clip(self, ctx: Any, norm: torch.Tensor) -> None:
+        cfg = self.config
+        if self.calls <= cfg.warmup:
+            # Warm-up: exact mean and variance of the finite norms seen so far;
+            # at its end they seed the EMA (ZClip initialises from the warm-up too).
+            self.count, self.mean, self.m2 = welford_update(norm, self.count, self.mean, self.m2,
+                                                            torch.isfinite(norm))
+            self.var = self.m2 / self.count.clamp(min=1)
+            ctx.add_extra(EXTRA_NAMES["clip"], torch.zeros((), device=norm.device))
+            return
+        # Armed once the warm-up saw at least two finite norms.
+        decision = zclip_decide(norm, self.mean, self.var, z_threshold=cfg.bound, alpha=cfg.ema,
+                                min_std_ratio=cfg.min_std_ratio, armed=self.count >= 2)
+        self.mean, self.var = decision.mean, decision.var
+        self._scale_grads(ctx.grads_by_group, decision.coefficient)
+        ctx.add_extra(EXTRA_NAMES["clip"], decision.activated.to(torch.float32))
+        ctx.add_extra(EXTRA_NAMES["threshold_grad_norm"], decision.threshold)
+        ctx.add_extra(EXTRA_NAMES["zscore_grad_norm"], decision.zscore)
+
+    def _scale_grads(self, grads_by_group: list[list[torch.Tensor]], coefficient: torch.Tensor) -> None:
+        grads = [g for group in grads_by_group for g in group]
+        if not grads:
+            return
+        key = tuple(id(g) for g in grads)
+        if self._grad_split is None or self._grad_split[0] != key:
+            by_device: dict[torch.device, list[int]] = {}
+            for i, g in enumerate(grads):
+                by_device.setdefault(g.device, []).append(i)
+            self._grad_split = (key, by_device)
+        for device, indices in self._grad_split[1].items():
+            coef = coefficient if device == coefficient.device else coefficient.to(device, non_blocking=True)
+            # One foreach kernel per device; a coefficient of exactly 1 leaves the grads bit-identical.
+            torch._foreach_mul_([grads[i] for i in indices], coef)
+
+    def _global_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return loss
+        world = dist.get_world_size(self.process_group)
+        if world <= 1:
+            return loss
+        # The same decision on every rank needs the same loss: average it (one
+        # enqueued collective on a 1-element tensor; nothing waits on the host
+        # with NCCL; gloo, CPU only, completes inline).
+        buf = loss.to(torch.float32).reshape(1).clone()
+        dist.all_reduce(buf, group=self.process_group)
+        return buf.reshape(()) / world
+
+    def _skip(self, ctx: Any, norm: torch.Tensor) -> None:
+        cfg = self.config
+        loss = self._global_loss(ctx.loss.to(torch.float32).reshape(()))
+        armed_n = self.norm_count >= cfg.warmup
+        armed_l = self.loss_count >= cfg.warmup
+        mean_n, std_n, bound_n = window_bound(self.norm_window, self.norm_count, cfg.bound, cfg.min_std_ratio)
+        mean_l, std_l, bound_l = window_bound(self.loss_window, self.loss_count, cfg.bound, cfg.min_std_ratio)
+        finite_n, finite_l = torch.isfinite(norm), torch.isfinite(loss)
+        over_n = armed_n & finite_n & (norm > bound_n)
+        over_l = armed_l & finite_l & (loss > bound_l)
+        skip = over_n | over_l
+        # A skipped step's values do not enter the windows (a run of spikes
+        # must not raise the bar for the next one).
+        window_push(self.norm_window, self.norm_count, norm, finite_n & ~skip)
+        window_push(self.loss_window, self.loss_count, loss, finite_l & ~skip)
+        ctx.skip = ctx.skip | skip
+        tiny = torch.finfo(torch.float32).tiny
+        ctx.add_extra(EXTRA_NAMES["skip"], skip.to(torch.float32))
+        ctx.add_extra(EXTRA_NAMES["threshold_grad_norm"], torch.where(armed_n, bound_n, torch.nan))
+        ctx.add_extra(EXTRA_NAMES["zscore_grad_norm"],
+                      torch.where(armed_n, (norm - mean_n) / std_n.clamp(min=tiny), torch.nan))
+        ctx.add_extra(EXTRA_NAMES["threshold_loss"], torch.where(armed_l, bound_l, torch.nan))
+        ctx.add_extra(EXTRA_NAMES["zscore_loss"],
+                      torch.where(armed_l, (loss - mean_l) / std_l.clamp(min=tiny), torch.nan))
