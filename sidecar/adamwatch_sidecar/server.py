@@ -30,6 +30,7 @@ from .http_server import HttpServer
 from .ingest import IngestServer
 from .run_state import RunState
 from .status_page import StatusPage
+from .step_extras import StepExtrasExporter
 
 __all__ = ["Sidecar", "Ticker"]
 
@@ -77,6 +78,9 @@ class Sidecar:
             name="metrics",
         )
         self._tickers: list[Ticker] = [self.state.expire, self.status_page.on_tick]
+        # Spike guard and GradScaler extras of each STEP -> their metrics.
+        self.step_extras = StepExtrasExporter(self.state)
+        self.state.add_listener(self.step_extras.on_message)
         self._servers: list[HttpServer] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
