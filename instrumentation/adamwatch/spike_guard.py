@@ -277,7 +277,9 @@ class SpikeGuard:
         norm_sq = ctx.group_norm_sq
         if self._device is None or norm_sq.device != self._device:
             self._init_state(norm_sq.device)
-        norm = norm_sq.to(torch.float32).sum().sqrt()
+        # Summed and rooted in the statistics dtype (float64: a norm of 1e20 squared
+        # overflows float32), then float32 like the guard's state.
+        norm = norm_sq.sum().sqrt().to(torch.float32)
         self.calls += 1
         if self.config.mode == "clip":
             self._clip(ctx, norm)
@@ -347,7 +349,8 @@ class SpikeGuard:
         # must not raise the bar for the next one).
         window_push(self.norm_window, self.norm_count, norm, finite_n & ~skip)
         window_push(self.loss_window, self.loss_count, loss, finite_l & ~skip)
-        ctx.skip = ctx.skip | skip
+        # Named, so the skipped step counts as reason="spike_guard".
+        ctx.request_skip(skip, "spike_guard")
         tiny = torch.finfo(torch.float32).tiny
         ctx.add_extra(EXTRA_NAMES["skip"], skip.to(torch.float32))
         ctx.add_extra(EXTRA_NAMES["threshold_grad_norm"], torch.where(armed_n, bound_n, torch.nan))

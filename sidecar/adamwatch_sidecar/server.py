@@ -30,7 +30,7 @@ from .http_server import HttpServer
 from .ingest import IngestServer
 from .run_state import RunState
 from .status_page import StatusPage
-from .step_extras import StepExtrasExporter
+from .extras_export import StepExtrasExporter
 
 __all__ = ["Sidecar", "Ticker"]
 

@@ -35,6 +35,9 @@ class Ctx:
     def add_extra(self, name: str, value: torch.Tensor) -> None:
         self.extras[name] = value
 
+    def request_skip(self, flag: torch.Tensor, reason: str) -> None:
+        self.skip = self.skip | flag
+
 
 def grads_with_norm(norm: float) -> list[torch.Tensor]:
     """Two gradients whose global L2 norm is ``norm`` (3-4-5 triangle)."""

@@ -7,7 +7,7 @@ import math
 from adamwatch import wire
 from adamwatch_sidecar.collector import RunStateCollector
 from adamwatch_sidecar.run_state import RunState
-from adamwatch_sidecar.step_extras import StepExtrasExporter
+from adamwatch_sidecar.extras_export import StepExtrasExporter
 
 from .sidecar_testlib import hello_payload, parse_metrics, series, step_payload
 
