@@ -27,13 +27,15 @@ from typing import Any, Callable
 
 import torch
 
-from adamwatch import __version__, wire
+from adamwatch import __version__, grad_clip, wire
 from adamwatch.client import StreamClient, default_job_name
 from adamwatch.distributed import StepCoordinator
+from adamwatch.loss_window import LossWindow
 from adamwatch.lr_control import LRRecovery
 from adamwatch.optimizer_info import describe_optimizer, group_names, is_fused
 from adamwatch.remediation import Action, ActionResult, Remediator, SchedulerStepHook, skip_next_scheduler_step
-from adamwatch.step_stats import StepLayout, StepStats, decode_step
+from adamwatch.step_extensions import StepContext, StepExtension
+from adamwatch.step_stats import StepLayout, StepStats, decode_step, skip_reason
 from adamwatch.transfer import SummaryTransfer
 
 __all__ = ["watch", "Monitor", "MonitorConfig"]
@@ -151,7 +153,20 @@ class Monitor:
         self.session = uuid.uuid4().hex
 
         self.step = 0  # iterations seen (skipped ones included), 1-based after the first
-        self._loss: torch.Tensor | float | None = None
+        self._loss_window = LossWindow()
+        self._extensions: list[StepExtension] = []
+        # summarize_step(): the step is summarised (True) until its post-step hook;
+        # once an adapter drives the moment, the pre-step hook leaves it to it.
+        self._summarized = False
+        self._explicit = False
+        self._guard_flag: torch.Tensor | None = None
+        # Clipping seen this step (adamwatch.grad_clip): pre-clip per-group sums of
+        # squares, and (max_norm, coefficient tensor).
+        self._param_ids: frozenset[int] = frozenset()
+        self._clip_sq: torch.Tensor | None = None
+        self._clip: tuple[float, torch.Tensor] | None = None
+        self._clip_tap = _ClipTap(self)
+        self.errors_by_where: dict[str, int] = {}
         self._pending: tuple[torch.Tensor, StepLayout] | None = None
         self._found_inf_set = False
         self._last_end: float | None = None
@@ -190,6 +205,7 @@ class Monitor:
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
         ]
+        grad_clip.attach(self._clip_tap)
         self._scaler = None
         self._scaler_step = None
         if scaler is not None:
@@ -204,13 +220,51 @@ class Monitor:
             self._reader.start()
 
     # ------------------------------------------------------------------ user API
-    def observe_loss(self, loss: torch.Tensor | float) -> None:
-        """Record the loss of the current step. A tensor is fine: nothing waits for the device.
+    def observe_loss(self, loss: torch.Tensor | float, *, scaled_by: float = 1) -> None:
+        """Record a loss of the current step. A tensor is fine: nothing waits for the device.
 
-        With gradient accumulation, call it once per optimizer step (e.g. with
-        the accumulated loss); the last value before ``optimizer.step()`` wins.
+        With gradient accumulation call it on every micro-batch: the step's
+        exported loss is the mean over the micro-batches observed since the
+        previous step was summarised (summed on the device, no sync).
+
+        Args:
+            loss: the micro-batch's loss (tensor or number).
+            scaled_by: pass ``accum_steps`` when ``loss`` is the scaled value you
+                backpropagate (``loss / accum_steps``): it is multiplied back.
         """
-        self._loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
+        self._loss_window.add(loss, scaled_by)
+
+    def summarize_step(self) -> None:
+        """Summarise the current step now: its gradients (pre-clip, unscaled) and its loss.
+
+        Computes the per-step vector on the device (no sync), runs the step
+        extensions and sets the fused guard's ``found_inf``. Call it once the
+        step's backward is done and before the update: adapters for stacks that
+        run backward inside ``optimizer.step(closure)`` call it from their
+        "before optimizer step" callback. The optimizer's pre-step hook then does
+        not summarise that step again; once called, the Monitor leaves the moment
+        to its caller for every later step too (a step it was not called for is
+        summarised after the update, counted in ``errors_by_where["summary missed"]``).
+        """
+        if self._closed:
+            return
+        self._explicit = True
+        self._disarm_scheduler_skip()
+        self._summarize(self.optimizer)
+
+    def add_step_extension(self, extension: StepExtension) -> None:
+        """Take part in summarising every step (see adamwatch.step_extensions).
+
+        Extensions run in registration order at the summary moment, after the
+        local norms and before the global norm, the guard's decision and the
+        copy to the host.
+
+        Raises:
+            TypeError: when ``extension`` has no callable ``on_summary``.
+        """
+        if not callable(getattr(extension, "on_summary", None)):
+            raise TypeError(f"add_step_extension: {type(extension).__qualname__} has no on_summary(ctx) method")
+        self._extensions.append(extension)
 
     def set_throughput(self, *, samples: int | None = None, tokens: int | None = None) -> None:
         """Samples/tokens processed by the current step, when they vary per step."""
@@ -255,6 +309,7 @@ class Monitor:
         self._closed = True
         for handle in self._handles:
             handle.remove()
+        grad_clip.detach(self._clip_tap)
         if hasattr(self.checkpointer, "remove_listener"):
             self.checkpointer.remove_listener(self._on_checkpoint_event)
         self._disarm_scheduler_skip()
@@ -283,23 +338,51 @@ class Monitor:
     # ------------------------------------------------------------------ hooks
     def _report_error(self, where: str) -> None:
         self.errors += 1
+        self.errors_by_where[where] = self.errors_by_where.get(where, 0) + 1
         if not self._error_logged:
             self._error_logged = True
             log.exception("adamwatch: %s failed; training continues (further errors are counted, not logged)", where)
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._disarm_scheduler_skip()
+        if self._summarized:
+            self._keep_guard_flag(optimizer)
+            return
+        if self._explicit:
+            return  # the adapter summarises inside the step (closure), or _post_step does it late
+        self._summarize(optimizer)
+
+    def _keep_guard_flag(self, optimizer: torch.optim.Optimizer) -> None:
+        """summarize_step() ran before ``scaler.step()``, which sets its own found_inf:
+        combine both, so the guard's verdict is not lost."""
+        flag = self._guard_flag
+        current = getattr(optimizer, "found_inf", None)
+        if flag is None or current is flag or not isinstance(current, torch.Tensor):
+            return
+        try:
+            optimizer.found_inf = torch.maximum(current, flag.to(current.device, current.dtype))
+        except Exception:
+            self._report_error("guard")
+
+    def _summarize(self, optimizer: torch.optim.Optimizer, guard: bool = True) -> None:
+        """The summary moment: per-step vector on the device, extensions, guard."""
+        self._summarized = True
         try:
             grad_scale = getattr(optimizer, "grad_scale", None)
             found_inf = getattr(optimizer, "found_inf", None)
-            guard_fused = self._fused and self.config.guard != "off"
-            guard_sync = self.config.guard == "sync" and not self._fused
+            if found_inf is not None and found_inf is self._guard_flag:
+                found_inf = None  # our own flag from an earlier summary of this step, not GradScaler's
+            guard_fused = guard and self._fused and self.config.guard != "off"
+            guard_sync = guard and self.config.guard == "sync" and not self._fused
             vector, bad, layout = self._stats.per_step(
-                self._loss,
+                self._loss_window.mean(),
                 grad_scale=grad_scale if isinstance(grad_scale, torch.Tensor) else None,
                 found_inf=found_inf if isinstance(found_inf, torch.Tensor) else None,
                 guard=guard_fused,
                 need_flag=guard_sync,
+                group_sq=self._clip_sq,
+                on_context=self._run_extensions if self._extensions else None,
+                step=self.step + 1,
             )
             if guard_fused:
                 # The fused kernel leaves params, m, v and the step count alone
@@ -310,6 +393,7 @@ class Monitor:
                 else:
                     self._found_inf_set = True
                 optimizer.found_inf = flag
+                self._guard_flag = flag
             elif guard_sync:
                 # Opt-in, documented: one host sync per step buys the skip for
                 # optimizers without a found_inf input. Dropping every grad
@@ -318,11 +402,44 @@ class Monitor:
                     for group in optimizer.param_groups:
                         for p in group["params"]:
                             p.grad = None
-                    layout.meta["skip_reason"] = "guard"
+                    if layout.meta.get("skip_reason") is None:
+                        layout.meta["skip_reason"] = "guard"
+                    layout.meta["skip_sync"] = True
             self._pending = (vector, layout)
         except Exception:
             self._pending = None
             self._report_error("pre-step summary")
+
+    def _run_extensions(self, ctx: StepContext) -> None:
+        for extension in self._extensions:
+            try:
+                extension.on_summary(ctx)
+            except Exception:
+                self._report_error("extension")
+
+    def _before_clip(self, parameters: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+        """A norm clip of some parameters is about to scale their gradients (adamwatch.grad_clip)."""
+        if self._closed:
+            return
+        try:
+            first = next((p for p in parameters if getattr(p, "grad", None) is not None), None)
+            if first is None:
+                return
+            if id(first) not in self._param_ids:
+                self._param_ids = frozenset(id(p) for g in self.optimizer.param_groups for p in g["params"])
+                if id(first) not in self._param_ids:
+                    return  # another optimizer's parameters
+            if not self._summarized and self._clip_sq is None:
+                # The pass the summary would make anyway, taken before clipping.
+                self._clip_sq = self._stats.group_sq()
+            total = total_norm if isinstance(total_norm, torch.Tensor) else torch.tensor(float(total_norm))
+            total = self._stats._to_dev(total.detach()).to(self._stats.dtype)
+            coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0).reshape(())
+            if self._clip is not None:
+                coef = coef * self._clip[1]  # clipped twice in one step: the combined factor
+            self._clip = (float(max_norm), coef)
+        except Exception:
+            self._report_error("clip")
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._found_inf_set:
@@ -332,6 +449,11 @@ class Monitor:
             except AttributeError:
                 pass
         self._steps_in_call += 1
+        if not self._summarized and not self._closed:
+            # Driven by summarize_step() but not called for this step: summarise
+            # late (after the update, unguarded) rather than not at all, and say so.
+            self._report_error("summary missed")
+            self._summarize(optimizer, guard=False)
         try:
             self._finish_step()
         except Exception:
@@ -354,7 +476,10 @@ class Monitor:
             # thread: a float assignment is atomic, and a stale value is fine).
             self._step_seconds = duration if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * duration
         pending, self._pending = self._pending, None
-        self._loss = None
+        clip, self._clip, self._clip_sq = self._clip, None, None
+        self._loss_window.reset()
+        self._summarized = False
+        self._guard_flag = None
         if pending is None:
             return
         vector, layout = pending
@@ -363,6 +488,9 @@ class Monitor:
             deep, present = self._stats.deep()
             vector = torch.cat([vector, deep])
             layout.deep_groups = present
+        if clip is not None:
+            vector = torch.cat([vector, clip[1].reshape(1).to(vector.dtype)])
+            layout.clip_max_norm = clip[0]
         samples = self._samples_next if self._samples_next is not None else self.config.samples_per_step
         tokens = self._tokens_next if self._tokens_next is not None else self.config.tokens_per_step
         self._samples_next = self._tokens_next = None
@@ -388,8 +516,10 @@ class Monitor:
             result = original(optimizer, *args, **kwargs)
             if optimizer is self.optimizer and self._steps_in_call == before and not self._closed:
                 try:
-                    vector, _bad, layout = self._stats.per_step(self._loss)
-                    self._pending = (vector, layout)
+                    if self._pending is None:
+                        vector, _bad, layout = self._stats.per_step(
+                            self._loss_window.mean(), group_sq=self._clip_sq, step=self.step + 1)
+                        self._pending = (vector, layout)
                     self._finish_step(skip_reason="grad_scaler")
                 except Exception:
                     self._report_error("skipped-step summary")
@@ -441,7 +571,7 @@ class Monitor:
             if reason is not None:
                 payload["skipped"] = True
             elif payload["skipped"]:
-                reason = "grad_scaler" if values[2] >= 2 else "guard"
+                reason = skip_reason(values[2], layout)
             payload["skip_reason"] = reason if payload["skipped"] else None
             payloads.append(payload)
             self._note_health(payload)
@@ -566,6 +696,16 @@ class Monitor:
                 self._last_end = None  # the next step's duration would span the restore
                 self._arm_scheduler_skip()
             self._ack(result)
+
+
+class _ClipTap:
+    """What adamwatch.grad_clip holds (weakly) for a Monitor: its clip callback, not the Monitor's API."""
+
+    def __init__(self, monitor: Monitor):
+        self._monitor = monitor
+
+    def before_clip(self, parameters: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+        self._monitor._before_clip(parameters, max_norm, total_norm)
 
 
 def watch(

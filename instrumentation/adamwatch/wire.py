@@ -146,7 +146,7 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "duration_s": _f("float", nullable=True),  # since the previous step finished
         "loss": _f("float", required=False, nullable=True),
         "loss_nonfinite": _f("bool", required=False),
-        "grad_norm": _f("float", nullable=True),  # global L2 norm (unscaled)
+        "grad_norm": _f("float", nullable=True),  # global L2 norm (unscaled, before clipping)
         "group_grad_norms": _f("list[float|null]"),
         "grad_nonfinite": _f("bool"),
         "lr": _f("list[float]"),  # scheduled lr per param group
@@ -159,6 +159,14 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         #  "update_to_weight": f, "exp_avg_norm": f, "exp_avg_sq_norm": f,
         #  "eps_dominated_ratio": f}
         "deep": _f("list[dict]", required=False, nullable=True),
+        # Step extensions' numbers (adamwatch.step_extensions.StepContext.add_extra):
+        # {name: float|null}, at most 64 names of at most 64 characters.
+        "extras": _f("dict", required=False, nullable=True),
+        # Gradient clipping seen this step (adamwatch.grad_clip): the max_norm it
+        # clipped to and the factor min(1, max_norm/(pre-clip norm + 1e-6)) it
+        # applied; absent when the step was not clipped. grad_norm is pre-clip.
+        "clip_max_norm": _f("float", required=False, nullable=True),
+        "clip_coefficient": _f("float", required=False, nullable=True),
     },
     MessageType.DROPPED: {
         "dropped_total": _f("int"),

@@ -67,7 +67,8 @@ METRICS: tuple[MetricSpec, ...] = (
     # --- per step --------------------------------------------------------------
     MetricSpec("adamwatch_loss", "gauge", "", "Training loss reported by the trainer at its latest step.", T),
     MetricSpec("adamwatch_grad_norm", "gauge", "",
-               "L2 norm of the unscaled gradients at the latest step; param_group=\"all\" is the global norm.",
+               "L2 norm of the unscaled gradients at the latest step, before any clipping; "
+               "param_group=\"all\" is the global norm.",
                T + ("param_group",)),
     MetricSpec("adamwatch_learning_rate", "gauge", "", "Scheduled learning rate of each param group at the latest step.",
                T + ("param_group",)),
@@ -186,6 +187,14 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("adamwatch_grad_zero_ratio", "gauge", "ratio",
                "Share of sampled gradient coordinates that are exactly zero (an fp16 underflow signal), "
                "per param group, every N steps.", T + ("param_group",)),
+    # --- gradient clipping (issue 8 item 1): adamwatch_grad_norm stays the pre-clip norm --------
+    MetricSpec("adamwatch_grad_clip_coefficient", "gauge", "ratio",
+               "Factor gradient clipping applied at the latest clipped step, min(1, max_norm/pre-clip norm); "
+               "1 means the norm was within max_norm.", T),
+    MetricSpec("adamwatch_grad_clip_max_norm", "gauge", "",
+               "max_norm of the trainer's gradient clipping at its latest clipped step.", T),
+    MetricSpec("adamwatch_clipped_steps_total", "counter", "",
+               "Steps whose gradients clipping scaled down (pre-clip norm above max_norm).", T),
 )
 
 BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}
