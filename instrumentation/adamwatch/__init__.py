@@ -25,6 +25,7 @@ _LAZY = {
     "Monitor": "adamwatch.monitor",
     "MonitorConfig": "adamwatch.monitor",
     "Checkpointer": "adamwatch.checkpoint",
+    "SpikeGuardConfig": "adamwatch.spike_guard",
 }
 
 __all__ = ["__version__", *_LAZY]

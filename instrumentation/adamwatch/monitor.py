@@ -34,6 +34,8 @@ from adamwatch.loss_window import LossWindow
 from adamwatch.lr_control import LRRecovery
 from adamwatch.optimizer_info import describe_optimizer, group_names, is_fused
 from adamwatch.remediation import Action, ActionResult, Remediator, SchedulerStepHook, skip_next_scheduler_step
+from adamwatch.mixed_precision import GradScalerStats
+from adamwatch.spike_guard import SpikeGuard, SpikeGuardConfig
 from adamwatch.step_extensions import StepContext, StepExtension
 from adamwatch.step_stats import StepLayout, StepStats, decode_step, skip_reason
 from adamwatch.transfer import SummaryTransfer
@@ -90,6 +92,9 @@ class MonitorConfig:
     lr_floor: float = 0.0
     lr_recovery_steps: int | None = None
     command_interval: int = 1
+    # On-device spike guard (adamwatch.spike_guard): None/False (off), "clip", "skip",
+    # a dict of SpikeGuardConfig fields or a SpikeGuardConfig.
+    spike_guard: Any = None
 
     def validate(self) -> None:
         if self.guard not in _GUARDS:
@@ -112,6 +117,7 @@ class MonitorConfig:
             raise ValueError(f"command_interval must be an int >= 1, got {self.command_interval!r}")
         if self.endpoint is not None:
             wire.parse_endpoint(self.endpoint)
+        SpikeGuardConfig.coerce(self.spike_guard)  # raises naming the bad spike_guard field
 
 
 def _distributed_rank_world() -> tuple[int | None, int | None]:
@@ -143,6 +149,14 @@ class Monitor:
         self._info = describe_optimizer(optimizer)  # also rejects non-Adam optimizers
         self._fused = is_fused(optimizer)
         self._group_names = group_names(optimizer)
+        self._spike_guard_config = SpikeGuardConfig.coerce(config.spike_guard)
+        if (self._spike_guard_config is not None and self._spike_guard_config.mode == "skip"
+                and not self._fused and config.guard != "sync"):
+            # A skip request is enforced for free only through found_inf; otherwise
+            # the guard's verdicts would be reported while every step is applied.
+            raise ValueError("spike_guard mode 'skip' needs a fused optimizer (fused=True), or guard='sync' "
+                             "for the documented one host sync per step; got a non-fused optimizer with "
+                             f"guard={config.guard!r}")
 
         dist_rank, dist_world = _distributed_rank_world()
         self.job = config.job or default_job_name()
@@ -214,10 +228,23 @@ class Monitor:
         # watch() (a restore at start-up) to a new listener at once.
         if hasattr(self.checkpointer, "add_listener"):
             self.checkpointer.add_listener(self._on_checkpoint_event)
+        self._add_guard_extensions(scaler)
         if self._client is not None:
             self._client.start()
         else:
             self._reader.start()
+
+    def _add_guard_extensions(self, scaler: Any) -> None:
+        """The spike guard and the GradScaler statistics, registered last: after any
+        cross-rank extension, so the guard judges global values."""
+        guard = self._spike_guard_config
+        self.spike_guard: SpikeGuard | None = None
+        if guard is not None:
+            self.spike_guard = SpikeGuard(guard)
+            self.add_step_extension(self.spike_guard)
+        if scaler is not None:
+            self.add_step_extension(GradScalerStats(scaler, every=self.config.deep_stats_every,
+                                                    sample_size=self.config.sample_size, seed=self.config.seed))
 
     # ------------------------------------------------------------------ user API
     def observe_loss(self, loss: torch.Tensor | float, *, scaled_by: float = 1) -> None:
@@ -738,7 +765,9 @@ def watch(
         guard: "auto" (skip non-finite steps where free), "sync" or "off".
         on_stop: called when a "stop" action is applied (``monitor.stop_requested`` turns True too).
         **options: further MonitorConfig fields (sample_size, max_queued, world_size, seed,
-            lr_floor, lr_recovery_steps, command_interval).
+            lr_floor, lr_recovery_steps, command_interval, spike_guard).
+            ``spike_guard="clip"`` / ``"skip"`` (or an :class:`adamwatch.spike_guard.SpikeGuardConfig`)
+            turns on the on-device spike guard; off by default.
 
     Returns:
         The Monitor; use it as a context manager or call ``close()``.

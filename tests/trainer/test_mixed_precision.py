@@ -5,23 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adamwatch.step_extensions import StepContext
 from adamwatch.mixed_precision import SCALE_EXTRA, ZERO_RATIO_EXTRA_PREFIX, GradScalerStats
 
 from .test_no_host_sync import HostReadCounter
 
 
-class Ctx:
-    """The StepContext fields GradScalerStats reads, for driving it directly."""
-
-    def __init__(self, step: int, params_by_group: list[list[torch.Tensor]]):
-        self.step = step
-        self.params_by_group = params_by_group
-        self.grads_by_group = [[p.grad for p in ps] for ps in params_by_group]
-        self.group_norm_sq = torch.zeros(len(params_by_group))
-        self.extras: dict[str, torch.Tensor] = {}
-
-    def add_extra(self, name: str, value: torch.Tensor) -> None:
-        self.extras[name] = value
+def Ctx(step: int, params_by_group: list[list[torch.Tensor]]) -> StepContext:
+    """The real StepContext of one step."""
+    grads = [[p.grad for p in ps] for ps in params_by_group]
+    return StepContext(None, step, params_by_group, grads, torch.zeros(len(params_by_group), dtype=torch.float64),
+                       torch.tensor(float("nan")), has_loss=False)
 
 
 def test_scale_is_the_scale_the_step_used_even_after_update():
@@ -40,7 +34,7 @@ def test_scale_is_the_scale_the_step_used_even_after_update():
         scaler.step(opt)
         scaler.update()  # growth_interval=1: the scale doubles after every good step
         opt.zero_grad()
-        seen.append(float(ctx.extras[SCALE_EXTRA]))
+        seen.append(float(dict(ctx.extras)[SCALE_EXTRA]))
         assert seen[-1] == expected
     assert seen == [1024.0, 2048.0, 4096.0]
 
@@ -57,7 +51,7 @@ def test_an_overflow_halves_the_reported_scale():
         scaler.unscale_(opt)
         ctx = Ctx(1, [list(model.parameters())])
         stats.on_summary(ctx)
-        scales.append(float(ctx.extras[SCALE_EXTRA]))
+        scales.append(float(dict(ctx.extras)[SCALE_EXTRA]))
         scaler.step(opt)
         scaler.update()
         opt.zero_grad()
@@ -75,13 +69,13 @@ def test_zero_ratio_is_the_share_of_sampled_coordinates_that_are_zero():
     stats = GradScalerStats(None, every=5, sample_size=1024)
     ctx = Ctx(10, [[big, small], [other]])
     stats.on_summary(ctx)
-    assert SCALE_EXTRA not in ctx.extras
+    assert SCALE_EXTRA not in dict(ctx.extras)
     # 1024 coordinates shared in proportion to size: 768 from big (all zero), 256 from small.
-    assert float(ctx.extras[ZERO_RATIO_EXTRA_PREFIX + "0"]) == pytest.approx(0.75)
-    assert float(ctx.extras[ZERO_RATIO_EXTRA_PREFIX + "1"]) == pytest.approx(0.3)
+    assert float(dict(ctx.extras)[ZERO_RATIO_EXTRA_PREFIX + "0"]) == pytest.approx(0.75)
+    assert float(dict(ctx.extras)[ZERO_RATIO_EXTRA_PREFIX + "1"]) == pytest.approx(0.3)
     ctx = Ctx(11, [[big, small], [other]])  # not a multiple of every
     stats.on_summary(ctx)
-    assert ctx.extras == {}
+    assert ctx.extras == []
 
 
 def test_no_host_reads():

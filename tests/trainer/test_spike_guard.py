@@ -8,6 +8,7 @@ import statistics
 import pytest
 import torch
 
+from adamwatch.step_extensions import StepContext
 from adamwatch.spike_guard import (
     EXTRA_NAMES,
     SpikeGuard,
@@ -21,22 +22,17 @@ from adamwatch.spike_guard import (
 from .test_no_host_sync import HostReadCounter
 
 
-class Ctx:
-    """The fields of adamwatch.step_extensions.StepContext the guard uses, for driving it step by step."""
+def Ctx(grads: list[torch.Tensor], loss: float = float("nan")) -> StepContext:
+    """The real StepContext of one step, built the way StepStats builds it."""
+    sq = torch.stack([sum((g.double() ** 2).sum() for g in grads)])
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    ctx = StepContext(None, 1, [params], [grads], sq, torch.tensor(loss, dtype=torch.float32),
+                      has_loss=not math.isnan(loss))
+    return ctx
 
-    def __init__(self, grads: list[torch.Tensor], loss: float = float("nan")):
-        self.grads_by_group = [grads]
-        self.group_norm_sq = torch.stack([sum((g.double() ** 2).sum() for g in grads)]).to(torch.float32)
-        self.loss = torch.tensor(loss, dtype=torch.float32)
-        self.nonfinite = torch.tensor(False)
-        self.skip = torch.tensor(False)
-        self.extras: dict[str, torch.Tensor] = {}
 
-    def add_extra(self, name: str, value: torch.Tensor) -> None:
-        self.extras[name] = value
-
-    def request_skip(self, flag: torch.Tensor, reason: str) -> None:
-        self.skip = self.skip | flag
+def extras(ctx: StepContext) -> dict[str, torch.Tensor]:
+    return dict(ctx.extras)
 
 
 def grads_with_norm(norm: float) -> list[torch.Tensor]:
@@ -82,11 +78,11 @@ def test_clip_scales_exactly_to_the_threshold_when_expected_and_not_otherwise():
         ctx = Ctx(grads)
         guard.on_summary(ctx)
         after = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
-        assert bool(ctx.extras[EXTRA_NAMES["clip"]]) is should_clip, step
+        assert bool(extras(ctx)[EXTRA_NAMES["clip"]]) is should_clip, step
         if should_clip:
             clipped_steps.append(step)
             assert after == pytest.approx(thr, rel=1e-5), step
-            assert float(ctx.extras[EXTRA_NAMES["threshold_grad_norm"]]) == pytest.approx(thr, rel=1e-5)
+            assert float(extras(ctx)[EXTRA_NAMES["threshold_grad_norm"]]) == pytest.approx(thr, rel=1e-5)
         else:
             for b, g in zip(before, grads):
                 assert torch.equal(b, g), step  # bit-identical, infinities included
@@ -141,7 +137,7 @@ def test_skip_skips_exactly_the_steps_over_the_bound():
         ctx = Ctx(grads_with_norm(norm), loss)
         guard.on_summary(ctx)
         got.append(bool(ctx.skip))
-        assert bool(ctx.extras[EXTRA_NAMES["skip"]]) is got[-1]
+        assert bool(extras(ctx)[EXTRA_NAMES["skip"]]) is got[-1]
     assert got == expected
     assert [i for i, s in enumerate(got) if s] == [20, 30, 45]
 
@@ -149,7 +145,7 @@ def test_skip_skips_exactly_the_steps_over_the_bound():
 def test_skip_ors_into_an_existing_skip_request():
     guard = SpikeGuard(SpikeGuardConfig(mode="skip", warmup=2))
     ctx = Ctx(grads_with_norm(1.0), 1.0)
-    ctx.skip = torch.tensor(True)
+    ctx.request_skip(torch.tensor(True), "other")
     guard.on_summary(ctx)
     assert bool(ctx.skip)
 
