@@ -240,7 +240,8 @@ class Monitor:
         guard = self._spike_guard_config
         self.spike_guard: SpikeGuard | None = None
         if guard is not None:
-            self.spike_guard = SpikeGuard(guard)
+            # The user's clip_grad_norm_ of this step (adamwatch.grad_clip), if any.
+            self.spike_guard = SpikeGuard(guard, clip_coefficient=lambda: self._clip[1] if self._clip else None)
             self.add_step_extension(self.spike_guard)
         if scaler is not None:
             self.add_step_extension(GradScalerStats(scaler, every=self.config.deep_stats_every,

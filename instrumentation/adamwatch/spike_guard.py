@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -248,11 +248,17 @@ class SpikeGuard:
         config: the :class:`SpikeGuardConfig`.
         process_group: the torch.distributed group the loss is averaged over in skip
             mode (default: the world, when torch.distributed is initialised).
+        clip_coefficient: returns the factor the user's own ``clip_grad_norm_`` already
+            applied to this step's gradients (a device tensor), or None when they were
+            not clipped. ``ctx.group_norm_sq`` is pre-clip, so without it a guard behind
+            a user clip would scale already-clipped gradients again.
     """
 
-    def __init__(self, config: SpikeGuardConfig, *, process_group: Any = None):
+    def __init__(self, config: SpikeGuardConfig, *, process_group: Any = None,
+                 clip_coefficient: Callable[[], torch.Tensor | None] | None = None):
         self.config = config
         self.process_group = process_group
+        self.clip_coefficient = clip_coefficient
         self.calls = 0  # summaries seen (host-side count: the warm-up is not data dependent)
         self._device: torch.device | None = None
         self._grad_split: tuple[tuple[int, ...], dict[torch.device, list[int]]] | None = None
@@ -300,7 +306,15 @@ class SpikeGuard:
         decision = zclip_decide(norm, self.mean, self.var, z_threshold=cfg.bound, alpha=cfg.ema,
                                 min_std_ratio=cfg.min_std_ratio, armed=self.count >= 2)
         self.mean, self.var = decision.mean, decision.var
-        self._scale_grads(ctx.grads_by_group, decision.coefficient)
+        coefficient = decision.coefficient
+        user_clip = self.clip_coefficient() if self.clip_coefficient is not None else None
+        if user_clip is not None:
+            # The gradients already have norm g·c; bring them to the threshold only
+            # if they are still above it: factor min(1, threshold / (g·c)).
+            current = norm * user_clip.to(norm.device, torch.float32).reshape(())
+            coefficient = torch.where(decision.activated,
+                                      (decision.threshold / current).clamp(max=1.0), coefficient)
+        self._scale_grads(ctx.grads_by_group, coefficient)
         ctx.add_extra(EXTRA_NAMES["clip"], decision.activated.to(torch.float32))
         ctx.add_extra(EXTRA_NAMES["threshold_grad_norm"], decision.threshold)
         ctx.add_extra(EXTRA_NAMES["zscore_grad_norm"], decision.zscore)

@@ -174,3 +174,35 @@ def test_two_gloo_ranks_take_the_same_decisions(tmp_path, mode):
         clipped = [i for i, c in enumerate(r0["clips"]) if c]
         assert 30 in clipped and 45 in clipped
         assert max(r0["norms"][30], r0["norms"][45]) < 5 * sorted(r0["norms"])[30]
+
+
+def test_clip_behind_the_users_clip_grad_norm_never_clips_twice(sink):
+    """The exported (and judged) norm is pre-clip; the gradients the optimizer gets have
+    norm min(user-clipped norm, guard threshold), never less."""
+    model = make_model()
+    opt = make_optimizer(model, "AdamW", "fused")
+    recorder = Recorder()
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0,
+                         spike_guard=SpikeGuardConfig(mode="clip", warmup=10)) as monitor:
+        monitor.add_step_extension(recorder)
+        for i in range(40):
+            x, y = batch(i)
+            loss = torch.nn.functional.mse_loss(model(x), y) * (100.0 if i == SPIKE_STEP else 1.0)
+            loss.backward()
+            monitor.observe_loss(loss)
+            # a max_norm that only bites on the spike: the guard's threshold is below it
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 50.0)
+            opt.step()
+            opt.zero_grad()
+    sink.wait_for(lambda: len(sink.steps()) == 40)
+    steps = sink.steps()
+    spike = steps[SPIKE_STEP]
+    assert spike["extras"]["spike_guard_clip"] == 1.0 and spike["grad_norm"] > 50.0
+    thr = spike["extras"]["spike_guard_threshold_grad_norm"]
+    assert thr < 50.0
+    assert float(recorder.norms[SPIKE_STEP]) == pytest.approx(thr, rel=1e-4)
+    for i, s in enumerate(steps):
+        expected = min(s["grad_norm"], 50.0)
+        if s["extras"].get("spike_guard_clip") == 1.0:
+            expected = min(expected, s["extras"]["spike_guard_threshold_grad_norm"])
+        assert float(recorder.norms[i]) == pytest.approx(expected, rel=1e-4), i
