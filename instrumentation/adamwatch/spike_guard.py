@@ -170,6 +170,9 @@ def zclip_decide(norm: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, *, z
     spike cannot inflate the statistics that judge the next one; a non-finite norm
     neither clips nor updates (the non-finite guard handles it).
 
+    About twenty 0-dim ops: after backward each costs ~10 µs of dispatch on a CPU,
+    so the formulation counts ops (lerp for the EMA, one maximum for the std floor).
+
     Args:
         norm: the global pre-clip gradient norm (0-dim).
         mean, var: the EMA statistics before this step.
@@ -179,61 +182,62 @@ def zclip_decide(norm: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, *, z
     Returns:
         A :class:`ZClipDecision`.
     """
-    std = torch.maximum(var.clamp(min=0).sqrt(), min_std_ratio * mean.abs())
-    std = std.clamp(min=torch.finfo(std.dtype).tiny)
-    threshold = mean + z_threshold * std
+    # std = max(sqrt(var), min_std_ratio·|mean|), never 0 (a zero norm must not divide by 0)
+    floor = mean * (min_std_ratio * min_std_ratio) * mean
+    std = torch.maximum(var, floor).clamp_(min=torch.finfo(var.dtype).tiny).sqrt_()
+    threshold = torch.add(mean, std, alpha=z_threshold)
     zscore = (norm - mean) / std
     finite = torch.isfinite(norm)
     activated = (norm > threshold) & finite
     if isinstance(armed, torch.Tensor):
         activated = activated & armed
     elif not armed:
-        activated = activated & False
-    coefficient = torch.where(activated, threshold / norm, torch.ones_like(norm))
-    used = torch.where(activated, threshold, norm)
-    used = torch.where(finite, used, mean)
-    new_mean = alpha * mean + (1 - alpha) * used
-    new_var = alpha * var + (1 - alpha) * (used - new_mean) ** 2
+        activated = torch.zeros_like(activated)
+    coefficient = torch.where(activated, threshold / norm, 1.0)
+    used = torch.where(finite, torch.where(activated, threshold, norm), mean)
+    new_mean = torch.lerp(mean, used, 1 - alpha)
+    new_var = torch.lerp(var, (used - new_mean).square(), 1 - alpha)
     return ZClipDecision(coefficient, activated, threshold, zscore, new_mean, new_var)
 
 
 def window_bound(buffer: torch.Tensor, count: torch.Tensor, k: float,
                  min_std_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean, sample std and bound mean + k·max(std, min_std_ratio·|mean|) of a circular window.
+    """Mean, sample std and bound mean + k·max(std, min_std_ratio·|mean|) of circular windows.
 
     Args:
-        buffer: float tensor [window]; only the first ``min(count, window)`` slots are filled
-            (slots are filled in order and then overwritten oldest first).
-        count: 0-dim float tensor, values pushed so far (may exceed the window).
+        buffer: float tensor [..., window]; only the first ``min(count, window)`` slots of
+            each row are filled (in order, then overwritten oldest first).
+        count: float tensor [...], values pushed so far per row (may exceed the window).
 
     Returns:
-        (mean, std, bound), each 0-dim; NaN-free garbage while count < 2 (the caller arms on count).
+        (mean, std, bound), each shaped like ``count``; finite garbage while count < 2
+        (the caller arms on count).
     """
-    size = buffer.shape[0]
-    n = count.clamp(max=size)
-    filled = torch.arange(size, device=buffer.device) < n
-    values = torch.where(filled, buffer, torch.zeros_like(buffer))
-    mean = values.sum() / n.clamp(min=1)
-    dev = torch.where(filled, buffer - mean, torch.zeros_like(buffer))
-    std = ((dev * dev).sum() / (n - 1).clamp(min=1)).sqrt()
+    size = buffer.shape[-1]
+    n = count.clamp(max=size).unsqueeze(-1)
+    empty = torch.arange(size, device=buffer.device) >= n
+    values = buffer.masked_fill(empty, 0.0)
+    mean = values.sum(-1, keepdim=True) / n.clamp(min=1)
+    dev = (values - mean).masked_fill_(empty, 0.0)
+    std = (dev.square_().sum(-1, keepdim=True) / (n - 1).clamp_(min=1)).sqrt_()
     bound = mean + k * torch.maximum(std, min_std_ratio * mean.abs())
-    return mean, std, bound
+    return mean.squeeze(-1), std.squeeze(-1), bound.squeeze(-1)
 
 
 def window_push(buffer: torch.Tensor, count: torch.Tensor, value: torch.Tensor, accept: torch.Tensor) -> None:
-    """Write ``value`` into the circular window (in place) when ``accept``; no host sync.
+    """Write ``value`` into the circular windows (in place) where ``accept``; no host sync.
 
     Args:
-        buffer: float tensor [window].
-        count: 0-dim float tensor, values pushed so far; incremented in place when accepted.
-        value: 0-dim float tensor.
-        accept: 0-dim bool tensor.
+        buffer: float tensor [..., window].
+        count: float tensor [...], values pushed so far; incremented in place where accepted.
+        value: float tensor shaped like ``count``.
+        accept: bool tensor shaped like ``count``.
     """
-    size = buffer.shape[0]
-    slot = torch.remainder(count, size).to(torch.long).reshape(1)
-    old = buffer.index_select(0, slot)
-    buffer.index_copy_(0, slot, torch.where(accept, value.reshape(1).to(buffer.dtype), old))
-    count.add_(accept.to(count.dtype))
+    size = buffer.shape[-1]
+    slot = torch.remainder(count, size).to(torch.long).unsqueeze(-1)
+    old = buffer.gather(-1, slot)
+    buffer.scatter_(-1, slot, torch.where(accept.unsqueeze(-1), value.unsqueeze(-1).to(buffer.dtype), old))
+    count.add_(accept)
 
 
 # ---------------------------------------------------------------------- the extension
@@ -263,29 +267,29 @@ class SpikeGuard:
         self._device: torch.device | None = None
         self._grad_split: tuple[tuple[int, ...], dict[torch.device, list[int]]] | None = None
 
-    # State lives on the statistics device, created lazily.
-    def _init_state(self, device: torch.device) -> None:
+    # State lives on the statistics device, in its dtype, created lazily.
+    def _init_state(self, device: torch.device, dtype: torch.dtype) -> None:
         self._device = device
-        f = dict(dtype=torch.float32, device=device)
+        f = dict(dtype=dtype, device=device)
+        self._armed: torch.Tensor | None = None
         if self.config.mode == "clip":
             self.count = torch.zeros((), **f)
             self.mean = torch.zeros((), **f)
             self.m2 = torch.zeros((), **f)
             self.var = torch.zeros((), **f)
         else:
-            self.norm_window = torch.zeros(self.config.window, **f)
-            self.norm_count = torch.zeros((), **f)
-            self.loss_window = torch.zeros(self.config.window, **f)
-            self.loss_count = torch.zeros((), **f)
+            # Row 0: the global gradient norm; row 1: the loss.
+            self.window = torch.zeros(2, self.config.window, **f)
+            self.counts = torch.zeros(2, **f)
 
     def on_summary(self, ctx: Any) -> None:
         """Decide for this step (see the module docstring); everything stays on the device."""
         norm_sq = ctx.group_norm_sq
         if self._device is None or norm_sq.device != self._device:
-            self._init_state(norm_sq.device)
-        # Summed and rooted in the statistics dtype (float64: a norm of 1e20 squared
-        # overflows float32), then float32 like the guard's state.
-        norm = norm_sq.sum().sqrt().to(torch.float32)
+            self._init_state(norm_sq.device, norm_sq.dtype)
+        # In the statistics dtype (float64 where available: a norm of 1e20 squared
+        # overflows float32).
+        norm = norm_sq.sum().sqrt()
         self.calls += 1
         if self.config.mode == "clip":
             self._clip(ctx, norm)
@@ -300,22 +304,24 @@ class SpikeGuard:
             self.count, self.mean, self.m2 = welford_update(norm, self.count, self.mean, self.m2,
                                                             torch.isfinite(norm))
             self.var = self.m2 / self.count.clamp(min=1)
-            ctx.add_extra(EXTRA_NAMES["clip"], torch.zeros((), device=norm.device))
+            ctx.add_extra(EXTRA_NAMES["clip"], 0.0)
             return
-        # Armed once the warm-up saw at least two finite norms.
+        if self._armed is None:
+            # Once: armed when the warm-up saw at least two finite norms.
+            self._armed = self.count >= 2
         decision = zclip_decide(norm, self.mean, self.var, z_threshold=cfg.bound, alpha=cfg.ema,
-                                min_std_ratio=cfg.min_std_ratio, armed=self.count >= 2)
+                                min_std_ratio=cfg.min_std_ratio, armed=self._armed)
         self.mean, self.var = decision.mean, decision.var
         coefficient = decision.coefficient
         user_clip = self.clip_coefficient() if self.clip_coefficient is not None else None
         if user_clip is not None:
             # The gradients already have norm g·c; bring them to the threshold only
             # if they are still above it: factor min(1, threshold / (g·c)).
-            current = norm * user_clip.to(norm.device, torch.float32).reshape(())
+            current = norm * user_clip.to(norm.device, norm.dtype).reshape(())
             coefficient = torch.where(decision.activated,
                                       (decision.threshold / current).clamp(max=1.0), coefficient)
         self._scale_grads(ctx.grads_by_group, coefficient)
-        ctx.add_extra(EXTRA_NAMES["clip"], decision.activated.to(torch.float32))
+        ctx.add_extra(EXTRA_NAMES["clip"], decision.activated)
         ctx.add_extra(EXTRA_NAMES["threshold_grad_norm"], decision.threshold)
         ctx.add_extra(EXTRA_NAMES["zscore_grad_norm"], decision.zscore)
 
@@ -325,13 +331,15 @@ class SpikeGuard:
             return
         key = tuple(id(g) for g in grads)
         if self._grad_split is None or self._grad_split[0] != key:
-            by_device: dict[torch.device, list[int]] = {}
+            by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
             for i, g in enumerate(grads):
-                by_device.setdefault(g.device, []).append(i)
-            self._grad_split = (key, by_device)
-        for device, indices in self._grad_split[1].items():
-            coef = coefficient if device == coefficient.device else coefficient.to(device, non_blocking=True)
-            # One foreach kernel per device; a coefficient of exactly 1 leaves the grads bit-identical.
+                by_kind.setdefault((g.device, g.dtype), []).append(i)
+            self._grad_split = (key, by_kind)
+        for (device, dtype), indices in self._grad_split[1].items():
+            # The coefficient in the gradients' device and dtype, once per kind: a
+            # float64 scalar tensor would make the foreach kernel convert per tensor.
+            coef = coefficient.to(device, dtype, non_blocking=True)
+            # One foreach kernel per kind; a coefficient of exactly 1 leaves the grads bit-identical.
             torch._foreach_mul_([grads[i] for i in indices], coef)
 
     def _global_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -344,32 +352,29 @@ class SpikeGuard:
         # The same decision on every rank needs the same loss: average it (one
         # enqueued collective on a 1-element tensor; nothing waits on the host
         # with NCCL; gloo, CPU only, completes inline).
-        buf = loss.to(torch.float32).reshape(1).clone()
+        buf = loss.reshape(1).clone()
         dist.all_reduce(buf, group=self.process_group)
         return buf.reshape(()) / world
 
     def _skip(self, ctx: Any, norm: torch.Tensor) -> None:
         cfg = self.config
-        loss = self._global_loss(ctx.loss.to(torch.float32).reshape(()))
-        armed_n = self.norm_count >= cfg.warmup
-        armed_l = self.loss_count >= cfg.warmup
-        mean_n, std_n, bound_n = window_bound(self.norm_window, self.norm_count, cfg.bound, cfg.min_std_ratio)
-        mean_l, std_l, bound_l = window_bound(self.loss_window, self.loss_count, cfg.bound, cfg.min_std_ratio)
-        finite_n, finite_l = torch.isfinite(norm), torch.isfinite(loss)
-        over_n = armed_n & finite_n & (norm > bound_n)
-        over_l = armed_l & finite_l & (loss > bound_l)
-        skip = over_n | over_l
+        loss = self._global_loss(ctx.loss.to(norm.dtype).reshape(()))
+        # Both signals at once: every op below works on [2] or [2, window].
+        values = torch.stack([norm, loss])
+        mean, std, bound = window_bound(self.window, self.counts, cfg.bound, cfg.min_std_ratio)
+        armed = self.counts >= cfg.warmup
+        finite = torch.isfinite(values)
+        over = (values > bound) & finite & armed
+        skip = over.any()
         # A skipped step's values do not enter the windows (a run of spikes
         # must not raise the bar for the next one).
-        window_push(self.norm_window, self.norm_count, norm, finite_n & ~skip)
-        window_push(self.loss_window, self.loss_count, loss, finite_l & ~skip)
+        window_push(self.window, self.counts, values, finite & ~skip)
         # Named, so the skipped step counts as reason="spike_guard".
         ctx.request_skip(skip, "spike_guard")
-        tiny = torch.finfo(torch.float32).tiny
-        ctx.add_extra(EXTRA_NAMES["skip"], skip.to(torch.float32))
-        ctx.add_extra(EXTRA_NAMES["threshold_grad_norm"], torch.where(armed_n, bound_n, torch.nan))
-        ctx.add_extra(EXTRA_NAMES["zscore_grad_norm"],
-                      torch.where(armed_n, (norm - mean_n) / std_n.clamp(min=tiny), torch.nan))
-        ctx.add_extra(EXTRA_NAMES["threshold_loss"], torch.where(armed_l, bound_l, torch.nan))
-        ctx.add_extra(EXTRA_NAMES["zscore_loss"],
-                      torch.where(armed_l, (loss - mean_l) / std_l.clamp(min=tiny), torch.nan))
+        shown_bound = torch.where(armed, bound, torch.nan)
+        zscore = torch.where(armed, (values - mean) / std.clamp(min=torch.finfo(std.dtype).tiny), torch.nan)
+        ctx.add_extra(EXTRA_NAMES["skip"], skip)
+        ctx.add_extra(EXTRA_NAMES["threshold_grad_norm"], shown_bound[0])
+        ctx.add_extra(EXTRA_NAMES["zscore_grad_norm"], zscore[0])
+        ctx.add_extra(EXTRA_NAMES["threshold_loss"], shown_bound[1])
+        ctx.add_extra(EXTRA_NAMES["zscore_loss"], zscore[1])

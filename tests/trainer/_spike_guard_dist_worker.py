@@ -34,7 +34,7 @@ class Recorder:
 
     def on_summary(self, ctx) -> None:
         self.skips.append(ctx.skip.clone())
-        self.clips.append(dict(ctx.extras).get("spike_guard_clip", torch.zeros(())).clone())
+        self.clips.append(torch.as_tensor(dict(ctx.extras).get("spike_guard_clip", 0.0)).clone())
         grads = [g for group in ctx.grads_by_group for g in group]
         self.norms.append(torch.stack(torch._foreach_norm(grads)).norm())
 
