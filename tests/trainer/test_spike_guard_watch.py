@@ -206,3 +206,39 @@ def test_clip_behind_the_users_clip_grad_norm_never_clips_twice(sink):
         if s["extras"].get("spike_guard_clip") == 1.0:
             expected = min(expected, s["extras"]["spike_guard_threshold_grad_norm"])
         assert float(recorder.norms[i]) == pytest.approx(expected, rel=1e-4), i
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["clip", "skip"])
+def test_guarded_cuda_steps_make_no_host_sync(sink, mode):
+    """Under set_sync_debug_mode("error") any synchronising CUDA call raises."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cuda")
+    x = torch.randn(64, 256, device="cuda")
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=10, scaler=scaler,
+                         spike_guard=SpikeGuardConfig(mode=mode, warmup=5)) as monitor:
+        def step(weight: float = 1.0) -> None:
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = model(x).float().square().mean() * weight
+            scaler.scale(loss).backward()
+            monitor.observe_loss(loss)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for i in range(60):
+                step(100.0 if i == 40 else 1.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sink.wait_for(lambda: len(sink.steps()) == 63, timeout=20)
+    assert monitor.errors == 0
+    assert sink.steps()[43]["extras"][f"spike_guard_{mode}"] == 1.0
+    assert all("grad_scaler_scale" in s["extras"] for s in sink.steps())
