@@ -72,11 +72,11 @@ def test_clip_mode_hands_the_optimizer_gradients_at_the_threshold(sink, impl):
     assert all("spike_guard_zscore_grad_norm" in s["extras"] for s in steps[10:])
 
 
-@pytest.mark.parametrize("impl", ["fused"])
-def test_skip_mode_leaves_params_and_state_untouched_on_the_spike(sink, impl):
+@pytest.mark.parametrize("impl, guard", [("fused", "auto"), ("for-loop", "sync"), ("foreach", "sync")])
+def test_skip_mode_leaves_params_and_state_untouched_on_the_spike(sink, impl, guard):
     model = make_model()
     opt = make_optimizer(model, "AdamW", impl)
-    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0,
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0, guard=guard,
                          spike_guard=SpikeGuardConfig(mode="skip", warmup=10)) as monitor:
         snapshots = train(opt, model, monitor)
     sink.wait_for(lambda: len(sink.steps()) == 40)
@@ -114,6 +114,13 @@ def test_spike_guard_argument_is_validated():
     opt = make_optimizer(model, "AdamW", "fused")
     with pytest.raises(ValueError, match="spike_guard.mode"):
         adamwatch.watch(opt, endpoint=None, spike_guard="trim")
+
+
+def test_skip_mode_without_a_way_to_skip_is_refused():
+    """A non-fused optimizer can only skip at one host sync per step: opt in, or be told."""
+    opt = make_optimizer(make_model(), "AdamW", "foreach")
+    with pytest.raises(ValueError, match="needs a fused optimizer.*guard='sync'"):
+        adamwatch.watch(opt, endpoint=None, spike_guard="skip")
 
 
 def test_grad_scaler_scale_and_zero_share_reach_the_step_frames(sink):
