@@ -12,7 +12,11 @@ Monitors first, with the gradients still unclipped:
   at the step anyway), so the step reports the pre-clip norm;
 - it records the clip coefficient (a device tensor, no sync) and ``max_norm``.
 
-The wrapper is removed when the last Monitor closes.
+``clip_grad_norm_`` itself is wrapped too, for its usual call (L2 norm, no
+``error_if_nonfinite``, exactly the gradients of one watched optimizer): the
+Monitor's pass gives the total norm the clip needs, so clipping and watching
+share one pass over the gradients instead of making two. Any other call runs
+torch's own function unchanged. The wrappers are removed when the last Monitor closes.
 """
 
 from __future__ import annotations
@@ -31,10 +35,15 @@ __all__ = ["ClipObserver", "attach", "detach", "installed"]
 class ClipObserver(Protocol):
     def before_clip(self, parameters: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None: ...
 
+    def total_norm(self, parameters: list[torch.Tensor]) -> torch.Tensor | None:
+        """The L2 norm of these parameters' gradients from the observer's own pass, or
+        None when they are not exactly its optimizer's (then torch computes it)."""
+
 
 _lock = threading.Lock()
 _observers: "weakref.WeakSet[Any]" = weakref.WeakSet()
 _original = _clip_grad._clip_grads_with_norm_
+_original_clip_grad_norm_ = _clip_grad.clip_grad_norm_
 
 
 @torch.compiler.disable
@@ -50,6 +59,25 @@ _clip_grads_with_norm_.__doc__ = _original.__doc__
 _clip_grads_with_norm_.__wrapped__ = _original  # type: ignore[attr-defined]
 
 
+@torch.compiler.disable
+def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                    foreach: bool | None = None) -> torch.Tensor:
+    if norm_type == 2.0 and not error_if_nonfinite and len(_observers):
+        params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        for observer in list(_observers):
+            total = observer.total_norm(params)
+            if total is not None:
+                with torch.no_grad():
+                    _clip_grads_with_norm_(params, max_norm, total, foreach)
+                return total
+        parameters = params
+    return _original_clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
+
+
+clip_grad_norm_.__doc__ = _original_clip_grad_norm_.__doc__
+clip_grad_norm_.__wrapped__ = _original_clip_grad_norm_  # type: ignore[attr-defined]
+
+
 def installed() -> bool:
     """Whether torch's clipping is wrapped now."""
     return _clip_grad._clip_grads_with_norm_ is _clip_grads_with_norm_
@@ -62,6 +90,8 @@ def attach(observer: ClipObserver) -> None:
         if not installed():
             _clip_grad._clip_grads_with_norm_ = _clip_grads_with_norm_
             torch.nn.utils.clip_grads_with_norm_ = _clip_grads_with_norm_
+            _clip_grad.clip_grad_norm_ = clip_grad_norm_
+            torch.nn.utils.clip_grad_norm_ = clip_grad_norm_
 
 
 def detach(observer: ClipObserver) -> None:
@@ -71,3 +101,5 @@ def detach(observer: ClipObserver) -> None:
         if not len(_observers) and installed():
             _clip_grad._clip_grads_with_norm_ = _original
             torch.nn.utils.clip_grads_with_norm_ = _original
+            _clip_grad.clip_grad_norm_ = _original_clip_grad_norm_
+            torch.nn.utils.clip_grad_norm_ = _original_clip_grad_norm_

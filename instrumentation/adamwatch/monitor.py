@@ -44,6 +44,12 @@ __all__ = ["watch", "Monitor", "MonitorConfig"]
 
 log = logging.getLogger("adamwatch")
 
+# Our hooks run eagerly even inside a compiled ``optimizer.step()``: traced, they
+# would break its graph into pieces and guard on host state that changes every
+# step (timestamps, counters), recompiling until dynamo's limit. Kept out of the
+# trace, they cost one graph break each around an unchanged compiled update.
+_not_traced = torch.compiler.disable
+
 _GUARDS = ("auto", "off", "sync")
 
 
@@ -128,7 +134,7 @@ def _distributed_rank_world() -> tuple[int | None, int | None]:
 
 
 class Monitor:
-    """Watches one Adam/AdamW optimizer. Create it with :func:`watch`."""
+    """Watches one torch optimizer (built for Adam/AdamW). Create it with :func:`watch`."""
 
     def __init__(
         self,
@@ -146,7 +152,7 @@ class Monitor:
         self.scheduler = scheduler
         self.checkpointer = checkpointer
         self.config = config
-        self._info = describe_optimizer(optimizer)  # also rejects non-Adam optimizers
+        self._info = describe_optimizer(optimizer)  # also rejects what is not a torch optimizer
         self._fused = is_fused(optimizer)
         self._group_names = group_names(optimizer)
         self._spike_guard_config = SpikeGuardConfig.coerce(config.spike_guard)
@@ -178,7 +184,10 @@ class Monitor:
         # squares, and (max_norm, coefficient tensor).
         self._param_ids: frozenset[int] = frozenset()
         self._clip_sq: torch.Tensor | None = None
-        self._clip: tuple[float, torch.Tensor] | None = None
+        # coefficient None: the clip used our own total norm (shared pass), so the
+        # coefficient follows from the reported pre-clip norm on the host (no device op)
+        self._clip: tuple[float, torch.Tensor | None] | None = None
+        self._clip_total: torch.Tensor | None = None
         self._clip_tap = _ClipTap(self)
         self.errors_by_where: dict[str, int] = {}
         self._pending: tuple[torch.Tensor, StepLayout] | None = None
@@ -188,9 +197,11 @@ class Monitor:
         self._tokens_next: int | None = None
         self._steps_in_call = 0
         self.errors = 0
-        self._error_logged = False
+        self._errors_lock = threading.Lock()  # the training thread and the reader thread both report
+        self._errors_sent = 0  # self.errors when the sidecar was last told
         self._closed = False
         self._actions: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._deferred: list[Action] = []  # restores queued before a step: applied after it
 
         self._stats = StepStats(optimizer, sample_size=config.sample_size, seed=config.seed)
         self._transfer = SummaryTransfer(self._stats.device, self._stats.max_length, self._stats.dtype)
@@ -210,6 +221,7 @@ class Monitor:
                 poll=self._poll_summaries,
                 max_queued=config.max_queued,
                 batch_interval=self._batch_interval,
+                on_error=self._report_error,
             )
         else:
             log.warning("adamwatch: no endpoint (set %s): step summaries are not streamed", wire.ENDPOINT_ENV)
@@ -241,13 +253,14 @@ class Monitor:
         self.spike_guard: SpikeGuard | None = None
         if guard is not None:
             # The user's clip_grad_norm_ of this step (adamwatch.grad_clip), if any.
-            self.spike_guard = SpikeGuard(guard, clip_coefficient=lambda: self._clip[1] if self._clip else None)
+            self.spike_guard = SpikeGuard(guard, clip_coefficient=self._user_clip_coefficient)
             self.add_step_extension(self.spike_guard)
         if scaler is not None:
             self.add_step_extension(GradScalerStats(scaler, every=self.config.deep_stats_every,
                                                     sample_size=self.config.sample_size, seed=self.config.seed))
 
     # ------------------------------------------------------------------ user API
+    @_not_traced
     def observe_loss(self, loss: torch.Tensor | float, *, scaled_by: float = 1) -> None:
         """Record a loss of the current step. A tensor is fine: nothing waits for the device.
 
@@ -262,6 +275,7 @@ class Monitor:
         """
         self._loss_window.add(loss, scaled_by)
 
+    @_not_traced
     def summarize_step(self) -> None:
         """Summarise the current step now: its gradients (pre-clip, unscaled) and its loss.
 
@@ -272,12 +286,14 @@ class Monitor:
         "before optimizer step" callback. The optimizer's pre-step hook then does
         not summarise that step again; once called, the Monitor leaves the moment
         to its caller for every later step too (a step it was not called for is
-        summarised after the update, counted in ``errors_by_where["summary missed"]``).
+        summarised after the update, counted in ``errors_by_where["summary_missed"]``).
         """
         if self._closed:
             return
         self._explicit = True
         self._disarm_scheduler_skip()
+        if self._coordinator is None and not self._actions.empty():
+            self._apply_early()
         self._summarize(self.optimizer)
 
     def add_step_extension(self, extension: StepExtension) -> None:
@@ -365,14 +381,33 @@ class Monitor:
 
     # ------------------------------------------------------------------ hooks
     def _report_error(self, where: str) -> None:
-        self.errors += 1
-        self.errors_by_where[where] = self.errors_by_where.get(where, 0) + 1
-        if not self._error_logged:
-            self._error_logged = True
-            log.exception("adamwatch: %s failed; training continues (further errors are counted, not logged)", where)
+        """Count a failure inside the monitor (any thread), log the first of each kind.
 
+        The counts reach the sidecar (MONITOR_ERRORS, ``adamwatch_monitor_errors_total{where}``):
+        a monitor that cannot compute or send a number is never silent.
+        """
+        with self._errors_lock:
+            self.errors += 1
+            first = where not in self.errors_by_where
+            self.errors_by_where[where] = self.errors_by_where.get(where, 0) + 1
+        if first:
+            log.exception("adamwatch: %s failed; training continues (further %s errors are counted, not logged)",
+                          where, where)
+
+    def _errors_frame(self) -> bytes | None:
+        """A MONITOR_ERRORS frame when the counts changed since the last one."""
+        if self.errors == self._errors_sent:
+            return None
+        with self._errors_lock:
+            self._errors_sent = self.errors
+            counts = dict(self.errors_by_where)
+        return wire.encode_frame(wire.MessageType.MONITOR_ERRORS, {"errors": counts})
+
+    @_not_traced
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._disarm_scheduler_skip()
+        if self._coordinator is None and not self._actions.empty():
+            self._apply_early()
         if self._summarized:
             self._keep_guard_flag(optimizer)
             return
@@ -436,7 +471,7 @@ class Monitor:
             self._pending = (vector, layout)
         except Exception:
             self._pending = None
-            self._report_error("pre-step summary")
+            self._report_error("pre_step_summary")
 
     def _run_extensions(self, ctx: StepContext) -> None:
         for extension in self._extensions:
@@ -444,6 +479,46 @@ class Monitor:
                 extension.on_summary(ctx)
             except Exception:
                 self._report_error("extension")
+
+    def _clip_total_norm(self, parameters: list[torch.Tensor]) -> torch.Tensor | None:
+        """clip_grad_norm_ over exactly this optimizer's gradients: our pass gives its total norm.
+
+        Returns None (torch computes the norm itself) when the gradients are not
+        exactly ours, not all on the statistics device, or the step is already summarised.
+        """
+        if self._closed or self._summarized or self._clip_sq is not None:
+            return None
+        try:
+            grads = [p.grad for p in parameters if p.grad is not None]
+            if not grads:
+                return None
+            mine = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if len(mine) != len(grads) or {id(g) for g in mine} != {id(g) for g in grads}:
+                return None
+            device, dtype = grads[0].device, grads[0].dtype
+            if device != self._stats.device or any(g.device != device or g.dtype != dtype for g in grads):
+                return None
+            self._clip_sq = self._stats.group_sq()
+            # torch returns the norm in the gradients' dtype
+            self._clip_total = self._clip_sq.sum().sqrt().to(dtype)
+            return self._clip_total
+        except Exception:
+            self._report_error("clip")
+            return None
+
+    def _user_clip_coefficient(self) -> torch.Tensor | None:
+        """The factor the user's clip_grad_norm_ applied to this step's gradients (a
+        device tensor), or None when they were not clipped (for the spike guard)."""
+        clip = self._clip
+        if clip is None:
+            return None
+        if clip[1] is not None:
+            return clip[1]
+        if self._clip_total is None:
+            return None
+        # The clip used our own total norm (shared pass): derive its factor on the device.
+        own = self._clip_total.to(self._stats.dtype)
+        return torch.clamp(clip[0] / (own + 1e-6), max=1.0).reshape(())
 
     def _before_clip(self, parameters: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
         """A norm clip of some parameters is about to scale their gradients (adamwatch.grad_clip)."""
@@ -457,6 +532,9 @@ class Monitor:
                 self._param_ids = frozenset(id(p) for g in self.optimizer.param_groups for p in g["params"])
                 if id(first) not in self._param_ids:
                     return  # another optimizer's parameters
+            if total_norm is self._clip_total and self._clip is None:
+                self._clip = (float(max_norm), None)  # the norm of our own pass: derived on the host
+                return
             if not self._summarized and self._clip_sq is None:
                 # The pass the summary would make anyway, taken before clipping.
                 self._clip_sq = self._stats.group_sq()
@@ -464,11 +542,17 @@ class Monitor:
             total = self._stats._to_dev(total.detach()).to(self._stats.dtype)
             coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0).reshape(())
             if self._clip is not None:
-                coef = coef * self._clip[1]  # clipped twice in one step: the combined factor
+                # clipped twice in one step: the combined factor
+                first = self._clip[1]
+                if first is None:
+                    own = self._clip_total.to(self._stats.dtype)
+                    first = torch.clamp(self._clip[0] / (own + 1e-6), max=1.0).reshape(())
+                coef = coef * first
             self._clip = (float(max_norm), coef)
         except Exception:
             self._report_error("clip")
 
+    @_not_traced
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._found_inf_set:
             self._found_inf_set = False
@@ -480,12 +564,12 @@ class Monitor:
         if not self._summarized and not self._closed:
             # Driven by summarize_step() but not called for this step: summarise
             # late (after the update, unguarded) rather than not at all, and say so.
-            self._report_error("summary missed")
+            self._report_error("summary_missed")
             self._summarize(optimizer, guard=False)
         try:
             self._finish_step()
         except Exception:
-            self._report_error("post-step summary")
+            self._report_error("post_step_summary")
         try:
             self._apply_actions()
         except Exception:
@@ -504,7 +588,7 @@ class Monitor:
             # thread: a float assignment is atomic, and a stale value is fine).
             self._step_seconds = duration if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * duration
         pending, self._pending = self._pending, None
-        clip, self._clip, self._clip_sq = self._clip, None, None
+        clip, self._clip, self._clip_sq, self._clip_total = self._clip, None, None, None
         self._loss_window.reset()
         self._summarized = False
         self._guard_flag = None
@@ -517,8 +601,11 @@ class Monitor:
             vector = torch.cat([vector, deep])
             layout.deep_groups = present
         if clip is not None:
-            vector = torch.cat([vector, clip[1].reshape(1).to(vector.dtype)])
             layout.clip_max_norm = clip[0]
+            if clip[1] is None:
+                layout.clip_from_norm = True
+            else:
+                vector = torch.cat([vector, clip[1].reshape(1).to(vector.dtype)])
         samples = self._samples_next if self._samples_next is not None else self.config.samples_per_step
         tokens = self._tokens_next if self._tokens_next is not None else self.config.tokens_per_step
         self._samples_next = self._tokens_next = None
@@ -550,7 +637,7 @@ class Monitor:
                         self._pending = (vector, layout)
                     self._finish_step(skip_reason="grad_scaler")
                 except Exception:
-                    self._report_error("skipped-step summary")
+                    self._report_error("scaler_skipped_summary")
             return result
 
         self._scaler = scaler
@@ -581,6 +668,7 @@ class Monitor:
             "torch_version": torch.__version__,
             "optimizer": self._info,
             "deep_stats_every": self.config.deep_stats_every,
+            "monitor_errors": dict(self.errors_by_where),
         }
 
     def _summaries(self, timeout: float) -> list[dict[str, Any]]:
@@ -606,14 +694,22 @@ class Monitor:
         return payloads
 
     def _poll_summaries(self, timeout: float) -> list[bytes]:
-        return [wire.encode_frame(wire.MessageType.STEP, p) for p in self._summaries(timeout)]
+        try:
+            frames = [wire.encode_frame(wire.MessageType.STEP, p) for p in self._summaries(timeout)]
+        except Exception:
+            self._report_error("summary_reader")
+            frames = []
+        errors = self._errors_frame()
+        if errors is not None and self._client is not None:
+            self._client.send_control(errors)
+        return frames
 
     def _drain_without_client(self) -> None:
         while not self._closed or not self._transfer.idle:
             try:
                 self._summaries(0.1)
             except Exception:
-                self._report_error("summary reader")
+                self._report_error("summary_reader")
 
     def _note_health(self, payload: dict[str, Any]) -> None:
         healthy = not (payload.get("loss_nonfinite") or payload.get("grad_nonfinite") or payload.get("skipped"))
@@ -636,6 +732,13 @@ class Monitor:
 
     def _queue_action(self, kind: str, args: dict[str, Any], reason: str | None, source: str = "local",
                       action_id: str | None = None) -> str:
+        if source == "local" and self._coordinator is not None and self.rank != 0:
+            # Rank 0 decides and broadcasts (or replicas diverge); an action issued
+            # here would be dropped, so refuse it rather than return an id for nothing.
+            raise RuntimeError(
+                f"adamwatch: monitor.{kind}() on rank {self.rank}: under torch.distributed only rank 0's "
+                f"actions are applied (broadcast to every rank); call it on rank 0 only "
+                f"(if monitor.rank == 0: ...)")
         action = Action(kind, args, source=source, reason=reason)
         if action_id is not None:
             action.id = action_id
@@ -651,7 +754,7 @@ class Monitor:
             try:
                 self.checkpointer.note_incident(trigger)
             except Exception:
-                self._report_error("checkpointer.note_incident")
+                self._report_error("checkpointer_note_incident")
         self._queue_action(payload["action"], dict(payload.get("args") or {}), payload.get("reason"),
                            source="sidecar", action_id=payload["id"])
 
@@ -690,7 +793,25 @@ class Monitor:
             return
         ack = result.to_ack()
         ack["lr_scale"] = float(self._remediator.lr_scale)
+        ack["source"] = result.action.source  # "local"/"recovery": counted by the sidecar like its own
         self._client.send_control(wire.encode_frame(wire.MessageType.ACK, ack))
+
+    def _apply_early(self) -> None:
+        """Actions queued since the last step take effect before this step's update.
+
+        A learning-rate cut or a stop asked for between steps N and N+1 applies
+        to step N+1 itself. A restore waits for the post-step boundary: this
+        step's gradients belong to the parameters it would replace.
+        """
+        try:
+            while not self._actions.empty():
+                action = self._actions.get_nowait()
+                if action.kind == "restore_checkpoint":
+                    self._deferred.append(action)
+                    continue
+                self._ack(self._remediator.apply(self._remediator.resolve(action), self.step))
+        except Exception:
+            self._report_error("remediation")
 
     def _apply_actions(self) -> None:
         """Apply pending actions in the post-step hook: between two steps, never inside one.
@@ -698,7 +819,7 @@ class Monitor:
         Under torch.distributed rank 0 decides: its actions are broadcast and
         every rank applies the same list at the same step, or replicas diverge.
         """
-        local = []
+        local, self._deferred = self._deferred, []
         while not self._actions.empty():  # the usual step has none: no exception raised per step
             local.append(self._actions.get_nowait())
         local.extend(self._remediator.pending_actions())
@@ -735,6 +856,9 @@ class _ClipTap:
     def before_clip(self, parameters: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
         self._monitor._before_clip(parameters, max_norm, total_norm)
 
+    def total_norm(self, parameters: list[torch.Tensor]) -> torch.Tensor | None:
+        return self._monitor._clip_total_norm(parameters)
+
 
 def watch(
     optimizer: torch.optim.Optimizer,
@@ -752,10 +876,10 @@ def watch(
     on_stop: Callable[[], None] | None = None,
     **options: Any,
 ) -> Monitor:
-    """Watch every step of a torch Adam/AdamW optimizer.
+    """Watch every step of a torch optimizer (Adam/AdamW get Adam's state statistics too).
 
     Args:
-        optimizer: torch.optim.Adam or AdamW, any implementation (for-loop, foreach, fused).
+        optimizer: any torch.optim.Optimizer, any implementation (for-loop, foreach, fused).
         scheduler: its LR scheduler, so learning-rate cuts persist.
         endpoint: ``unix:///path`` or ``tcp://127.0.0.1:PORT``; default ``$ADAMWATCH_ENDPOINT``.
         job, rank: labels; defaults from the environment / torch.distributed.

@@ -54,6 +54,9 @@ class StepLayout:
     # clipping (adamwatch.grad_clip): max_norm of the step's clip; the coefficient
     # travels in the vector's tail block when clip_max_norm is set
     clip_max_norm: float | None = None
+    # the clip used the summary's own pre-clip norm: its coefficient is computed on
+    # the host from that norm, and the vector has no clip element
+    clip_from_norm: bool = False
 
     @property
     def step_length(self) -> int:
@@ -62,7 +65,8 @@ class StepLayout:
     @property
     def length(self) -> int:
         deep = self.num_groups * DEEP_FIELDS_PER_GROUP if self.deep_groups is not None else 0
-        return self.step_length + deep + (1 if self.clip_max_norm is not None else 0)
+        clip = 1 if self.clip_max_norm is not None and not self.clip_from_norm else 0
+        return self.step_length + deep + clip
 
 
 class _SamplePlan:
@@ -384,7 +388,12 @@ class StepStats:
         present: list[bool] = []
         empty = torch.full((DEEP_FIELDS_PER_GROUP,), float("nan"), dtype=self.dtype, device=self.device)
         for index, group in enumerate(opt.param_groups):
-            params = [p for p in group["params"] if "exp_avg" in opt.state.get(p, {})]
+            # Adam's statistics where the state holds Adam's moments (Adam, AdamW, NAdam,
+            # RAdam); other optimizers (SGD, Adagrad, Adamax...) have no deep block.
+            second = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+            params = [] if "betas" not in group or "eps" not in group else [
+                p for p in group["params"] if "exp_avg" in (st := opt.state.get(p, {})) and second in st
+            ]
             if not params:
                 blocks.append(empty)
                 present.append(False)
@@ -537,7 +546,13 @@ def decode_step(values: list[float], layout: StepLayout) -> dict[str, Any]:
         payload["extras"] = extras
     if layout.clip_max_norm is not None:
         payload["clip_max_norm"] = layout.clip_max_norm
-        payload["clip_coefficient"] = values[layout.length - 1]
+        if layout.clip_from_norm:
+            # torch's own formula, on the norm the clip was given
+            # (a NaN norm stays NaN: min() would turn it into 1)
+            payload["clip_coefficient"] = (min(1.0, layout.clip_max_norm / (math.sqrt(total_sq) + 1e-6))
+                                           if total_sq >= 0 else math.nan)
+        else:
+            payload["clip_coefficient"] = values[layout.length - 1]
     if layout.deep_groups is not None:
         deep = []
         nq = len(QUANTILES)

@@ -98,6 +98,7 @@ class MessageType(enum.IntEnum):
     ACK = 5  # trainer → sidecar, a command took effect (or failed) at a step
     GOODBYE = 6  # trainer → sidecar, clean shutdown: the run ended, not crashed
     COMMAND = 7  # sidecar → trainer, a remediation action to apply at a step boundary
+    MONITOR_ERRORS = 12  # trainer → sidecar, cumulative failures inside the monitor, by where
 
 
 @dataclass(frozen=True)
@@ -133,12 +134,16 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "session": _f("str"),  # random per Monitor: tells a reconnect from a restart
         "adamwatch_version": _f("str"),
         "torch_version": _f("str", required=False),
-        # {"kind": "Adam"|"AdamW", "implementation": "for-loop"|"foreach"|"fused",
-        #  "betas": [b1, b2], "eps": f, "weight_decay": f, "amsgrad": bool,
+        # {"kind": "Adam"|"AdamW"|the class name of any other torch optimizer ("SGD", ...),
+        #  "implementation": "for-loop"|"foreach"|"fused",
+        #  "betas": [b1, b2], "eps": f, "amsgrad": bool (each only where the optimizer has it),
+        #  "weight_decay": f,
         #  "param_groups": [names], "device": "cpu"|"cuda"|...}
         "optimizer": _f("dict"),
         "deep_stats_every": _f("int", required=False),
         "dropped_total": _f("int", required=False),
+        # failures inside the monitor so far this session, {where: count} (as MONITOR_ERRORS)
+        "monitor_errors": _f("dict", required=False),
     },
     MessageType.STEP: {
         "step": _f("int"),  # optimizer step index as the trainer counts it (1-based)
@@ -190,10 +195,19 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "detail": _f("str", required=False, nullable=True),
         # cumulative learning-rate factor in force after the action (1 = untouched)
         "lr_scale": _f("float", required=False, nullable=True),
+        # who asked: "sidecar" (a COMMAND), "local" (monitor.reduce_lr() etc. in the
+        # training script), "recovery" (the trainer's LR recovery)
+        "source": _f("str", required=False, nullable=True),
     },
     MessageType.GOODBYE: {
         "reason": _f("str", required=False, nullable=True),
         "step": _f("int", required=False, nullable=True),
+    },
+    MessageType.MONITOR_ERRORS: {
+        # {where: count}: failures inside the trainer's monitor (a summary that
+        # could not be computed, the reader thread, an extension...), cumulative
+        # per session (HELLO.session); sent when they change. At most 32 names.
+        "errors": _f("dict"),
     },
     MessageType.COMMAND: {
         "id": _f("str"),

@@ -94,6 +94,8 @@ MAX_SKIP_REASONS = 16
 # STEP.extras (adamwatch.step_extensions): names per message and kept per trainer
 MAX_EXTRAS = 64
 MAX_EXTRA_NAME_CHARS = 64
+# MONITOR_ERRORS: distinct `where` values per trainer (more fold into "other")
+MAX_ERROR_PLACES = 32
 
 HISTOGRAM_LE: tuple[str, ...] = tuple(repr(float(b)) for b in STEP_DURATION_BUCKETS) + ("+Inf",)
 _QUANTILE_LABELS: tuple[str, ...] = tuple(str(q) for q in wire.QUANTILES)
@@ -140,6 +142,9 @@ MESSAGE_METRICS: frozenset[str] = frozenset(
         "adamwatch_grad_clip_coefficient",
         "adamwatch_grad_clip_max_norm",
         "adamwatch_clipped_steps_total",
+        # a monitor that cannot compute or send is never silent (issue 8 item 8)
+        "adamwatch_monitor_errors_total",
+        "adamwatch_trainer_hello_timestamp_seconds",
     }
 )
 _TRAINER_LABELS = ("job", "rank")
@@ -257,6 +262,9 @@ class _Trainer:
     clip_coefficient: float | None = None
     clip_max_norm: float | None = None
     clipped_steps: int = 0
+    # MONITOR_ERRORS: cumulative {where: count} per session (summed on export, never going down)
+    monitor_errors_by_session: dict[str, dict[str, int]] = field(default_factory=dict)
+    hello_time: float | None = None  # sidecar clock at the latest HELLO
 
     def group_label(self, index: int) -> tuple[str, str, str]:
         labels = self.group_labels
@@ -413,7 +421,14 @@ class RunState:
             trainer.disconnected_at = None
             trainer.goodbye = None
             trainer.session = payload["session"]
+            trainer.hello_time = self._clock()
             self._note_dropped(trainer, payload.get("dropped_total"))
+            errors = payload.get("monitor_errors")
+            if isinstance(errors, dict):
+                try:
+                    self._note_monitor_errors(trainer, errors)
+                except wire.SchemaError:
+                    pass  # a bad optional field must not refuse the trainer; MONITOR_ERRORS frames follow
         if on_registered is not None:
             on_registered(key)
         self._notify(key, wire.Message(wire.MessageType.HELLO, payload))
@@ -452,6 +467,9 @@ class RunState:
                     trainer.known_good_time = float(payload["time"])
                     trainer.known_good_step = payload["step"]
                 _note_checkpoint_health(trainer, payload)
+        elif mtype is wire.MessageType.MONITOR_ERRORS:
+            with self._lock:
+                self._note_monitor_errors(self._get(key), payload["errors"])
         elif mtype is wire.MessageType.GOODBYE:
             with self._lock:
                 self._get(key).goodbye = payload
@@ -479,6 +497,26 @@ class RunState:
         previous = trainer.dropped_by_session.get(trainer.session, 0)
         if dropped_total > previous:
             trainer.dropped_by_session[trainer.session] = dropped_total
+
+    @staticmethod
+    def _note_monitor_errors(trainer: _Trainer, errors: dict[str, Any]) -> None:
+        # Cumulative per session, like dropped_total: a restarted trainer starts
+        # at 0 in a new session and the exported counter never goes backwards.
+        if trainer.session is None:
+            return
+        for where, count in errors.items():
+            if not isinstance(where, str) or isinstance(count, bool) or not isinstance(count, int) \
+                    or not 0 <= count < 2**63:
+                raise wire.SchemaError("MONITOR_ERRORS.errors must map names to counts >= 0")
+        known = trainer.monitor_errors_by_session.setdefault(trainer.session, {})
+        places = {w for counts in trainer.monitor_errors_by_session.values() for w in counts}
+        for where, count in errors.items():
+            where = _label_text(where)
+            if where not in places and len(places) >= MAX_ERROR_PLACES:
+                where = "other"  # free text from the trainer: bound the label's values
+            places.add(where)
+            if int(count) > known.get(where, 0):
+                known[where] = int(count)
 
     @staticmethod
     def _apply_step(t: _Trainer, p: dict[str, Any]) -> None:
@@ -912,6 +950,20 @@ def _checkpoint_value(attr: str) -> Callable[[_Trainer, list], None]:
     return render
 
 
+def _r_monitor_errors(t: _Trainer, out: list) -> None:
+    totals: dict[str, int] = {}
+    for counts in t.monitor_errors_by_session.values():
+        for where, n in counts.items():
+            totals[where] = totals.get(where, 0) + n
+    for where in sorted(totals):
+        out.append((t.base + (where,), float(totals[where])))
+
+
+def _r_hello_time(t: _Trainer, out: list) -> None:
+    if t.hello_time is not None:
+        out.append((t.base, t.hello_time))
+
+
 def _r_clip_coefficient(t: _Trainer, out: list) -> None:
     if t.clip_coefficient is not None:
         out.append((t.base, t.clip_coefficient))
@@ -964,6 +1016,8 @@ _RENDERERS: dict[str, Callable[[_Trainer, list], None]] = {
     "adamwatch_grad_clip_coefficient": _r_clip_coefficient,
     "adamwatch_grad_clip_max_norm": _r_clip_max_norm,
     "adamwatch_clipped_steps_total": _r_clipped_steps,
+    "adamwatch_monitor_errors_total": _r_monitor_errors,
+    "adamwatch_trainer_hello_timestamp_seconds": _r_hello_time,
 }
 assert set(_RENDERERS) == MESSAGE_METRICS, "every message-derived metric needs exactly one renderer"
 assert MESSAGE_METRICS <= set(BY_NAME), "renderers must only use names from the metric table"

@@ -69,3 +69,42 @@ def test_clipping_is_exported_beside_the_pre_clip_norm(state: RunState) -> None:
     assert state.value("adamwatch_grad_clip_coefficient", T) == 0.5
     assert state.value("adamwatch_grad_clip_max_norm", T) == 1.0
     assert state.value("adamwatch_grad_norm", {**T, "param_group": "all"}) == 2.0
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_monitor_errors_are_counted_by_where_across_sessions_and_never_go_down() -> None:
+    state = RunState(retention_seconds=60)
+    key = state.hello("c1", hello_payload(session="s1"))
+    assert state.value("adamwatch_monitor_errors_total", {**T, "where": "extension"}) is None
+    state.apply(key, msg(M.MONITOR_ERRORS, {"errors": {"extension": 2}}))
+    state.apply(key, msg(M.MONITOR_ERRORS, {"errors": {"extension": 5, "summary_reader": 1}}))
+    state.apply(key, msg(M.MONITOR_ERRORS, {"errors": {"extension": 4}}))  # stale, out of order: ignored
+    assert state.value("adamwatch_monitor_errors_total", {**T, "where": "extension"}) == 5
+    assert state.value("adamwatch_monitor_errors_total", {**T, "where": "summary_reader"}) == 1
+    # the trainer restarted: a new session counts from 0 again, the export keeps adding
+    key = state.hello("c2", hello_payload(session="s2", monitor_errors={"extension": 1}))
+    assert state.value("adamwatch_monitor_errors_total", {**T, "where": "extension"}) == 6
+    with pytest.raises(wire.SchemaError, match="counts"):
+        state.apply(key, msg(M.MONITOR_ERRORS, {"errors": {"extension": -1}}))
+    for i in range(40):  # free-text names from a trainer are bounded
+        state.apply(key, msg(M.MONITOR_ERRORS, {"errors": {f"place{i}": 1}}))
+    wheres = [labels[2] for _, samples in state.snapshot(only="adamwatch_monitor_errors_total")
+              for labels, _ in samples]
+    assert len(wheres) <= 33 and "other" in wheres
+
+
+def test_the_hello_timestamp_is_the_sidecars_clock_at_each_hello() -> None:
+    clock = Clock(1000.0)
+    state = RunState(retention_seconds=60, clock=clock)
+    state.hello("c1", hello_payload())
+    assert state.value("adamwatch_trainer_hello_timestamp_seconds", T) == 1000.0
+    clock.now = 1060.0
+    state.hello("c2", hello_payload())  # a reconnect
+    assert state.value("adamwatch_trainer_hello_timestamp_seconds", T) == 1060.0

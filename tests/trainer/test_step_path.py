@@ -129,7 +129,7 @@ def test_a_step_the_adapter_forgot_is_summarised_late_and_counted(sink):
         loss_of(model, 1).backward()
         expected = true_norms(opt)[0]
         opt.step()  # nobody called summarize_step for this one
-        assert monitor.errors_by_where == {"summary missed": 1}
+        assert monitor.errors_by_where == {"summary_missed": 1}
     sink.wait_for(lambda: len(sink.steps()) == 2)
     assert sink.steps()[1]["grad_norm"] == pytest.approx(expected, rel=1e-5)
 
@@ -317,6 +317,41 @@ def test_the_clip_wrapper_lives_exactly_as_long_as_a_monitor(sink):
     assert grad_clip.installed()
     b.close()
     assert not grad_clip.installed() and torch.nn.utils.clip_grads_with_norm_ is original
+    assert torch.nn.utils.clip_grad_norm_ is torch.nn.utils.clip_grad.clip_grad_norm_ is grad_clip._original_clip_grad_norm_
+
+
+def test_clipping_and_watching_share_one_pass_over_the_gradients(sink, monkeypatch):
+    """clip_grad_norm_ over the optimizer's gradients takes its total norm from the monitor's
+    pass: one foreach norm kernel per step, as with clipping alone."""
+    model = make_model()
+    opt = make_optimizer(model, "AdamW", "fused")
+    calls = []
+    real = torch._foreach_norm
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[0]))
+        return real(*args, **kwargs)
+
+    def clipped_step(seed, monitor=None):
+        loss = loss_of(model, seed, scale=50.0)
+        loss.backward()
+        expected = true_norms(opt)[0]
+        monkeypatch.setattr(torch, "_foreach_norm", counted)
+        calls.clear()
+        returned = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        monkeypatch.setattr(torch, "_foreach_norm", real)
+        opt.zero_grad()
+        assert returned.dtype == torch.float32 and returned.item() == pytest.approx(expected, rel=1e-6)
+        return list(calls), expected
+
+    bare, _ = clipped_step(0)
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0):
+        watched, expected = clipped_step(1)
+    assert bare == watched == [4]  # one kernel over the 4 gradients
+    sink.wait_for(lambda: len(sink.steps()) == 1)
+    assert sink.steps()[0]["grad_norm"] == pytest.approx(expected, rel=1e-5)
+    assert sink.steps()[0]["clip_coefficient"] == pytest.approx(1.0 / (expected + 1e-6), rel=1e-5)
 
 
 def test_a_clipped_step_adds_no_host_reads(sink):
@@ -389,3 +424,200 @@ def test_accumulating_the_loss_adds_no_host_reads(sink):
         assert counter.calls == []
     sink.wait_for(lambda: len(sink.steps()) == 1)
     assert math.isfinite(sink.steps()[0]["loss"])
+
+
+# --------------------------------------------------------------------- never silently blind
+class FailingCheckpointer:
+    """note_step runs on the reader thread: a failure there must not go unnoticed."""
+
+    def note_step(self, step, healthy):
+        raise RuntimeError("disk gone")
+
+
+def test_failures_inside_the_monitor_reach_the_sidecar_by_where(sink, caplog):
+    model = make_model()
+    opt = make_optimizer(model, "AdamW", "foreach")
+    with caplog.at_level("ERROR", logger="adamwatch"):
+        with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0, checkpointer=FailingCheckpointer(),
+                             batch_interval=0) as monitor:
+            monitor.add_step_extension(BrokenExtension())
+            for i in range(3):
+                loss_of(model, i).backward()
+                opt.step()
+                opt.zero_grad()
+            sink.wait_for(lambda: any(m["errors"].get("note_step") == 3
+                                      for m in sink.of_type(adamwatch.wire.MessageType.MONITOR_ERRORS)))
+    sink.wait_for(lambda: sink.of_type(adamwatch.wire.MessageType.GOODBYE))
+    last = sink.of_type(adamwatch.wire.MessageType.MONITOR_ERRORS)[-1]["errors"]
+    assert last == {"extension": 3, "note_step": 3} == monitor.errors_by_where
+    assert len(sink.steps()) == 3  # the summaries still went out
+    logged = [r for r in caplog.records if "failed; training continues" in r.getMessage()]
+    assert sorted(r.args[0] for r in logged) == ["extension", "note_step"]  # once per kind
+
+
+
+# --------------------------------------------------------------------- manual actions
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_reduce_lr_between_two_steps_applies_to_the_very_next_update(sink, impl):
+    model, ref = make_model(), make_model()
+    opt, ref_opt = make_optimizer(model, "AdamW", impl), make_optimizer(ref, "AdamW", impl)
+
+    def step(m, o, seed):
+        loss_of(m, seed).backward()
+        o.step()
+        o.zero_grad()
+
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0) as monitor:
+        for seed in range(2):
+            step(model, opt, seed)
+            step(ref, ref_opt, seed)
+        action_id = monitor.reduce_lr(0.5)  # between steps 2 and 3
+        for g in ref_opt.param_groups:
+            g["lr"] *= 0.5
+        step(model, opt, 2)
+        step(ref, ref_opt, 2)
+        assert all(torch.equal(p, r) for p, r in zip(model.parameters(), ref.parameters()))
+        assert monitor.lr_scale == 0.5
+    sink.wait_for(lambda: sink.of_type(adamwatch.wire.MessageType.ACK))
+    [ack] = sink.of_type(adamwatch.wire.MessageType.ACK)
+    assert ack["id"] == action_id and ack["outcome"] == "applied" and ack["source"] == "local"
+    assert ack["step"] == 2  # the boundary before step 3
+    sink.wait_for(lambda: len(sink.steps()) == 3)
+    assert sink.steps()[2]["lr"] == pytest.approx([g["lr"] for g in ref_opt.param_groups])
+
+
+def test_a_restore_asked_between_steps_waits_for_the_step_boundary(sink, tmp_path):
+    model = make_model()
+    opt = make_optimizer(model, "AdamW", "foreach")
+    ckpt = adamwatch.Checkpointer(str(tmp_path), model=model, optimizer=opt)
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0, checkpointer=ckpt) as monitor:
+        loss_of(model, 0).backward()
+        opt.step()
+        opt.zero_grad()
+        ckpt.save(monitor.step)
+        saved = [p.detach().clone() for p in model.parameters()]
+        loss_of(model, 1).backward()
+        monitor.restore_checkpoint(step=1)
+        opt.step()  # this step's gradients belong to the parameters it replaces: restored after it
+        assert monitor.step == 1
+        assert all(torch.equal(p, s) for p, s in zip(model.parameters(), saved))
+
+
+# --------------------------------------------------------------------- any torch optimizer
+OTHER_OPTIMIZERS = {
+    "SGD": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+    "NAdam": lambda params: torch.optim.NAdam(params, lr=1e-3),
+    "RAdam": lambda params: torch.optim.RAdam(params, lr=1e-3),
+    "Adamax": lambda params: torch.optim.Adamax(params, lr=1e-3),
+    "Adagrad": lambda params: torch.optim.Adagrad(params, lr=1e-2),
+    "RMSprop": lambda params: torch.optim.RMSprop(params, lr=1e-3),
+}
+ADAM_STATE = {"NAdam", "RAdam"}  # state holds exp_avg and exp_avg_sq: deep statistics
+
+
+@pytest.mark.parametrize("name", OTHER_OPTIMIZERS)
+def test_any_torch_optimizer_gets_its_per_step_metrics(sink, name):
+    model = make_model()
+    opt = OTHER_OPTIMIZERS[name]([
+        {"params": model[0].parameters(), "name": "encoder"},
+        {"params": model[2].parameters()},
+    ])
+    seen = []
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=2) as monitor:
+        for i in range(4):
+            loss = loss_of(model, i)
+            loss.backward()
+            monitor.observe_loss(loss)
+            seen.append((loss.item(), *true_norms(opt)))
+            opt.step()
+            opt.zero_grad()
+        assert monitor.errors == 0
+    sink.wait_for(lambda: sink.of_type(adamwatch.wire.MessageType.GOODBYE))
+    hello = sink.of_type(adamwatch.wire.MessageType.HELLO)[0]
+    assert hello["optimizer"]["kind"] == name
+    assert ("betas" in hello["optimizer"]) == (name in ADAM_STATE | {"Adamax"})
+    steps = sink.steps()
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    for s, (loss, total, groups) in zip(steps, seen):
+        assert s["loss"] == pytest.approx(loss, rel=1e-6)
+        assert s["grad_norm"] == pytest.approx(total, rel=1e-5)
+        assert s["group_grad_norms"] == pytest.approx(groups, rel=1e-5)
+        assert s["lr"] == pytest.approx([g["lr"] for g in opt.param_groups])
+    deep = steps[1].get("deep")
+    if name in ADAM_STATE:
+        assert deep[0]["exp_avg_norm"] > 0 and deep[0]["update_to_weight"] > 0
+    else:
+        assert deep is None or all(d == {} for d in deep)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
+def test_the_fused_guard_skips_for_any_optimizer_taking_found_inf(sink, name):
+    model = make_model()
+    opt = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True) if name == "SGD"
+           else torch.optim.Adagrad(model.parameters(), lr=1e-2, fused=True))
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0) as monitor:
+        loss_of(model, 0).backward()
+        opt.step()
+        opt.zero_grad()
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = loss_of(model, 1, scale=float("nan"))
+        loss.backward()
+        monitor.observe_loss(loss)
+        counter = HostReadCounter()
+        with counter.counting():
+            opt.step()
+        assert counter.calls == []
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    sink.wait_for(lambda: len(sink.steps()) == 2)
+    hello = sink.of_type(adamwatch.wire.MessageType.HELLO)[0]
+    assert hello["optimizer"]["kind"] == name and hello["optimizer"]["implementation"] == "fused"
+    assert sink.steps()[1]["skipped"] is True and sink.steps()[1]["skip_reason"] == "guard"
+
+
+# --------------------------------------------------------------------- torch.compile
+def _compiled_run(sink, watch: bool, steps: int = 8):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+
+    def backend(gm, example_inputs):  # counts the graphs dynamo hands over; runs them as they are
+        graphs.append(gm)
+        return gm.forward
+
+    model = make_model()
+    # a tensor lr, as torch's compiled-optimizer recipe recommends (no recompile per lr value)
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3))
+    monitor = adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=4) if watch else None
+    compiled_step = torch.compile(opt.step, backend=backend)
+    expected = []
+    for i in range(steps):
+        loss = loss_of(model, i)
+        loss.backward()
+        if monitor is not None:
+            monitor.observe_loss(loss)
+            expected.append((loss.item(), true_norms(opt)[0]))
+        compiled_step()
+        opt.zero_grad()
+    if monitor is not None:
+        monitor.close()
+    stats = {"graphs": len(graphs), "breaks": sum(counters["graph_break"].values()),
+             "recompile_limit": sum(v for k, v in counters["recompiles"].items() if "limit" in str(k))}
+    return model, stats, expected
+
+
+def test_a_compiled_optimizer_step_keeps_its_graphs_and_exports_correct_values(sink):
+    bare_model, bare, _ = _compiled_run(sink, watch=False)
+    model, watched, expected = _compiled_run(sink, watch=True)
+    assert watched["graphs"] <= bare["graphs"] + 2, (bare, watched)
+    assert watched["breaks"] <= bare["breaks"] + 2, (bare, watched)
+    assert watched["recompile_limit"] == 0
+    # the update itself is unchanged by watching it
+    assert all(torch.allclose(p, q, rtol=1e-6, atol=1e-7) for p, q in zip(model.parameters(), bare_model.parameters()))
+    sink.wait_for(lambda: len(sink.steps()) == 8)
+    steps = sink.steps()
+    assert [s["loss"] for s in steps] == pytest.approx([e[0] for e in expected], rel=1e-6)
+    assert [s["grad_norm"] for s in steps] == pytest.approx([e[1] for e in expected], rel=1e-5)
+    assert [s["lr"] for s in steps] == [pytest.approx([1e-3])] * 8
+    assert "deep" in steps[3] and steps[3]["deep"][0]["exp_avg_norm"] > 0
