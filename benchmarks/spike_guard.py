@@ -100,6 +100,7 @@ def train(arm: str, seed: int, steps: int, endpoint: str) -> dict:
     spikes_after = 0
     with adamwatch.watch(opt, endpoint=endpoint, job=f"{arm}-s{seed}", deep_stats_every=0,
                          spike_guard=guard_for(arm)) as monitor:
+        guard_s = time_guard(monitor)
         for i in range(steps):
             x, y = corpus.batch(BATCH)
             weight = 1.0
@@ -119,7 +120,25 @@ def train(arm: str, seed: int, steps: int, endpoint: str) -> dict:
             if i not in bad:
                 spikes_after += follow_on.observe(loss.item()) is not None  # outside the timed part
     return {"eval_loss": evaluate(model), "step_s": statistics.median(times), "bad": len(bad),
-            "follow_on": spikes_after}
+            "follow_on": spikes_after, "guard_s": statistics.median(guard_s) if guard_s else None}
+
+
+def time_guard(monitor) -> list[float]:
+    """Time the guard's own on_summary on every step (on a CPU its ops run as they are
+    dispatched, so this is its whole cost): a low-noise companion to the paired ratio."""
+    guard = monitor.spike_guard
+    spent: list[float] = []
+    if guard is None:
+        return spent
+    inner = guard.on_summary
+
+    def timed(ctx) -> None:
+        start = time.perf_counter()
+        inner(ctx)
+        spent.append(time.perf_counter() - start)
+
+    guard.on_summary = timed
+    return spent
 
 
 def paired_ratio(arm: str, pairs: int, endpoint: str, warmup: int = 10) -> float:
@@ -191,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print("| arm | loss spikes | grad-norm spikes | guard streaks | remediations needed | guard activations "
-          "| spikes on clean batches | final eval loss | step-time ratio vs no guard |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| spikes on clean batches | final eval loss | step-time ratio vs no guard | guard's own work |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for arm in ARMS:
         per_seed = []
         for seed in args.seeds:
@@ -213,8 +232,13 @@ def main(argv: list[str] | None = None) -> int:
 
         evals = cols[6]
         ratio = "1 (reference)" if arm == "none" else f"{cost[arm]:.3f}"
+        own = [runs[(arm, seed)]["guard_s"] for seed in args.seeds]
+        steps_s = [runs[(arm, seed)]["step_s"] for seed in args.seeds]
+        work = "—" if own[0] is None else (f"{statistics.median(own) * 1e6:.0f} µs/step "
+                                            f"({statistics.median(own) / statistics.median(steps_s):.2%} of a step)")
         print(f"| {arm} | {ints(cols[0])} | {ints(cols[1])} | {ints(cols[2])} | {ints(cols[3])} | {ints(cols[4])} "
-              f"| {ints(cols[5])} | {statistics.mean(evals):.3f} ({'/'.join(f'{v:.3f}' for v in evals)}) | {ratio} |")
+              f"| {ints(cols[5])} | {statistics.mean(evals):.3f} ({'/'.join(f'{v:.3f}' for v in evals)}) | {ratio} "
+              f"| {work} |")
     print()
     bad = [runs[("none", seed)]["bad"] for seed in args.seeds]
     print("Counts: total over the seeds (per seed). Spikes and remediations as the sidecar's detectors and "
