@@ -46,6 +46,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..extras_export import guard_activation
 from .policy import DetectorParams, NonFiniteParams, SpikeGuardStreakParams, SpikeParams, StallParams
 
 __all__ = [
@@ -295,14 +296,7 @@ class StallDetector:
 
 def _guard_mode(payload: Mapping[str, Any]) -> str | None:
     """The mode in which the trainer's spike guard acted on this STEP, or None."""
-    extras = payload.get("extras")
-    if not isinstance(extras, Mapping):
-        return None
-    for mode in ("clip", "skip"):
-        value = extras.get(f"spike_guard_{mode}")
-        if _finite(value) and value > 0:
-            return mode
-    return None
+    return guard_activation(payload.get("extras"))
 
 
 class SpikeGuardStreakDetector:
