@@ -265,7 +265,7 @@ class SpikeGuard:
         self.clip_coefficient = clip_coefficient
         self.calls = 0  # summaries seen (host-side count: the warm-up is not data dependent)
         self._device: torch.device | None = None
-        self._grad_split: tuple[tuple[int, ...], dict[torch.device, list[int]]] | None = None
+        self._grad_split: tuple[tuple[int, ...], dict[tuple[torch.device, torch.dtype], list[int]]] | None = None
 
     # State lives on the statistics device, in its dtype, created lazily.
     def _init_state(self, device: torch.device, dtype: torch.dtype) -> None:
