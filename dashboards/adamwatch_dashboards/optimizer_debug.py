@@ -106,4 +106,34 @@ def optimizer_debug_dashboard() -> dashboard_builders.Dashboard:
                 query(f'adamwatch_convergence_plateau{{{SEL}}}', "plateau {{metric}}"),
                 query(f'adamwatch_eval_overfitting_streak{{{SEL}}}', "overfitting streak"),
             ], event_only=True))
+        # Spike guard (issue 14) and mixed precision (issue 11 item 5): empty
+        # unless the trainer runs watch(spike_guard=...) or a GradScaler.
+        .with_row(dashboard_builders.Row("Spike guard and mixed precision"))
+        .with_panel(timeseries_panel(
+            ids, "Spike guard activations",
+            "Per 5 minutes: steps the on-device spike guard clipped (gradients scaled to its bound) or skipped. "
+            "Guarded steps are not spikes for the sidecar's detectors; a streak of them is its own detection.",
+            [query(f'increase(adamwatch_spike_guard_activations_total{{{SEL}}}[5m])', "{{mode}}")], event_only=True))
+        .with_panel(timeseries_panel(
+            ids, "Spike guard z-score and threshold",
+            "z-score of the latest step against the guard's statistics, and its bound mean + k*std next to the "
+            "pre-clip global gradient norm (skip mode also judges the loss).",
+            [
+                query(f'adamwatch_spike_guard_zscore{{{SEL}}}', "z {{signal}}"),
+                query(f'adamwatch_spike_guard_threshold{{{SEL}}}', "bound {{signal}}"),
+                query(f'adamwatch_grad_norm{{{SEL}, param_group="all"}}', "grad norm (pre-clip)"),
+            ]))
+        .with_panel(timeseries_panel(
+            ids, "GradScaler scale",
+            "The loss scale the latest step used: halves on every overflow, doubles after each growth interval; "
+            "below 1 it has collapsed (AdamwatchGradScalerScaleCollapsed). Dots: overflow-skipped steps per 5 minutes.",
+            [
+                query(f'adamwatch_grad_scaler_scale{{{SEL}}}', "scale"),
+                query(f'increase(adamwatch_skipped_steps_total{{{SEL}, reason="grad_scaler"}}[5m])', "overflow skips"),
+            ], log_scale=True))
+        .with_panel(timeseries_panel(
+            ids, "Gradient zero share",
+            "Share of sampled gradient coordinates exactly zero, per param group (every N steps): fp16 gradients "
+            "that underflow become 0, so a rise while the scale falls means lost small gradients.",
+            [query(f'adamwatch_grad_zero_ratio{{{GROUP_SEL}}}', "{{param_group}}")], unit="percentunit"))
     )

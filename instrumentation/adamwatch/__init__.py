@@ -26,6 +26,7 @@ _LAZY = {
     "MonitorConfig": "adamwatch.monitor",
     "Checkpointer": "adamwatch.checkpoint",
     "watch_local_grads": "adamwatch.comm_watch",
+    "SpikeGuardConfig": "adamwatch.spike_guard",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -40,6 +40,8 @@ from adamwatch.optimizer_config import capture_config, config_hash, diff_configs
 from adamwatch.optimizer_info import describe_optimizer, group_names, is_fused
 from adamwatch.remediation import Action, ActionResult, Remediator, SchedulerStepHook, skip_next_scheduler_step
 from adamwatch.shards import params_are_sharded
+from adamwatch.mixed_precision import GradScalerStats
+from adamwatch.spike_guard import SpikeGuard, SpikeGuardConfig
 from adamwatch.step_extensions import StepContext, StepExtension
 from adamwatch.step_stats import StepLayout, StepStats, decode_step, skip_reason
 from adamwatch.transfer import SummaryTransfer
@@ -132,6 +134,9 @@ class MonitorConfig:
     cross_rank: str = "auto"
     local_grads: Any = None
     fingerprint_every: int = 100
+    # On-device spike guard (adamwatch.spike_guard): None/False (off), "clip", "skip",
+    # a dict of SpikeGuardConfig fields or a SpikeGuardConfig.
+    spike_guard: Any = None
 
     def validate(self) -> None:
         if self.guard not in _GUARDS:
@@ -180,6 +185,7 @@ class MonitorConfig:
             raise ValueError(f"model_family must be a string of 1..64 characters, got {self.model_family!r}")
         if not isinstance(self.footprint_interval, (int, float)) or not self.footprint_interval > 0:
             raise ValueError(f"footprint_interval must be seconds > 0, got {self.footprint_interval!r}")
+        SpikeGuardConfig.coerce(self.spike_guard)  # raises naming the bad spike_guard field
 
 
 def _distributed_rank_world() -> tuple[int | None, int | None]:
@@ -218,6 +224,14 @@ class Monitor:
         self.config_changes = 0
         self.policy_verdict: dict[str, Any] | None = None
         self._verdict_event = threading.Event()
+        self._spike_guard_config = SpikeGuardConfig.coerce(config.spike_guard)
+        if (self._spike_guard_config is not None and self._spike_guard_config.mode == "skip"
+                and not self._fused and config.guard != "sync"):
+            # A skip request is enforced for free only through found_inf; otherwise
+            # the guard's verdicts would be reported while every step is applied.
+            raise ValueError("spike_guard mode 'skip' needs a fused optimizer (fused=True), or guard='sync' "
+                             "for the documented one host sync per step; got a non-fused optimizer with "
+                             f"guard={config.guard!r}")
 
         dist_rank, dist_world = _distributed_rank_world()
         self.job = config.job or default_job_name()
@@ -302,6 +316,7 @@ class Monitor:
         # watch() (a restore at start-up) to a new listener at once.
         if hasattr(self.checkpointer, "add_listener"):
             self.checkpointer.add_listener(self._on_checkpoint_event)
+        self._add_guard_extensions(scaler)
         if self._client is not None:
             self._client.start()
             self._await_policy_verdict()
@@ -311,6 +326,19 @@ class Monitor:
         if config.report_exits:
             self._exit_reporter = ExitReporter(self._report_exit)
             self._exit_reporter.install()
+
+    def _add_guard_extensions(self, scaler: Any) -> None:
+        """The spike guard and the GradScaler statistics, registered last: after any
+        cross-rank extension, so the guard judges global values."""
+        guard = self._spike_guard_config
+        self.spike_guard: SpikeGuard | None = None
+        if guard is not None:
+            # The user's clip_grad_norm_ of this step (adamwatch.grad_clip), if any.
+            self.spike_guard = SpikeGuard(guard, clip_coefficient=self._user_clip_coefficient)
+            self.add_step_extension(self.spike_guard)
+        if scaler is not None:
+            self.add_step_extension(GradScalerStats(scaler, every=self.config.deep_stats_every,
+                                                    sample_size=self.config.sample_size, seed=self.config.seed))
 
     # ------------------------------------------------------------------ user API
     @_not_traced
@@ -652,6 +680,20 @@ class Monitor:
         except Exception:
             self._report_error("clip")
             return None
+
+    def _user_clip_coefficient(self) -> torch.Tensor | None:
+        """The factor the user's clip_grad_norm_ applied to this step's gradients (a
+        device tensor), or None when they were not clipped (for the spike guard)."""
+        clip = self._clip
+        if clip is None:
+            return None
+        if clip[1] is not None:
+            return clip[1]
+        if self._clip_total is None:
+            return None
+        # The clip used our own total norm (shared pass): derive its factor on the device.
+        own = self._clip_total.to(self._stats.dtype)
+        return torch.clamp(clip[0] / (own + 1e-6), max=1.0).reshape(())
 
     def _before_clip(self, parameters: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
         """A norm clip of some parameters is about to scale their gradients (adamwatch.grad_clip)."""
@@ -1175,7 +1217,10 @@ def watch(
         on_stop: called when a "stop" action is applied (``monitor.stop_requested`` turns True too).
         **options: further MonitorConfig fields (sample_size, max_queued, world_size, seed,
             lr_floor, lr_recovery_steps, command_interval, target (e.g. ``{"eval_loss": 1.6}``),
-            model_family, footprint_interval, report_exits, cross_rank, local_grads, fingerprint_every).
+            model_family, footprint_interval, report_exits, cross_rank, local_grads, fingerprint_every,
+            spike_guard).
+            ``spike_guard="clip"`` / ``"skip"`` (or an :class:`adamwatch.spike_guard.SpikeGuardConfig`)
+            turns on the on-device spike guard; off by default.
 
     Returns:
         The Monitor; use it as a context manager or call ``close()``.

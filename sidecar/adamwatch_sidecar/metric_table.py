@@ -249,6 +249,25 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("adamwatch_replica_divergence", "gauge", "",
                "1 when this rank's latest fingerprint differs from the most common one among the ranks of its "
                "job that this sidecar saw at the same step, else 0.", T),
+    # --- on-device spike guard (issue 14): from the STEP frame's extras ------------------
+    # Present only when the trainer runs watch(spike_guard=...); the counter's series
+    # appears at 0 with the first armed step so increase() sees the first activation.
+    MetricSpec("adamwatch_spike_guard_activations_total", "counter", "",
+               "Steps the on-device spike guard acted on, by mode (clip: gradients scaled down to the "
+               "threshold; skip: update not applied).", T + ("mode",)),
+    MetricSpec("adamwatch_spike_guard_threshold", "gauge", "",
+               "The spike guard's current bound mean + k*std, by signal (grad_norm: pre-clip global norm; "
+               "loss: skip mode only).", T + ("signal",)),
+    MetricSpec("adamwatch_spike_guard_zscore", "gauge", "",
+               "z-score (value - mean) / std of the latest step against the spike guard's statistics, by signal.",
+               T + ("signal",)),
+    # --- mixed precision (issue 11 item 5): from the STEP frame's extras -------------------
+    # The overflow-skip rate is rate(adamwatch_skipped_steps_total{reason="grad_scaler"}).
+    MetricSpec("adamwatch_grad_scaler_scale", "gauge", "",
+               "GradScaler's loss scale used by the latest step.", T),
+    MetricSpec("adamwatch_grad_zero_ratio", "gauge", "ratio",
+               "Share of sampled gradient coordinates that are exactly zero (an fp16 underflow signal), "
+               "per param group, every N steps.", T + ("param_group",)),
     # --- gradient clipping (issue 8 item 1): adamwatch_grad_norm stays the pre-clip norm --------
     MetricSpec("adamwatch_grad_clip_coefficient", "gauge", "ratio",
                "Factor gradient clipping applied at the latest clipped step, min(1, max_norm/pre-clip norm); "

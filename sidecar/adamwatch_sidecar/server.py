@@ -32,6 +32,7 @@ from .nan_origin import NanOriginTracker
 from .replica_check import ReplicaCheck
 from .run_state import RunState
 from .status_page import StatusPage
+from .extras_export import StepExtrasExporter
 
 __all__ = ["Sidecar", "Ticker"]
 
@@ -87,6 +88,9 @@ class Sidecar:
         # attached with remediation, see cli).
         self.replica_check = ReplicaCheck(self.state)
         self.state.add_listener(self.replica_check.on_message)
+        # Spike guard and GradScaler extras of each STEP -> their metrics.
+        self.step_extras = StepExtrasExporter(self.state)
+        self.state.add_listener(self.step_extras.on_message)
         self._servers: list[HttpServer] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None

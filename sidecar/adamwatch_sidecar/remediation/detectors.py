@@ -6,6 +6,13 @@
 | ``loss_spike`` | loss > mean + k·σ of the last ``window`` healthy losses | value, mean, std, threshold, samples |
 | ``grad_norm_spike`` | global grad norm > mean + k·σ of its own window | value, mean, std, threshold, samples |
 | ``stall`` | a connected trainer that has stepped sends no STEP for ``timeout_seconds`` | seconds_since_last_step, last_step |
+| ``spike_guard`` | the trainer's on-device spike guard acted on ``consecutive_steps`` steps in a row | streak, mode, loss, grad_norm |
+
+A step the spike guard acted on (STEP ``extras`` ``spike_guard_clip``/``spike_guard_skip``
+= 1) is neutral for ``loss_spike`` and ``grad_norm_spike``: it neither raises an incident
+nor enters their windows, nor breaks their streaks. The guard judged the same pre-clip
+norm and already handled the step; the repair ladder is for what it cannot handle, a
+streak of activations (the ``spike_guard`` detector).
 
 The spike rule, for a window ``x_1..x_n`` of the last healthy values
 (``min_samples <= n <= window``)::
@@ -39,13 +46,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .policy import DetectorParams, NonFiniteParams, SpikeParams, StallParams
+from ..extras_export import guard_activation
+from .policy import DetectorParams, NonFiniteParams, SpikeGuardStreakParams, SpikeParams, StallParams
 
 __all__ = [
     "Incident",
     "SpikeDetector",
     "NonFiniteDetector",
     "StallDetector",
+    "SpikeGuardStreakDetector",
     "RankDetectors",
 ]
 
@@ -301,6 +310,52 @@ class StallDetector:
                 "timeout_seconds": self.params.timeout_seconds}
 
 
+def _guard_mode(payload: Mapping[str, Any]) -> str | None:
+    """The mode in which the trainer's spike guard acted on this STEP, or None."""
+    return guard_activation(payload.get("extras"))
+
+
+class SpikeGuardStreakDetector:
+    """Counts consecutive steps the trainer's spike guard acted on.
+
+    Steps without the guard's extras (guard off, or a summary that skipped the
+    extensions) leave the streak as it is; a step where the guard did not act ends it.
+    """
+
+    def __init__(self, params: SpikeGuardStreakParams):
+        self.params = params
+        self.streak = 0
+
+    def reset(self) -> None:
+        """Forget the current streak."""
+        self.streak = 0
+
+    def observe(self, payload: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Judge one STEP payload.
+
+        Returns:
+            Evidence once the streak reaches ``consecutive_steps`` (and on every further
+            activation of the same streak), else None.
+        """
+        extras = payload.get("extras")
+        if not isinstance(extras, Mapping) or not any(f"spike_guard_{m}" in extras for m in ("clip", "skip")):
+            return None
+        mode = _guard_mode(payload)
+        if mode is None:
+            self.streak = 0
+            return None
+        self.streak += 1
+        if self.streak < self.params.consecutive_steps:
+            return None
+        return {
+            "mode": mode,
+            "streak": self.streak,
+            "consecutive_steps": self.params.consecutive_steps,
+            "loss": payload.get("loss") if _finite(payload.get("loss")) else None,
+            "grad_norm": payload.get("grad_norm") if _finite(payload.get("grad_norm")) else None,
+        }
+
+
 class RankDetectors:
     """All detectors of one (job, rank), fed with that rank's STEP payloads.
 
@@ -317,12 +372,14 @@ class RankDetectors:
         self.loss_spike = SpikeDetector("loss_spike", params.loss_spike)
         self.grad_norm_spike = SpikeDetector("grad_norm_spike", params.grad_norm_spike)
         self.stall = StallDetector(params.stall)
+        self.spike_guard = SpikeGuardStreakDetector(params.spike_guard)
 
     def reset_windows(self) -> None:
         """Forget spike windows and streaks (after a restore or a new session)."""
         self.non_finite.reset()
         self.loss_spike.reset()
         self.grad_norm_spike.reset()
+        self.spike_guard.reset()
 
     def _incident(self, detector: str, step: int | None, now: float, evidence: dict[str, Any],
                   streak: int, first_at: int) -> Incident:
@@ -344,14 +401,20 @@ class RankDetectors:
             if ev is not None:
                 found.append(self._incident("non_finite", step, now, ev, ev["streak"],
                                             p.non_finite.consecutive_steps))
-        if p.loss_spike.enabled:
+        guarded = _guard_mode(payload) is not None  # neutral for the spike detectors (module docstring)
+        if p.loss_spike.enabled and not guarded:
             ev = self.loss_spike.observe(payload.get("loss"))
             if ev is not None:
                 found.append(self._incident("loss_spike", step, now, ev, ev["streak"], 1))
-        if p.grad_norm_spike.enabled:
+        if p.grad_norm_spike.enabled and not guarded:
             ev = self.grad_norm_spike.observe(payload.get("grad_norm"))
             if ev is not None:
                 found.append(self._incident("grad_norm_spike", step, now, ev, ev["streak"], 1))
+        if p.spike_guard.enabled:
+            ev = self.spike_guard.observe(payload)
+            if ev is not None:
+                found.append(self._incident("spike_guard", step, now, ev, ev["streak"],
+                                            p.spike_guard.consecutive_steps))
         return found
 
     def check_stall(self, now: float) -> Incident | None:

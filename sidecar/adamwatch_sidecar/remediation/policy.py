@@ -31,6 +31,7 @@ __all__ = [
     "SpikeParams",
     "NonFiniteParams",
     "StallParams",
+    "SpikeGuardStreakParams",
     "DetectorParams",
     "Rung",
     "AuditParams",
@@ -44,7 +45,7 @@ __all__ = [
 # is done by the sidecar itself (exhausted gauge, optionally a "stop" COMMAND).
 ACTIONS: tuple[str, ...] = ("reduce_lr", "restore_checkpoint", "stop", "escalate")
 COMMAND_ACTIONS: tuple[str, ...] = ("reduce_lr", "restore_checkpoint", "stop")
-DETECTOR_NAMES: tuple[str, ...] = ("non_finite", "loss_spike", "grad_norm_spike", "stall")
+DETECTOR_NAMES: tuple[str, ...] = ("non_finite", "loss_spike", "grad_norm_spike", "stall", "spike_guard")
 TRACING_EXPORTERS: tuple[str, ...] = ("none", "console", "otlp-http")
 
 _HOUR = 3600.0
@@ -63,6 +64,9 @@ DEFAULT_POLICY: dict[str, Any] = {
         "loss_spike": {"enabled": True, "k": 6.0, "window": 128, "min_samples": 32, "min_std_ratio": 0.01},
         "grad_norm_spike": {"enabled": True, "k": 6.0, "window": 128, "min_samples": 32, "min_std_ratio": 0.01},
         "stall": {"enabled": True, "timeout_seconds": 300.0},
+        # The trainer's spike guard (watch(spike_guard=...)) handles single spikes
+        # inside the step; a streak of activations means it is fighting a trend.
+        "spike_guard": {"enabled": True, "consecutive_steps": 10},
     },
     "ladders": {
         "non_finite": [
@@ -79,6 +83,11 @@ DEFAULT_POLICY: dict[str, Any] = {
             {"action": "escalate"},
         ],
         "stall": [{"action": "escalate"}],
+        "spike_guard": [
+            {"action": "reduce_lr", "factor": 0.5, "cooldown_steps": 20, "max_per_window": 2, "window_seconds": _HOUR},
+            {"action": "restore_checkpoint", "cooldown_steps": 10, "max_per_window": 1, "window_seconds": _HOUR},
+            {"action": "escalate"},
+        ],
     },
     "escalate": {"stop_training": False},
     # Alerts routed to the sidecar's webhook (label adamwatch_remediate="true").
@@ -128,13 +137,22 @@ class StallParams:
 
 
 @dataclass(frozen=True)
+class SpikeGuardStreakParams:
+    """Fires when the trainer's spike guard acted on ``consecutive_steps`` steps in a row."""
+
+    enabled: bool = True
+    consecutive_steps: int = 10
+
+
+@dataclass(frozen=True)
 class DetectorParams:
-    """Parameters of the four detectors."""
+    """Parameters of the detectors."""
 
     non_finite: NonFiniteParams = field(default_factory=NonFiniteParams)
     loss_spike: SpikeParams = field(default_factory=SpikeParams)
     grad_norm_spike: SpikeParams = field(default_factory=SpikeParams)
     stall: StallParams = field(default_factory=StallParams)
+    spike_guard: SpikeGuardStreakParams = field(default_factory=SpikeGuardStreakParams)
 
 
 @dataclass(frozen=True)
@@ -279,6 +297,7 @@ def _detectors(raw: Any, path: str) -> DetectorParams:
     _no_unknown(raw, defaults, path)
     nf = _merged(defaults["non_finite"], raw.get("non_finite"), f"{path}.non_finite")
     st = _merged(defaults["stall"], raw.get("stall"), f"{path}.stall")
+    sg = _merged(defaults["spike_guard"], raw.get("spike_guard"), f"{path}.spike_guard")
     return DetectorParams(
         non_finite=NonFiniteParams(
             enabled=_bool(nf["enabled"], f"{path}.non_finite.enabled"),
@@ -291,6 +310,10 @@ def _detectors(raw: Any, path: str) -> DetectorParams:
         stall=StallParams(
             enabled=_bool(st["enabled"], f"{path}.stall.enabled"),
             timeout_seconds=_number(st["timeout_seconds"], f"{path}.stall.timeout_seconds", above=0),
+        ),
+        spike_guard=SpikeGuardStreakParams(
+            enabled=_bool(sg["enabled"], f"{path}.spike_guard.enabled"),
+            consecutive_steps=_int(sg["consecutive_steps"], f"{path}.spike_guard.consecutive_steps", minimum=1),
         ),
     )
 

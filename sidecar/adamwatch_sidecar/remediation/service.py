@@ -809,6 +809,8 @@ class RemediationService:
                            "consecutive_steps": d.params.non_finite.consecutive_steps},
             "stall": {"enabled": d.params.stall.enabled, "timeout_seconds": d.params.stall.timeout_seconds,
                       "last_step_at": d.stall.last_step_at, "fired": d.stall.fired},
+            "spike_guard": {"enabled": d.params.spike_guard.enabled, "streak": d.spike_guard.streak,
+                            "consecutive_steps": d.params.spike_guard.consecutive_steps},
         }
 
     @staticmethod

@@ -613,6 +613,9 @@
       d.non_finite.streak ? "bad" : null],
       ["stall", d.stall.enabled ? (d.stall.fired ? "stalled" : "fires after " + num(d.stall.timeout_seconds) + " s without a step")
         : "disabled", d.stall.fired ? "bad" : null],
+      ...(d.spike_guard ? [["spike guard streak", d.spike_guard.enabled ? (d.spike_guard.streak ? "streak "
+        + d.spike_guard.streak + " of " + d.spike_guard.consecutive_steps : "fires after "
+        + d.spike_guard.consecutive_steps + " guarded steps in a row") : "disabled", d.spike_guard.streak ? "bad" : null]] : []),
     ]);
   }
 
