@@ -35,6 +35,7 @@ from adamwatch.optimizer_info import describe_optimizer, group_names, is_fused
 from adamwatch.remediation import Action, ActionResult, Remediator, SchedulerStepHook, skip_next_scheduler_step
 from adamwatch.step_stats import StepLayout, StepStats, decode_step
 from adamwatch.transfer import SummaryTransfer
+from adamwatch.unwrap import unwrap_optimizer
 
 __all__ = ["watch", "Monitor", "MonitorConfig"]
 
@@ -134,6 +135,10 @@ class Monitor:
     ):
         config = config or MonitorConfig()
         config.validate()
+        # Hooks go on the torch optimizer inside a framework's wrapper (Accelerate's
+        # AcceleratedOptimizer, Lightning's LightningOptimizer); the scheduler stays
+        # as given, since the wrapper's step() is what the loop calls (lr_control unwraps it).
+        optimizer = unwrap_optimizer(optimizer)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.checkpointer = checkpointer
