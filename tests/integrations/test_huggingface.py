@@ -118,3 +118,58 @@ def test_a_monitor_that_cannot_start_does_not_stop_training(tmp_path, caplog):
 def test_the_callback_refuses_the_objects_the_trainer_owns():
     with pytest.raises(TypeError, match="optimizer"):
         AdamwatchCallback(optimizer=object())
+
+
+class NaNAtStep(Trainer):
+    """A user's Trainer whose loss turns NaN at one optimizer step (every micro-batch of it)."""
+
+    nan_at_step = 2
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        if self.state.global_step == self.nan_at_step:
+            loss = loss * float("nan")
+        return loss
+
+
+def total(sidecar, name: str, job: str) -> float:
+    return sum(v for (n, lab), v in sidecar.samples().items() if n == name and ("job", job) in lab)
+
+
+def test_fused_adamw_skips_a_nan_step_without_stopping_training(sidecar, tmp_path):
+    callback = AdamwatchCallback(endpoint=sidecar.endpoint, job="hf-nan", rank=0, deep_stats_every=0)
+    model = tiny_gpt2()
+    trainer = NaNAtStep(model=model, args=training_args(tmp_path, max_steps=5, optim="adamw_torch_fused"),
+                        train_dataset=synthetic_tokens(), callbacks=[callback])
+    trainer.train()
+    labels = {"job": "hf-nan", "rank": "0"}
+    sidecar.wait_value("adamwatch_optimizer_step", lambda v: v == 5, **labels)
+    assert all(torch.isfinite(p).all() for p in model.parameters()), "the NaN step was applied"
+    assert sidecar.value("adamwatch_nonfinite_steps_total", source="loss", **labels) == 1
+    assert total(sidecar, "adamwatch_skipped_steps_total", "hf-nan") == 1
+
+
+def test_an_lr_cut_persists_through_trainers_warmup_schedule(tmp_path):
+    """monitor.reduce_lr(0.5) mid-run: every later logged learning_rate is half the uncut linear schedule's."""
+
+    class CutAtStep2(TrainerCallback):
+        def __init__(self, adamwatch_callback):
+            self.adamwatch_callback = adamwatch_callback
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                self.adamwatch_callback.monitor.reduce_lr(0.5, reason="test")
+
+    def run(cut: bool) -> list[float]:
+        recorder = LogRecorder()
+        callback = AdamwatchCallback(endpoint=None, job="hf-cut", rank=0, deep_stats_every=0)
+        callbacks = [callback, recorder] + ([CutAtStep2(callback)] if cut else [])
+        args = training_args(tmp_path, max_steps=8, gradient_accumulation_steps=1, warmup_steps=3,
+                             lr_scheduler_type="linear")
+        Trainer(model=tiny_gpt2(), args=args, train_dataset=synthetic_tokens(), callbacks=callbacks).train()
+        return [log["learning_rate"] for log in recorder.logs]
+
+    uncut, cut = run(False), run(True)
+    assert cut[:2] == uncut[:2]
+    ratios = [c / u for c, u in zip(cut[4:], uncut[4:]) if u]
+    assert len(ratios) >= 3 and ratios == pytest.approx([0.5] * len(ratios), rel=1e-9)
