@@ -60,7 +60,9 @@ class AdapterBase:
         if monitor is not None and hasattr(monitor, "_report_error"):
             # Through the monitor: counted where the sidecar reads it, logged once there.
             try:
-                monitor._report_error(f"{type(self).__module__}: {where}")
+                # "<framework> adapter: <event>": a short, bounded label value.
+                framework = type(self).__module__.rsplit(".", 1)[-1]
+                monitor._report_error(f"{framework} adapter: {where}")
                 return
             except Exception:
                 pass
