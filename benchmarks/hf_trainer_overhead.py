@@ -88,7 +88,11 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--fused", action="store_true", help="optim=adamw_torch_fused")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: on a shared, loaded CPU more threads only add noise)")
     args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     logging.getLogger("adamwatch").setLevel(logging.ERROR)
 
