@@ -135,3 +135,23 @@ def test_a_monitor_error_does_not_stop_fit():
     callback = AdamwatchCallback(endpoint="bogus://x", job="pl-bad", rank=0)
     fit(module, callback, max_steps=2)
     assert len(module.steps) == 2 and callback.errors == 1 and callback.monitor is None
+
+
+def test_a_failure_inside_the_callback_is_counted_on_metrics_and_fit_goes_on(sidecar):
+    """Never silently blind: a callback failure mid-run reaches /metrics under its own `where`."""
+
+    class Faulty(AdamwatchCallback):
+        def on_before_backward(self, trainer, pl_module, loss):
+            if trainer.global_step == 1:
+                loss = "not a loss"  # the adapter's own code fails on this one micro-batch
+            return super().on_before_backward(trainer, pl_module, loss)
+
+    module = TinyRegression()
+    callback = Faulty(endpoint=sidecar.endpoint, job="pl-faulty", rank=0, deep_stats_every=0)
+    fit(module, callback, max_steps=4)
+    labels = {"job": "pl-faulty", "rank": "0"}
+    sidecar.wait_value("adamwatch_optimizer_step", lambda v: v == 4, **labels)
+    assert len(module.steps) == 4 and callback.errors == 1
+    sidecar.wait_value("adamwatch_monitor_errors_total", lambda v: v == 1,
+                       where="lightning adapter: on_before_backward", **labels)
+    assert sidecar.value("adamwatch_loss", **labels) == pytest.approx(module.steps[-1]["loss"], rel=1e-5)

@@ -45,6 +45,9 @@ class AdapterBase:
             (``endpoint``, ``job``, ``checkpointer``, ``deep_stats_every``, ``guard``, ...).
     """
 
+    #: names the adapter in ``adamwatch_monitor_errors_total{where="<framework> adapter: <event>"}``
+    framework = "framework"
+
     def __init__(self, **watch_options: Any):
         for name in ("optimizer", "scheduler"):
             if name in watch_options:
@@ -61,8 +64,7 @@ class AdapterBase:
             # Through the monitor: counted where the sidecar reads it, logged once there.
             try:
                 # "<framework> adapter: <event>": a short, bounded label value.
-                framework = type(self).__module__.rsplit(".", 1)[-1]
-                monitor._report_error(f"{framework} adapter: {where}")
+                monitor._report_error(f"{self.framework} adapter: {where}")
                 return
             except Exception:
                 pass

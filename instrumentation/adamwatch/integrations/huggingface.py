@@ -62,6 +62,8 @@ class AdamwatchCallback(AdapterBase, TrainerCallback):
         errors: failures inside the callback itself (each also counted on the monitor).
     """
 
+    framework = "huggingface"
+
     def __init__(self, **watch_options: Any):
         AdapterBase.__init__(self, **watch_options)
         self._window = WindowLoss()

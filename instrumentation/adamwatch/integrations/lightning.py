@@ -60,6 +60,8 @@ class AdamwatchCallback(AdapterBase, Callback):
         errors: failures inside the callback (each also counted on the monitor).
     """
 
+    framework = "lightning"
+
     def __init__(self, *, optimizer_index: int = 0, **watch_options: Any):
         AdapterBase.__init__(self, **watch_options)
         self.optimizer_index = optimizer_index
