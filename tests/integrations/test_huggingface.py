@@ -173,3 +173,29 @@ def test_an_lr_cut_persists_through_trainers_warmup_schedule(tmp_path):
     assert cut[:2] == uncut[:2]
     ratios = [c / u for c, u in zip(cut[4:], uncut[4:]) if u]
     assert len(ratios) >= 3 and ratios == pytest.approx([0.5] * len(ratios), rel=1e-9)
+
+
+def test_a_checkpointer_factory_gets_the_torch_objects_trainer_built(tmp_path):
+    """Trainer builds its optimizer inside train(): checkpointer= may be a factory, called with the torch objects."""
+    import adamwatch
+
+    built = {}
+
+    def make_checkpointer(*, model, optimizer, scheduler):
+        built.update(model=model, optimizer=optimizer, scheduler=scheduler)
+        return adamwatch.Checkpointer(tmp_path / "ckpt", model=model, optimizer=optimizer, scheduler=scheduler)
+
+    class SaveEveryStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            callback.monitor.checkpointer.save(state.global_step)
+
+    callback = AdamwatchCallback(endpoint=None, job="hf-ckpt", rank=0, checkpointer=make_checkpointer)
+    model = tiny_gpt2()
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=3), train_dataset=synthetic_tokens(),
+                      callbacks=[callback, SaveEveryStep()])
+    trainer.train()
+    assert callback.errors == 0
+    assert built["model"] is model and type(built["optimizer"]) is torch.optim.AdamW
+    assert built["optimizer"] is trainer.optimizer.optimizer  # the torch one inside AcceleratedOptimizer
+    assert built["scheduler"] is trainer.lr_scheduler
+    assert sorted(tmp_path.joinpath("ckpt").iterdir()), "the checkpointer saved"

@@ -73,12 +73,24 @@ class AdapterBase:
             log.exception("adamwatch: %s failed in %s; training continues unmonitored or partly monitored "
                           "(further errors are counted, not logged)", where, type(self).__qualname__)
 
-    def _watch(self, optimizer: Any, scheduler: Any) -> None:
-        """Start the monitor; a failure leaves training running, unmonitored, and says why."""
+    def _watch(self, optimizer: Any, scheduler: Any, model: Any = None) -> None:
+        """Start the monitor; a failure leaves training running, unmonitored, and says why.
+
+        The framework builds the optimizer inside its training loop, so a
+        Checkpointer (which needs it) can be given as a factory:
+        ``checkpointer=lambda model, optimizer, scheduler: adamwatch.Checkpointer(dir, model=model,
+        optimizer=optimizer, scheduler=scheduler)``, called here with the torch objects.
+        """
         import adamwatch
+        from adamwatch.unwrap import unwrap_optimizer
 
         self._close()
-        self.monitor = adamwatch.watch(optimizer, scheduler=scheduler, **self.watch_options)
+        options = dict(self.watch_options)
+        checkpointer = options.get("checkpointer")
+        if callable(checkpointer) and not hasattr(checkpointer, "save"):
+            options["checkpointer"] = checkpointer(model=model, optimizer=unwrap_optimizer(optimizer),
+                                                   scheduler=scheduler)
+        self.monitor = adamwatch.watch(optimizer, scheduler=scheduler, **options)
 
     def _close(self) -> None:
         monitor, self.monitor = self.monitor, None

@@ -71,10 +71,10 @@ class AdamwatchCallback(AdapterBase, TrainerCallback):
 
     # ------------------------------------------------------------------ Trainer events
     @guarded("on_train_begin")
-    def on_train_begin(self, args: Any, state: Any, control: Any, *, optimizer: Any = None,
+    def on_train_begin(self, args: Any, state: Any, control: Any, *, model: Any = None, optimizer: Any = None,
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
         self._window.reset()
-        self._watch(optimizer, lr_scheduler)
+        self._watch(optimizer, lr_scheduler, model)
         self._hook_loss(_calling_trainer())
 
     @guarded("on_pre_optimizer_step")

@@ -86,7 +86,7 @@ class AdamwatchCallback(AdapterBase, Callback):
         self._grad_scaler = getattr(trainer.precision_plugin, "scaler", None)
         if self._grad_scaler is not None:
             self.watch_options.setdefault("scaler", self._grad_scaler)
-        self._watch(optimizer, scheduler)
+        self._watch(optimizer, scheduler, pl_module)
 
     @guarded("on_train_end")
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
