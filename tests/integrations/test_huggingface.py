@@ -52,20 +52,23 @@ def training_args(tmp_path, **overrides) -> TrainingArguments:
     return TrainingArguments(**options)
 
 
-def test_metrics_show_what_trainer_logs(sidecar, tmp_path):
-    """Window-mean loss, pre-clip grad_norm (clipping at 0.05 is active) and lr, to float precision."""
+@pytest.mark.parametrize("max_grad_norm", [0.05, 0.0])
+def test_metrics_show_what_trainer_logs(sidecar, tmp_path, max_grad_norm):
+    """Window-mean loss, pre-clip grad_norm (clipping at 0.05 acts; 0 = Trainer only measures) and lr."""
     recorder = LogRecorder()
-    callback = AdamwatchCallback(endpoint=sidecar.endpoint, job="hf", rank=0, deep_stats_every=0)
-    trainer = Trainer(model=tiny_gpt2(), args=training_args(tmp_path), train_dataset=synthetic_tokens(),
-                      callbacks=[callback, recorder])
+    job = f"hf-{max_grad_norm}"
+    callback = AdamwatchCallback(endpoint=sidecar.endpoint, job=job, rank=0, deep_stats_every=0)
+    trainer = Trainer(model=tiny_gpt2(), args=training_args(tmp_path, max_grad_norm=max_grad_norm),
+                      train_dataset=synthetic_tokens(), callbacks=[callback, recorder])
     trainer.train()
 
-    labels = {"job": "hf", "rank": "0"}
+    labels = {"job": job, "rank": "0"}
     sidecar.wait_value("adamwatch_optimizer_step", lambda v: v == 4, **labels)
     assert callback.errors == 0 and callback.monitor is None, "closed on train end, no failure"
     last = recorder.logs[-1]
     assert last["step"] == 4 and len(recorder.logs) == 4
-    assert last["grad_norm"] > 0.05 * 2, "the test needs clipping to act"
+    assert last["grad_norm"] > 0.05 * 2, "the test needs clipping to act when it is on"
+    assert sidecar.value("adamwatch_clipped_steps_total", **labels) == (4 if max_grad_norm else 0)
     assert sidecar.value("adamwatch_steps_total", **labels) == 4
     assert sidecar.value("adamwatch_loss", **labels) == pytest.approx(last["loss"], rel=1e-6)
     assert sidecar.value("adamwatch_grad_norm", param_group="all", **labels) == pytest.approx(last["grad_norm"], rel=1e-5)
