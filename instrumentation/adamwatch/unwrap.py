@@ -78,10 +78,10 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     if isinstance(current, torch.optim.Optimizer):
         return current
     raise TypeError(
-        f"adamwatch.watch(optimizer): got {type(optimizer).__module__}.{type(optimizer).__qualname__}, "
-        "which is not a torch.optim.Optimizer and exposes none as `.optimizer`; pass the torch optimizer "
-        "it wraps (e.g. `adamwatch.watch(wrapper.optimizer)`), or give the wrapper an `optimizer` "
-        "attribute holding it"
+        f"adamwatch.watch(optimizer): expected a torch.optim.Optimizer, got {type(optimizer).__qualname__} "
+        f"(from {type(optimizer).__module__}), which exposes none as `.optimizer`; if it wraps one, pass "
+        "the torch optimizer it wraps (e.g. `adamwatch.watch(wrapper.optimizer)`), or give the wrapper an "
+        "`optimizer` attribute holding it"
     )
 
 
