@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from adamwatch.unwrap import unwrap_scheduler
+
 __all__ = [
     "LR_SCALE_KEY",
     "LRRecovery",
@@ -71,6 +73,13 @@ def _scale_scheduler(scheduler: Any, factors: Sequence[float], seen: set[int]) -
     if scheduler is None or id(scheduler) in seen:
         return
     seen.add(id(scheduler))
+    inner = unwrap_scheduler(scheduler)
+    if inner is not scheduler:
+        # A framework's wrapper (Accelerate's AcceleratedScheduler, what HF
+        # Trainer holds) keeps no rates of its own: its step() steps the inner
+        # scheduler, whose base_lrs (LambdaLR: HF's warmup schedules) must carry the cut.
+        _scale_scheduler(inner, factors, seen)
+        return
     for child in getattr(scheduler, "_schedulers", None) or ():
         # SequentialLR and ChainedScheduler: children share the optimizer, so
         # the groups are scaled once by the caller; each child's own copies here.

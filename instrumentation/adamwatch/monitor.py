@@ -45,6 +45,7 @@ from adamwatch.spike_guard import SpikeGuard, SpikeGuardConfig
 from adamwatch.step_extensions import StepContext, StepExtension
 from adamwatch.step_stats import StepLayout, StepStats, decode_step, skip_reason
 from adamwatch.transfer import SummaryTransfer
+from adamwatch.unwrap import unwrap_optimizer
 
 __all__ = ["watch", "Monitor", "MonitorConfig"]
 
@@ -210,6 +211,10 @@ class Monitor:
     ):
         config = config or MonitorConfig()
         config.validate()
+        # Hooks go on the torch optimizer inside a framework's wrapper (Accelerate's
+        # AcceleratedOptimizer, Lightning's LightningOptimizer); the scheduler stays
+        # as given, since the wrapper's step() is what the loop calls (lr_control unwraps it).
+        optimizer = unwrap_optimizer(optimizer)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.checkpointer = checkpointer
