@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry
 
+from .admission import Admission, read_secret
 from .collector import CONTENT_TYPE, RunStateCollector
 from .config import SidecarConfig
 from .http_server import HttpServer
@@ -61,7 +62,13 @@ class Sidecar:
         self._clock = clock
         self.tick_interval = tick_interval
         self.state = RunState(config.retention_seconds, clock)
-        self.ingest = IngestServer(self.state, config.listen, config.max_frame_bytes)
+        secret = read_secret(config.secret_file) if config.secret_file else None
+        admission = Admission(config.allowed_uids, config.allowed_gids, secret, config.max_trainers,
+                              config.max_series_per_trainer)
+        self.ingest = IngestServer(self.state, config.listen, config.max_frame_bytes, admission=admission,
+                                   socket_mode=config.socket_mode, socket_group=config.socket_group,
+                                   max_buffered_bytes=config.max_buffered_bytes,
+                                   partial_frame_timeout=config.partial_frame_timeout_seconds)
         self.collector = RunStateCollector(self.state)
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(self.collector)
