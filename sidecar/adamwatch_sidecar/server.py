@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from .admission import Admission, read_secret
 from .collector import CONTENT_TYPE, RunStateCollector
 from .config import SidecarConfig
-from .http_server import HttpServer
+from .http_server import HTTP_REJECT_REASONS, HttpServer
 from .ingest import IngestServer
 from .run_state import RunState
 from .status_page import StatusPage
@@ -72,6 +72,8 @@ class Sidecar:
         self.collector = RunStateCollector(self.state)
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(self.collector)
+        for reason in HTTP_REJECT_REASONS:
+            self.state.inc_global("adamwatch_sidecar_http_requests_rejected_total", {"reason": reason}, 0)
         self.status_page = StatusPage(self.state, clock=clock)
         self.metrics_server = HttpServer(
             config.metrics_address,
@@ -82,6 +84,8 @@ class Sidecar:
                 **self.status_page.routes(),
             },
             name="metrics",
+            workers=config.http_workers,
+            on_reject=self.count_http_rejection,
         )
         self._tickers: list[Ticker] = [self.state.expire, self.status_page.on_tick]
         self._servers: list[HttpServer] = []
@@ -90,6 +94,10 @@ class Sidecar:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._stopped = threading.Event()
         self._started = False
+
+    def count_http_rejection(self, reason: str) -> None:
+        """Count an HTTP request refused before its handler ran (any server of this sidecar)."""
+        self.state.inc_global("adamwatch_sidecar_http_requests_rejected_total", {"reason": reason})
 
     # ------------------------------------------------------------------ extension points
     def add_ticker(self, fn: Ticker) -> None:
