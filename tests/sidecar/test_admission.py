@@ -257,3 +257,36 @@ def test_a_lone_surrogate_in_any_label_never_breaks_metrics(sidecars, open_dir) 
     assert series(values, "adamwatch_trainer_connected", job="bystander", rank=0) == 1
     t.close()
     other.close()
+
+
+@pytest.mark.slow
+def test_three_thousand_ranks_of_one_job_do_not_stall_another_trainers_hello() -> None:
+    """HELLO is O(1) in the job's size in every listener (run state, remediation, status page)."""
+    from adamwatch_sidecar.config import build_config
+    from adamwatch_sidecar.remediation.wiring import attach
+    from adamwatch_sidecar.server import Sidecar
+
+    config = build_config({"listen": "tcp://127.0.0.1:0", "metrics_address": "127.0.0.1:0", "max_trainers": 4096})
+    car = Sidecar(config)
+    service = attach(car, config.remediation, environ={})
+    car.start()
+    ranks = 3000
+    socks = []
+    try:
+        ep = car.ingest.endpoint
+        for rank in range(ranks):
+            s = socket.create_connection((ep.host, ep.port))
+            s.sendall(wire.encode_frame(M.HELLO, hello_payload(job="big", rank=rank, world_size=ranks,
+                                                               session=f"s{rank}")))
+            socks.append(s)
+        real = socket.create_connection((ep.host, ep.port))
+        socks.append(real)
+        real.sendall(wire.encode_frame(M.HELLO, hello_payload(job="real", rank=0, world_size=1)))
+        # before the fix the real trainer waited 48-54 s behind the fake ranks' quadratic work
+        wait_for(lambda: car.state.is_connected(("real", 0)), timeout=15, what="the real trainer's HELLO")
+        assert all(car.state.is_connected(("big", r)) for r in (0, ranks // 2, ranks - 1))
+    finally:
+        for s in socks:
+            s.close()
+        car.stop()
+        service.shutdown()
