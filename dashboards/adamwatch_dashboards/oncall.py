@@ -95,7 +95,7 @@ def oncall_dashboard() -> dashboard_builders.Dashboard:
             [query(f'adamwatch_job_rank:grad_norm:ratio_to_baseline{{{SEL}}}', "{{job}}/{{rank}}")],
             needs_history=True))
         .with_panel(timeseries_panel(
-            ids, "Global gradient norm", "L2 norm of the unscaled gradients at each scraped step.",
+            ids, "Global gradient norm", "L2 norm of the unscaled gradients at each scraped step, before clipping.",
             [query(f'adamwatch_grad_norm{{{SEL}, param_group="all"}}', "{{job}}/{{rank}}")], log_scale=True))
         .with_row(dashboard_builders.Row("Progress"))
         .with_panel(timeseries_panel(
@@ -126,6 +126,17 @@ def oncall_dashboard() -> dashboard_builders.Dashboard:
         .with_panel(timeseries_panel(
             ids, "Remediation ladder exhausted", "1 while every rung is used up (AdamwatchRemediationLadderExhausted).",
             [query(f'adamwatch_remediation_ladder_exhausted{{{SEL}}}', "{{job}}/{{rank}}")]))
+        .with_row(dashboard_builders.Row("Monitor health"))
+        .with_panel(timeseries_panel(
+            ids, "Monitor errors",
+            "Failures inside the trainers' monitors per 10 minutes, by where (AdamwatchMonitorErrors): "
+            "steps it could not summarise are missing from every other panel.",
+            [query(f'sum by (job, rank, where) (increase(adamwatch_monitor_errors_total{{{SEL}}}[10m]))',
+                   "{{job}}/{{rank}} {{where}}")], event_only=True))
+        .with_panel(timeseries_panel(
+            ids, "Gradient clipping",
+            "Factor clipping applied at the latest clipped step (1 = within max_norm); the gradient-norm panels show the norm before clipping.",
+            [query(f'adamwatch_grad_clip_coefficient{{{SEL}}}', "{{job}}/{{rank}}")]))
         .with_row(dashboard_builders.Row("Runbooks"))
         .with_panel(text_panel(ids, "Alerts and runbooks", runbook_table_markdown(), height=12))
     )

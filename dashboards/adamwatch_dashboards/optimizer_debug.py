@@ -34,7 +34,7 @@ def optimizer_debug_dashboard() -> dashboard_builders.Dashboard:
             ids, "Loss", "Loss at each scraped step and its one-minute mean.",
             [query(f'adamwatch_loss{{{SEL}}}', "loss"), query(f'adamwatch_job_rank:loss:avg1m{{{SEL}}}', "1m mean")]))
         .with_panel(timeseries_panel(
-            ids, "Gradient norm by param group", 'L2 norm of the unscaled gradients; "all" is the global norm.',
+            ids, "Gradient norm by param group", 'L2 norm of the unscaled gradients before clipping; "all" is the global norm.',
             [query(f'adamwatch_grad_norm{{{SEL}}}', "{{param_group}}")], log_scale=True))
         .with_row(dashboard_builders.Row("Learning rates"))
         .with_panel(timeseries_panel(

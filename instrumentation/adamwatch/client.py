@@ -62,9 +62,12 @@ class StreamClient:
         wait: float = 0.05,
         batch_interval: Callable[[], float] | None = None,
         secret_file: str | None = None,
+        on_error: Callable[[str], None] | None = None,
     ):
         self.endpoint = wire.parse_endpoint(endpoint)
         self._secret_file = secret_file if secret_file is not None else os.environ.get(wire.SECRET_FILE_ENV)
+        # Failures of this thread are counted by the owner (sent as MONITOR_ERRORS), not only logged.
+        self._on_error = on_error
         self._hello = hello
         self._on_command = on_command
         self._poll = poll
@@ -171,7 +174,10 @@ class StreamClient:
                     # training thread, so fewer of them cost the trainer less.
                     self._drain.wait(interval)
             except Exception:  # the client must never die: log and carry on
-                log.exception("adamwatch: client loop error (continuing)")
+                if self._on_error is not None:
+                    self._on_error("client_loop")
+                else:
+                    log.exception("adamwatch: client loop error (continuing)")
                 self._disconnect(quiet=True)
                 time.sleep(self._wait)
 
@@ -323,7 +329,10 @@ class StreamClient:
                 try:
                     self._on_command(item.payload)
                 except Exception:
-                    log.exception("adamwatch: command handler failed for %r", item.payload)
+                    if self._on_error is not None:
+                        self._on_error("command_handler")
+                    else:
+                        log.exception("adamwatch: command handler failed for %r", item.payload)
 
 
 def default_job_name() -> str:

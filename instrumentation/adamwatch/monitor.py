@@ -27,18 +27,26 @@ from typing import Any, Callable
 
 import torch
 
-from adamwatch import __version__, wire
+from adamwatch import __version__, grad_clip, wire
 from adamwatch.client import StreamClient, default_job_name
 from adamwatch.distributed import StepCoordinator
+from adamwatch.loss_window import LossWindow
 from adamwatch.lr_control import LRRecovery
 from adamwatch.optimizer_info import describe_optimizer, group_names, is_fused
 from adamwatch.remediation import Action, ActionResult, Remediator, SchedulerStepHook, skip_next_scheduler_step
-from adamwatch.step_stats import StepLayout, StepStats, decode_step
+from adamwatch.step_extensions import StepContext, StepExtension
+from adamwatch.step_stats import StepLayout, StepStats, decode_step, skip_reason
 from adamwatch.transfer import SummaryTransfer
 
 __all__ = ["watch", "Monitor", "MonitorConfig"]
 
 log = logging.getLogger("adamwatch")
+
+# Our hooks run eagerly even inside a compiled ``optimizer.step()``: traced, they
+# would break its graph into pieces and guard on host state that changes every
+# step (timestamps, counters), recompiling until dynamo's limit. Kept out of the
+# trace, they cost one graph break each around an unchanged compiled update.
+_not_traced = torch.compiler.disable
 
 _GUARDS = ("auto", "off", "sync")
 
@@ -120,7 +128,7 @@ def _distributed_rank_world() -> tuple[int | None, int | None]:
 
 
 class Monitor:
-    """Watches one Adam/AdamW optimizer. Create it with :func:`watch`."""
+    """Watches one torch optimizer (built for Adam/AdamW). Create it with :func:`watch`."""
 
     def __init__(
         self,
@@ -138,7 +146,7 @@ class Monitor:
         self.scheduler = scheduler
         self.checkpointer = checkpointer
         self.config = config
-        self._info = describe_optimizer(optimizer)  # also rejects non-Adam optimizers
+        self._info = describe_optimizer(optimizer)  # also rejects what is not a torch optimizer
         self._fused = is_fused(optimizer)
         self._group_names = group_names(optimizer)
 
@@ -151,7 +159,23 @@ class Monitor:
         self.session = uuid.uuid4().hex
 
         self.step = 0  # iterations seen (skipped ones included), 1-based after the first
-        self._loss: torch.Tensor | float | None = None
+        self._loss_window = LossWindow()
+        self._extensions: list[StepExtension] = []
+        # summarize_step(): the step is summarised (True) until its post-step hook;
+        # once an adapter drives the moment, the pre-step hook leaves it to it.
+        self._summarized = False
+        self._explicit = False
+        self._guard_flag: torch.Tensor | None = None
+        # Clipping seen this step (adamwatch.grad_clip): pre-clip per-group sums of
+        # squares, and (max_norm, coefficient tensor).
+        self._param_ids: frozenset[int] = frozenset()
+        self._clip_sq: torch.Tensor | None = None
+        # coefficient None: the clip used our own total norm (shared pass), so the
+        # coefficient follows from the reported pre-clip norm on the host (no device op)
+        self._clip: tuple[float, torch.Tensor | None] | None = None
+        self._clip_total: torch.Tensor | None = None
+        self._clip_tap = _ClipTap(self)
+        self.errors_by_where: dict[str, int] = {}
         self._pending: tuple[torch.Tensor, StepLayout] | None = None
         self._found_inf_set = False
         self._last_end: float | None = None
@@ -159,9 +183,11 @@ class Monitor:
         self._tokens_next: int | None = None
         self._steps_in_call = 0
         self.errors = 0
-        self._error_logged = False
+        self._errors_lock = threading.Lock()  # the training thread and the reader thread both report
+        self._errors_sent = 0  # self.errors when the sidecar was last told
         self._closed = False
         self._actions: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._deferred: list[Action] = []  # restores queued before a step: applied after it
 
         self._stats = StepStats(optimizer, sample_size=config.sample_size, seed=config.seed)
         self._transfer = SummaryTransfer(self._stats.device, self._stats.max_length, self._stats.dtype)
@@ -181,6 +207,7 @@ class Monitor:
                 poll=self._poll_summaries,
                 max_queued=config.max_queued,
                 batch_interval=self._batch_interval,
+                on_error=self._report_error,
             )
         else:
             log.warning("adamwatch: no endpoint (set %s): step summaries are not streamed", wire.ENDPOINT_ENV)
@@ -190,6 +217,7 @@ class Monitor:
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
         ]
+        grad_clip.attach(self._clip_tap)
         self._scaler = None
         self._scaler_step = None
         if scaler is not None:
@@ -204,13 +232,55 @@ class Monitor:
             self._reader.start()
 
     # ------------------------------------------------------------------ user API
-    def observe_loss(self, loss: torch.Tensor | float) -> None:
-        """Record the loss of the current step. A tensor is fine: nothing waits for the device.
+    @_not_traced
+    def observe_loss(self, loss: torch.Tensor | float, *, scaled_by: float = 1) -> None:
+        """Record a loss of the current step. A tensor is fine: nothing waits for the device.
 
-        With gradient accumulation, call it once per optimizer step (e.g. with
-        the accumulated loss); the last value before ``optimizer.step()`` wins.
+        With gradient accumulation call it on every micro-batch: the step's
+        exported loss is the mean over the micro-batches observed since the
+        previous step was summarised (summed on the device, no sync).
+
+        Args:
+            loss: the micro-batch's loss (tensor or number).
+            scaled_by: pass ``accum_steps`` when ``loss`` is the scaled value you
+                backpropagate (``loss / accum_steps``): it is multiplied back.
         """
-        self._loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
+        self._loss_window.add(loss, scaled_by)
+
+    @_not_traced
+    def summarize_step(self) -> None:
+        """Summarise the current step now: its gradients (pre-clip, unscaled) and its loss.
+
+        Computes the per-step vector on the device (no sync), runs the step
+        extensions and sets the fused guard's ``found_inf``. Call it once the
+        step's backward is done and before the update: adapters for stacks that
+        run backward inside ``optimizer.step(closure)`` call it from their
+        "before optimizer step" callback. The optimizer's pre-step hook then does
+        not summarise that step again; once called, the Monitor leaves the moment
+        to its caller for every later step too (a step it was not called for is
+        summarised after the update, counted in ``errors_by_where["summary_missed"]``).
+        """
+        if self._closed:
+            return
+        self._explicit = True
+        self._disarm_scheduler_skip()
+        if self._coordinator is None and not self._actions.empty():
+            self._apply_early()
+        self._summarize(self.optimizer)
+
+    def add_step_extension(self, extension: StepExtension) -> None:
+        """Take part in summarising every step (see adamwatch.step_extensions).
+
+        Extensions run in registration order at the summary moment, after the
+        local norms and before the global norm, the guard's decision and the
+        copy to the host.
+
+        Raises:
+            TypeError: when ``extension`` has no callable ``on_summary``.
+        """
+        if not callable(getattr(extension, "on_summary", None)):
+            raise TypeError(f"add_step_extension: {type(extension).__qualname__} has no on_summary(ctx) method")
+        self._extensions.append(extension)
 
     def set_throughput(self, *, samples: int | None = None, tokens: int | None = None) -> None:
         """Samples/tokens processed by the current step, when they vary per step."""
@@ -255,6 +325,7 @@ class Monitor:
         self._closed = True
         for handle in self._handles:
             handle.remove()
+        grad_clip.detach(self._clip_tap)
         if hasattr(self.checkpointer, "remove_listener"):
             self.checkpointer.remove_listener(self._on_checkpoint_event)
         self._disarm_scheduler_skip()
@@ -282,24 +353,71 @@ class Monitor:
 
     # ------------------------------------------------------------------ hooks
     def _report_error(self, where: str) -> None:
-        self.errors += 1
-        if not self._error_logged:
-            self._error_logged = True
-            log.exception("adamwatch: %s failed; training continues (further errors are counted, not logged)", where)
+        """Count a failure inside the monitor (any thread), log the first of each kind.
 
+        The counts reach the sidecar (MONITOR_ERRORS, ``adamwatch_monitor_errors_total{where}``):
+        a monitor that cannot compute or send a number is never silent.
+        """
+        with self._errors_lock:
+            self.errors += 1
+            first = where not in self.errors_by_where
+            self.errors_by_where[where] = self.errors_by_where.get(where, 0) + 1
+        if first:
+            log.exception("adamwatch: %s failed; training continues (further %s errors are counted, not logged)",
+                          where, where)
+
+    def _errors_frame(self) -> bytes | None:
+        """A MONITOR_ERRORS frame when the counts changed since the last one."""
+        if self.errors == self._errors_sent:
+            return None
+        with self._errors_lock:
+            self._errors_sent = self.errors
+            counts = dict(self.errors_by_where)
+        return wire.encode_frame(wire.MessageType.MONITOR_ERRORS, {"errors": counts})
+
+    @_not_traced
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._disarm_scheduler_skip()
+        if self._coordinator is None and not self._actions.empty():
+            self._apply_early()
+        if self._summarized:
+            self._keep_guard_flag(optimizer)
+            return
+        if self._explicit:
+            return  # the adapter summarises inside the step (closure), or _post_step does it late
+        self._summarize(optimizer)
+
+    def _keep_guard_flag(self, optimizer: torch.optim.Optimizer) -> None:
+        """summarize_step() ran before ``scaler.step()``, which sets its own found_inf:
+        combine both, so the guard's verdict is not lost."""
+        flag = self._guard_flag
+        current = getattr(optimizer, "found_inf", None)
+        if flag is None or current is flag or not isinstance(current, torch.Tensor):
+            return
+        try:
+            optimizer.found_inf = torch.maximum(current, flag.to(current.device, current.dtype))
+        except Exception:
+            self._report_error("guard")
+
+    def _summarize(self, optimizer: torch.optim.Optimizer, guard: bool = True) -> None:
+        """The summary moment: per-step vector on the device, extensions, guard."""
+        self._summarized = True
         try:
             grad_scale = getattr(optimizer, "grad_scale", None)
             found_inf = getattr(optimizer, "found_inf", None)
-            guard_fused = self._fused and self.config.guard != "off"
-            guard_sync = self.config.guard == "sync" and not self._fused
+            if found_inf is not None and found_inf is self._guard_flag:
+                found_inf = None  # our own flag from an earlier summary of this step, not GradScaler's
+            guard_fused = guard and self._fused and self.config.guard != "off"
+            guard_sync = guard and self.config.guard == "sync" and not self._fused
             vector, bad, layout = self._stats.per_step(
-                self._loss,
+                self._loss_window.mean(),
                 grad_scale=grad_scale if isinstance(grad_scale, torch.Tensor) else None,
                 found_inf=found_inf if isinstance(found_inf, torch.Tensor) else None,
                 guard=guard_fused,
                 need_flag=guard_sync,
+                group_sq=self._clip_sq,
+                on_context=self._run_extensions if self._extensions else None,
+                step=self.step + 1,
             )
             if guard_fused:
                 # The fused kernel leaves params, m, v and the step count alone
@@ -310,6 +428,7 @@ class Monitor:
                 else:
                     self._found_inf_set = True
                 optimizer.found_inf = flag
+                self._guard_flag = flag
             elif guard_sync:
                 # Opt-in, documented: one host sync per step buys the skip for
                 # optimizers without a found_inf input. Dropping every grad
@@ -318,12 +437,80 @@ class Monitor:
                     for group in optimizer.param_groups:
                         for p in group["params"]:
                             p.grad = None
-                    layout.meta["skip_reason"] = "guard"
+                    if layout.meta.get("skip_reason") is None:
+                        layout.meta["skip_reason"] = "guard"
+                    layout.meta["skip_sync"] = True
             self._pending = (vector, layout)
         except Exception:
             self._pending = None
-            self._report_error("pre-step summary")
+            self._report_error("pre_step_summary")
 
+    def _run_extensions(self, ctx: StepContext) -> None:
+        for extension in self._extensions:
+            try:
+                extension.on_summary(ctx)
+            except Exception:
+                self._report_error("extension")
+
+    def _clip_total_norm(self, parameters: list[torch.Tensor]) -> torch.Tensor | None:
+        """clip_grad_norm_ over exactly this optimizer's gradients: our pass gives its total norm.
+
+        Returns None (torch computes the norm itself) when the gradients are not
+        exactly ours, not all on the statistics device, or the step is already summarised.
+        """
+        if self._closed or self._summarized or self._clip_sq is not None:
+            return None
+        try:
+            grads = [p.grad for p in parameters if p.grad is not None]
+            if not grads:
+                return None
+            mine = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if len(mine) != len(grads) or {id(g) for g in mine} != {id(g) for g in grads}:
+                return None
+            device, dtype = grads[0].device, grads[0].dtype
+            if device != self._stats.device or any(g.device != device or g.dtype != dtype for g in grads):
+                return None
+            self._clip_sq = self._stats.group_sq()
+            # torch returns the norm in the gradients' dtype
+            self._clip_total = self._clip_sq.sum().sqrt().to(dtype)
+            return self._clip_total
+        except Exception:
+            self._report_error("clip")
+            return None
+
+    def _before_clip(self, parameters: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+        """A norm clip of some parameters is about to scale their gradients (adamwatch.grad_clip)."""
+        if self._closed:
+            return
+        try:
+            first = next((p for p in parameters if getattr(p, "grad", None) is not None), None)
+            if first is None:
+                return
+            if id(first) not in self._param_ids:
+                self._param_ids = frozenset(id(p) for g in self.optimizer.param_groups for p in g["params"])
+                if id(first) not in self._param_ids:
+                    return  # another optimizer's parameters
+            if total_norm is self._clip_total and self._clip is None:
+                self._clip = (float(max_norm), None)  # the norm of our own pass: derived on the host
+                return
+            if not self._summarized and self._clip_sq is None:
+                # The pass the summary would make anyway, taken before clipping.
+                self._clip_sq = self._stats.group_sq()
+            total = total_norm if isinstance(total_norm, torch.Tensor) else torch.tensor(float(total_norm))
+            total = self._stats._to_dev(total.detach()).to(self._stats.dtype)
+            coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0).reshape(())
+            if self._clip is not None:
+                # clipped twice in one step: the combined factor
+                first = self._clip[1]
+                if first is None:
+                    own = self._clip_total.to(self._stats.dtype)
+                    first = torch.clamp(self._clip[0] / (own + 1e-6), max=1.0).reshape(())
+                coef = coef * first
+            self._clip = (float(max_norm), coef)
+        except Exception:
+            self._report_error("clip")
+
+    @_not_traced
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._found_inf_set:
             self._found_inf_set = False
@@ -332,10 +519,15 @@ class Monitor:
             except AttributeError:
                 pass
         self._steps_in_call += 1
+        if not self._summarized and not self._closed:
+            # Driven by summarize_step() but not called for this step: summarise
+            # late (after the update, unguarded) rather than not at all, and say so.
+            self._report_error("summary_missed")
+            self._summarize(optimizer, guard=False)
         try:
             self._finish_step()
         except Exception:
-            self._report_error("post-step summary")
+            self._report_error("post_step_summary")
         try:
             self._apply_actions()
         except Exception:
@@ -354,7 +546,10 @@ class Monitor:
             # thread: a float assignment is atomic, and a stale value is fine).
             self._step_seconds = duration if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * duration
         pending, self._pending = self._pending, None
-        self._loss = None
+        clip, self._clip, self._clip_sq, self._clip_total = self._clip, None, None, None
+        self._loss_window.reset()
+        self._summarized = False
+        self._guard_flag = None
         if pending is None:
             return
         vector, layout = pending
@@ -363,6 +558,12 @@ class Monitor:
             deep, present = self._stats.deep()
             vector = torch.cat([vector, deep])
             layout.deep_groups = present
+        if clip is not None:
+            layout.clip_max_norm = clip[0]
+            if clip[1] is None:
+                layout.clip_from_norm = True
+            else:
+                vector = torch.cat([vector, clip[1].reshape(1).to(vector.dtype)])
         samples = self._samples_next if self._samples_next is not None else self.config.samples_per_step
         tokens = self._tokens_next if self._tokens_next is not None else self.config.tokens_per_step
         self._samples_next = self._tokens_next = None
@@ -388,11 +589,13 @@ class Monitor:
             result = original(optimizer, *args, **kwargs)
             if optimizer is self.optimizer and self._steps_in_call == before and not self._closed:
                 try:
-                    vector, _bad, layout = self._stats.per_step(self._loss)
-                    self._pending = (vector, layout)
+                    if self._pending is None:
+                        vector, _bad, layout = self._stats.per_step(
+                            self._loss_window.mean(), group_sq=self._clip_sq, step=self.step + 1)
+                        self._pending = (vector, layout)
                     self._finish_step(skip_reason="grad_scaler")
                 except Exception:
-                    self._report_error("skipped-step summary")
+                    self._report_error("scaler_skipped_summary")
             return result
 
         self._scaler = scaler
@@ -423,6 +626,7 @@ class Monitor:
             "torch_version": torch.__version__,
             "optimizer": self._info,
             "deep_stats_every": self.config.deep_stats_every,
+            "monitor_errors": dict(self.errors_by_where),
         }
 
     def _summaries(self, timeout: float) -> list[dict[str, Any]]:
@@ -441,21 +645,29 @@ class Monitor:
             if reason is not None:
                 payload["skipped"] = True
             elif payload["skipped"]:
-                reason = "grad_scaler" if values[2] >= 2 else "guard"
+                reason = skip_reason(values[2], layout)
             payload["skip_reason"] = reason if payload["skipped"] else None
             payloads.append(payload)
             self._note_health(payload)
         return payloads
 
     def _poll_summaries(self, timeout: float) -> list[bytes]:
-        return [wire.encode_frame(wire.MessageType.STEP, p) for p in self._summaries(timeout)]
+        try:
+            frames = [wire.encode_frame(wire.MessageType.STEP, p) for p in self._summaries(timeout)]
+        except Exception:
+            self._report_error("summary_reader")
+            frames = []
+        errors = self._errors_frame()
+        if errors is not None and self._client is not None:
+            self._client.send_control(errors)
+        return frames
 
     def _drain_without_client(self) -> None:
         while not self._closed or not self._transfer.idle:
             try:
                 self._summaries(0.1)
             except Exception:
-                self._report_error("summary reader")
+                self._report_error("summary_reader")
 
     def _note_health(self, payload: dict[str, Any]) -> None:
         healthy = not (payload.get("loss_nonfinite") or payload.get("grad_nonfinite") or payload.get("skipped"))
@@ -478,6 +690,13 @@ class Monitor:
 
     def _queue_action(self, kind: str, args: dict[str, Any], reason: str | None, source: str = "local",
                       action_id: str | None = None) -> str:
+        if source == "local" and self._coordinator is not None and self.rank != 0:
+            # Rank 0 decides and broadcasts (or replicas diverge); an action issued
+            # here would be dropped, so refuse it rather than return an id for nothing.
+            raise RuntimeError(
+                f"adamwatch: monitor.{kind}() on rank {self.rank}: under torch.distributed only rank 0's "
+                f"actions are applied (broadcast to every rank); call it on rank 0 only "
+                f"(if monitor.rank == 0: ...)")
         action = Action(kind, args, source=source, reason=reason)
         if action_id is not None:
             action.id = action_id
@@ -493,7 +712,7 @@ class Monitor:
             try:
                 self.checkpointer.note_incident(trigger)
             except Exception:
-                self._report_error("checkpointer.note_incident")
+                self._report_error("checkpointer_note_incident")
         self._queue_action(payload["action"], dict(payload.get("args") or {}), payload.get("reason"),
                            source="sidecar", action_id=payload["id"])
 
@@ -532,7 +751,25 @@ class Monitor:
             return
         ack = result.to_ack()
         ack["lr_scale"] = float(self._remediator.lr_scale)
+        ack["source"] = result.action.source  # "local"/"recovery": counted by the sidecar like its own
         self._client.send_control(wire.encode_frame(wire.MessageType.ACK, ack))
+
+    def _apply_early(self) -> None:
+        """Actions queued since the last step take effect before this step's update.
+
+        A learning-rate cut or a stop asked for between steps N and N+1 applies
+        to step N+1 itself. A restore waits for the post-step boundary: this
+        step's gradients belong to the parameters it would replace.
+        """
+        try:
+            while not self._actions.empty():
+                action = self._actions.get_nowait()
+                if action.kind == "restore_checkpoint":
+                    self._deferred.append(action)
+                    continue
+                self._ack(self._remediator.apply(self._remediator.resolve(action), self.step))
+        except Exception:
+            self._report_error("remediation")
 
     def _apply_actions(self) -> None:
         """Apply pending actions in the post-step hook: between two steps, never inside one.
@@ -540,7 +777,7 @@ class Monitor:
         Under torch.distributed rank 0 decides: its actions are broadcast and
         every rank applies the same list at the same step, or replicas diverge.
         """
-        local = []
+        local, self._deferred = self._deferred, []
         while not self._actions.empty():  # the usual step has none: no exception raised per step
             local.append(self._actions.get_nowait())
         local.extend(self._remediator.pending_actions())
@@ -568,6 +805,19 @@ class Monitor:
             self._ack(result)
 
 
+class _ClipTap:
+    """What adamwatch.grad_clip holds (weakly) for a Monitor: its clip callback, not the Monitor's API."""
+
+    def __init__(self, monitor: Monitor):
+        self._monitor = monitor
+
+    def before_clip(self, parameters: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+        self._monitor._before_clip(parameters, max_norm, total_norm)
+
+    def total_norm(self, parameters: list[torch.Tensor]) -> torch.Tensor | None:
+        return self._monitor._clip_total_norm(parameters)
+
+
 def watch(
     optimizer: torch.optim.Optimizer,
     *,
@@ -584,10 +834,10 @@ def watch(
     on_stop: Callable[[], None] | None = None,
     **options: Any,
 ) -> Monitor:
-    """Watch every step of a torch Adam/AdamW optimizer.
+    """Watch every step of a torch optimizer (Adam/AdamW get Adam's state statistics too).
 
     Args:
-        optimizer: torch.optim.Adam or AdamW, any implementation (for-loop, foreach, fused).
+        optimizer: any torch.optim.Optimizer, any implementation (for-loop, foreach, fused).
         scheduler: its LR scheduler, so learning-rate cuts persist.
         endpoint: ``unix:///path`` or ``tcp://127.0.0.1:PORT``; default ``$ADAMWATCH_ENDPOINT``.
         job, rank: labels; defaults from the environment / torch.distributed.

@@ -1,4 +1,9 @@
-"""What kind of Adam a user handed us: kind, implementation, hyperparameters, group names."""
+"""What optimizer a user handed us: kind, implementation, hyperparameters, group names.
+
+Any ``torch.optim.Optimizer`` is watched: loss, gradient norms, learning rates,
+non-finite flags and step time do not depend on the update rule. Adam's state
+statistics need ``exp_avg``/``exp_avg_sq`` in the state (see ``StepStats.deep``).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,10 @@ __all__ = ["optimizer_kind", "implementation", "group_names", "describe_optimize
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
-    """"AdamW" or "Adam" (subclasses are reported by their nearest torch base).
+    """"AdamW" or "Adam" (subclasses reported by their nearest torch base), else the class's own name.
 
     Raises:
-        TypeError: naming the class when it is not a torch Adam or AdamW.
+        TypeError: naming the class when it is not a ``torch.optim.Optimizer``.
     """
     # AdamW subclasses Adam in recent torch: test the narrower class first.
     if isinstance(optimizer, torch.optim.AdamW):
@@ -22,9 +27,13 @@ def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
         if optimizer.defaults.get("decoupled_weight_decay"):
             return "AdamW"
         return "Adam"
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return type(optimizer).__name__
     raise TypeError(
-        f"adamwatch.watch(optimizer): expected torch.optim.Adam or AdamW, got {type(optimizer).__qualname__}"
+        f"adamwatch.watch(optimizer): expected a torch.optim.Optimizer, got {type(optimizer).__qualname__}; "
+        f"pass the torch optimizer it wraps (often its .optimizer attribute)"
     )
+
 
 
 def is_fused(optimizer: torch.optim.Optimizer) -> bool:
@@ -71,18 +80,25 @@ def _float(value: Any) -> float:
 
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The HELLO message's ``optimizer`` field."""
+    kind = optimizer_kind(optimizer)  # first: refuses what is not a torch optimizer
     group = optimizer.param_groups[0] if optimizer.param_groups else dict(optimizer.defaults)
-    betas = group.get("betas", (0.9, 0.999))
     devices = sorted({p.device.type for g in optimizer.param_groups for p in g["params"]})
-    return {
-        "kind": optimizer_kind(optimizer),
+    info: dict[str, Any] = {
+        "kind": kind,
         "implementation": implementation(optimizer),
-        "betas": [_float(betas[0]), _float(betas[1])],
-        "eps": _float(group.get("eps", 1e-8)),
-        "weight_decay": _float(group.get("weight_decay", 0.0)),
-        "amsgrad": bool(group.get("amsgrad", False)),
-        "capturable": bool(group.get("capturable", False)),
         "param_groups": group_names(optimizer),
         "num_params": sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
         "device": ",".join(devices) or "cpu",
+        "capturable": bool(group.get("capturable", False)),
+        "weight_decay": _float(group.get("weight_decay", 0.0)),
     }
+    # Hyperparameters only where the optimizer has them (SGD has no betas, no eps):
+    # the sidecar leaves a missing one's label empty rather than invent a value.
+    betas = group.get("betas")
+    if isinstance(betas, (tuple, list)) and len(betas) == 2:
+        info["betas"] = [_float(betas[0]), _float(betas[1])]
+    if group.get("eps") is not None:
+        info["eps"] = _float(group["eps"])
+    if "amsgrad" in group:
+        info["amsgrad"] = bool(group["amsgrad"])
+    return info

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from adamwatch.step_extensions import MAX_EXTRAS, StepContext
 from adamwatch.wire import QUANTILES
 
-__all__ = ["StepLayout", "StepStats", "decode_step", "DEEP_FIELDS_PER_GROUP"]
+__all__ = ["StepLayout", "StepStats", "decode_step", "skip_reason", "DEEP_FIELDS_PER_GROUP"]
 
 # Per-step vector: [loss, total_sq_norm, skip code, group_sq_norm × G, lr tensors...]
 _FIXED = 3
@@ -45,15 +46,27 @@ class StepLayout:
     tensor_lr_groups: list[int]
     deep_groups: list[bool] | None = None  # per group: had optimizer state (deep block present)
     meta: dict[str, Any] = field(default_factory=dict)
+    # StepContext.add_extra: names of the values after the lr tensors; host-side values by name
+    extra_names: list[str] = field(default_factory=list)
+    host_extras: dict[str, float] = field(default_factory=dict)
+    # StepContext.request_skip reasons: skip code 3 + i is skip_reasons[i]
+    skip_reasons: list[str] = field(default_factory=list)
+    # clipping (adamwatch.grad_clip): max_norm of the step's clip; the coefficient
+    # travels in the vector's tail block when clip_max_norm is set
+    clip_max_norm: float | None = None
+    # the clip used the summary's own pre-clip norm: its coefficient is computed on
+    # the host from that norm, and the vector has no clip element
+    clip_from_norm: bool = False
 
     @property
     def step_length(self) -> int:
-        return _FIXED + self.num_groups + len(self.tensor_lr_groups)
+        return _FIXED + self.num_groups + len(self.tensor_lr_groups) + len(self.extra_names)
 
     @property
     def length(self) -> int:
         deep = self.num_groups * DEEP_FIELDS_PER_GROUP if self.deep_groups is not None else 0
-        return self.step_length + deep
+        clip = 1 if self.clip_max_norm is not None and not self.clip_from_norm else 0
+        return self.step_length + deep + clip
 
 
 class _SamplePlan:
@@ -152,9 +165,9 @@ class StepStats:
 
     @property
     def max_length(self) -> int:
-        """Longest vector this optimizer's summaries can take (per step plus deep block)."""
+        """Longest vector this optimizer's summaries can take (per step, extras, deep block, clip)."""
         groups = len(self.optimizer.param_groups)
-        return _FIXED + 2 * groups + groups * DEEP_FIELDS_PER_GROUP
+        return _FIXED + 2 * groups + MAX_EXTRAS + groups * DEEP_FIELDS_PER_GROUP + 1
 
     # ------------------------------------------------------------------ per step
     def per_step(
@@ -165,18 +178,28 @@ class StepStats:
         found_inf: torch.Tensor | None = None,
         guard: bool = False,
         need_flag: bool = False,
+        group_sq: torch.Tensor | None = None,
+        on_context: Callable[[StepContext], None] | None = None,
+        step: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None, StepLayout]:
         """Reduce the gradients (pre-step: they are about to be applied).
 
         Args:
-            loss: what observe_loss received (tensor or float), or None.
+            loss: the step's loss (tensor or float: the micro-batch mean), or None.
             grad_scale: GradScaler's scale when the grads are still scaled (fused path).
             found_inf: GradScaler's overflow flag, if any.
-            guard: the non-finite flag marks the step as skipped (fused guard).
-            need_flag: return the non-finite flag as a device tensor (implied by guard).
+            guard: the non-finite flag (or an extension's skip request) marks the
+                step as skipped (fused guard).
+            need_flag: return the skip flag as a device tensor (implied by guard).
+            group_sq: per-group sums of squares taken earlier (before clipping,
+                adamwatch.grad_clip), used instead of a pass over the grads.
+            on_context: called with the step's StepContext after the local norms
+                (the step extensions); may replace the norms and the flags.
+            step: the index of the step being summarised (for the context).
 
         Returns:
-            (vector, non-finite flag as a 1-element bool tensor or None, layout).
+            (vector, skip flag as a 1-element bool tensor or None, layout). The
+            flag is the non-finite flag OR'ed with the extensions' skip requests.
         """
         need_flag = need_flag or guard
         groups = self.optimizer.param_groups
@@ -192,7 +215,9 @@ class StepStats:
             has_grads.append(len(grads) > before)
         # Few, small ops: after backward every dispatch costs ~10 µs of cold
         # caches, and this runs on every step.
-        if grads:
+        if group_sq is not None:
+            sq = group_sq
+        elif grads:
             # One foreach kernel for every gradient of every group, then
             # per-group sums of squares (float64: an exploding norm of 1e20
             # squared stays finite).
@@ -220,16 +245,45 @@ class StepStats:
             loss_t = self._nan
             if loss is not None:
                 host_loss = float(loss)
+
+        ctx = None
+        if on_context is not None:
+            ctx = self._context(step, groups, sq, loss_t, loss, host_loss, grad_scale)
+            on_context(ctx)
+            if ctx.group_norm_sq is not sq:
+                if tuple(ctx.group_norm_sq.shape) != (len(groups),):
+                    raise ValueError(f"StepContext.group_norm_sq must keep shape [{len(groups)}], "
+                                     f"got {tuple(ctx.group_norm_sq.shape)}")
+                sq = self._to_dev(ctx.group_norm_sq).to(self.dtype)
+                total = sq.sum(0, keepdim=True)
+
         # The non-finite flag on the device is only needed to skip the step
         # (the fused guard); otherwise the host derives it from the values.
         bad = None
         if need_flag:
-            bad = ~torch.isfinite(total) if grads else self._false
-            if isinstance(loss, torch.Tensor):
-                bad = bad | ~torch.isfinite(loss_t)
+            if ctx is not None and ctx.nonfinite_read:
+                bad = ctx.nonfinite.reshape(1)
+            else:
+                bad = ~torch.isfinite(total) if grads or group_sq is not None else self._false
+                if isinstance(loss, torch.Tensor):
+                    bad = bad | ~torch.isfinite(loss_t)
 
-        # Skip code: 0 applied, 1 skipped by the adamwatch guard, 2 skipped by GradScaler.
+        # Skip code: 0 applied, 1 skipped by the adamwatch guard, 2 skipped by
+        # GradScaler, 3 + i skipped at an extension's request (layout.skip_reasons[i]).
         skipped = bad.to(self.dtype) if guard else self._zero
+        skip_reasons: list[str] = []
+        if ctx is not None and ctx.skip_requested and need_flag:
+            code = skipped.reshape(())
+            for flag, reason in ctx.skip_requests:
+                if reason not in skip_reasons:
+                    skip_reasons.append(reason)
+                code = torch.where(flag & (code == 0), float(3 + skip_reasons.index(reason)), code)
+            # What is left was OR'ed into ctx.skip without a reason.
+            skip_reasons.append("extension")
+            code = torch.where(ctx.skip.reshape(()) & (code == 0), float(2 + len(skip_reasons)), code)
+            bad = bad | ctx.skip.reshape(1)
+            if guard:
+                skipped = code.to(self.dtype)
         if found_inf is not None:
             skipped = torch.where(self._to_dev(found_inf) > 0, 2.0, skipped).to(self.dtype)
 
@@ -247,6 +301,15 @@ class StepStats:
 
         parts = [loss_t, total, skipped.reshape(1), sq]
         parts.extend(lr_tensors)
+        extra_names: list[str] = []
+        host_extras: dict[str, float] = {}
+        if ctx is not None:
+            for name, value in ctx.extras:
+                if isinstance(value, torch.Tensor):
+                    extra_names.append(name)
+                    parts.append(self._to_dev(value).reshape(1).to(self.dtype))
+                else:
+                    host_extras[name] = float(value)
         vector = torch.cat(parts)
         layout = StepLayout(
             num_groups=len(groups),
@@ -255,8 +318,46 @@ class StepStats:
             group_has_grads=has_grads,
             host_lrs=host_lrs,
             tensor_lr_groups=tensor_lr_groups,
+            extra_names=extra_names,
+            host_extras=host_extras,
+            skip_reasons=skip_reasons,
         )
         return vector, bad, layout
+
+    def _context(self, step: int, groups: list[dict], sq: torch.Tensor, loss_t: torch.Tensor,
+                 loss: Any, host_loss: float | None, grad_scale: torch.Tensor | None) -> StepContext:
+        params_by_group = [[p for p in g["params"] if p.grad is not None] for g in groups]
+        grads_by_group = [[p.grad for p in ps] for ps in params_by_group]
+        if host_loss is not None:
+            loss_0d = torch.full((), host_loss, dtype=torch.float32, device=self.device)
+        else:
+            loss_0d = loss_t.reshape(()).to(torch.float32)
+        return StepContext(self.optimizer, step, params_by_group, grads_by_group, sq, loss_0d,
+                           has_loss=loss is not None, grad_scale=grad_scale)
+
+    def group_sq(self) -> torch.Tensor:
+        """Per-group sums of squared gradients as they are now ([num_groups], no sync).
+
+        Taken just before clipping (adamwatch.grad_clip), so the step's summary
+        reports the pre-clip norm without a second pass over the gradients.
+        """
+        groups = self.optimizer.param_groups
+        grads: list[torch.Tensor] = []
+        owners: list[int] = []
+        for index, group in enumerate(groups):
+            for p in group["params"]:
+                if p.grad is not None:
+                    grads.append(p.grad)
+                    owners.append(index)
+        if not grads:
+            return torch.zeros(len(groups), dtype=self.dtype, device=self.device)
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        squares = torch.stack(self._on_device(norms)).to(self.dtype).square()
+        if len(groups) == 1:
+            return squares.sum(0, keepdim=True)
+        return torch.zeros(len(groups), dtype=self.dtype, device=self.device).index_add_(
+            0, self._owner_index(owners), squares
+        )
 
     def _owner_index(self, owners: list[int]) -> torch.Tensor:
         """Device tensor of group indices per grad, cached: the set of params
@@ -287,7 +388,12 @@ class StepStats:
         present: list[bool] = []
         empty = torch.full((DEEP_FIELDS_PER_GROUP,), float("nan"), dtype=self.dtype, device=self.device)
         for index, group in enumerate(opt.param_groups):
-            params = [p for p in group["params"] if "exp_avg" in opt.state.get(p, {})]
+            # Adam's statistics where the state holds Adam's moments (Adam, AdamW, NAdam,
+            # RAdam); other optimizers (SGD, Adagrad, Adamax...) have no deep block.
+            second = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+            params = [] if "betas" not in group or "eps" not in group else [
+                p for p in group["params"] if "exp_avg" in (st := opt.state.get(p, {})) and second in st
+            ]
             if not params:
                 blocks.append(empty)
                 present.append(False)
@@ -432,6 +538,21 @@ def decode_step(values: list[float], layout: StepLayout) -> dict[str, Any]:
     if layout.has_loss:
         payload["loss"] = float(loss_value)
         payload["loss_nonfinite"] = not math.isfinite(loss_value)
+    if layout.extra_names or layout.host_extras:
+        extras = dict(layout.host_extras)
+        base = _FIXED + g + len(layout.tensor_lr_groups)
+        for i, name in enumerate(layout.extra_names):
+            extras[name] = values[base + i]
+        payload["extras"] = extras
+    if layout.clip_max_norm is not None:
+        payload["clip_max_norm"] = layout.clip_max_norm
+        if layout.clip_from_norm:
+            # torch's own formula, on the norm the clip was given
+            # (a NaN norm stays NaN: min() would turn it into 1)
+            payload["clip_coefficient"] = (min(1.0, layout.clip_max_norm / (math.sqrt(total_sq) + 1e-6))
+                                           if total_sq >= 0 else math.nan)
+        else:
+            payload["clip_coefficient"] = values[layout.length - 1]
     if layout.deep_groups is not None:
         deep = []
         nq = len(QUANTILES)
@@ -456,3 +577,11 @@ def decode_step(values: list[float], layout: StepLayout) -> dict[str, Any]:
             )
         payload["deep"] = deep
     return payload
+
+
+def skip_reason(code: float, layout: StepLayout) -> str:
+    """The reason for a skip code of the vector (1 guard, 2 GradScaler, 3+ an extension's request)."""
+    if code >= 3:
+        index = int(code) - 3
+        return layout.skip_reasons[index] if index < len(layout.skip_reasons) else "extension"
+    return "grad_scaler" if code >= 2 else "guard"

@@ -102,6 +102,7 @@ class MessageType(enum.IntEnum):
     ACK = 5  # trainer → sidecar, a command took effect (or failed) at a step
     GOODBYE = 6  # trainer → sidecar, clean shutdown: the run ended, not crashed
     COMMAND = 7  # sidecar → trainer, a remediation action to apply at a step boundary
+    MONITOR_ERRORS = 12  # trainer → sidecar, cumulative failures inside the monitor, by where
 
 
 @dataclass(frozen=True)
@@ -137,14 +138,18 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "session": _f("str"),  # random per Monitor: tells a reconnect from a restart
         "adamwatch_version": _f("str"),
         "torch_version": _f("str", required=False),
-        # {"kind": "Adam"|"AdamW", "implementation": "for-loop"|"foreach"|"fused",
-        #  "betas": [b1, b2], "eps": f, "weight_decay": f, "amsgrad": bool,
+        # {"kind": "Adam"|"AdamW"|the class name of any other torch optimizer ("SGD", ...),
+        #  "implementation": "for-loop"|"foreach"|"fused",
+        #  "betas": [b1, b2], "eps": f, "amsgrad": bool (each only where the optimizer has it),
+        #  "weight_decay": f,
         #  "param_groups": [names], "device": "cpu"|"cuda"|...}
         "optimizer": _f("dict"),
         "deep_stats_every": _f("int", required=False),
         "dropped_total": _f("int", required=False),
         # the sidecar's shared secret (secret_file), when it requires one; never stored
         "secret": _f("str", required=False),
+        # failures inside the monitor so far this session, {where: count} (as MONITOR_ERRORS)
+        "monitor_errors": _f("dict", required=False),
     },
     MessageType.STEP: {
         "step": _f("int"),  # optimizer step index as the trainer counts it (1-based)
@@ -152,7 +157,7 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "duration_s": _f("float", nullable=True),  # since the previous step finished
         "loss": _f("float", required=False, nullable=True),
         "loss_nonfinite": _f("bool", required=False),
-        "grad_norm": _f("float", nullable=True),  # global L2 norm (unscaled)
+        "grad_norm": _f("float", nullable=True),  # global L2 norm (unscaled, before clipping)
         "group_grad_norms": _f("list[float|null]"),
         "grad_nonfinite": _f("bool"),
         "lr": _f("list[float]"),  # scheduled lr per param group
@@ -165,6 +170,14 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         #  "update_to_weight": f, "exp_avg_norm": f, "exp_avg_sq_norm": f,
         #  "eps_dominated_ratio": f}
         "deep": _f("list[dict]", required=False, nullable=True),
+        # Step extensions' numbers (adamwatch.step_extensions.StepContext.add_extra):
+        # {name: float|null}, at most 64 names of at most 64 characters.
+        "extras": _f("dict", required=False, nullable=True),
+        # Gradient clipping seen this step (adamwatch.grad_clip): the max_norm it
+        # clipped to and the factor min(1, max_norm/(pre-clip norm + 1e-6)) it
+        # applied; absent when the step was not clipped. grad_norm is pre-clip.
+        "clip_max_norm": _f("float", required=False, nullable=True),
+        "clip_coefficient": _f("float", required=False, nullable=True),
     },
     MessageType.DROPPED: {
         "dropped_total": _f("int"),
@@ -188,10 +201,19 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "detail": _f("str", required=False, nullable=True),
         # cumulative learning-rate factor in force after the action (1 = untouched)
         "lr_scale": _f("float", required=False, nullable=True),
+        # who asked: "sidecar" (a COMMAND), "local" (monitor.reduce_lr() etc. in the
+        # training script), "recovery" (the trainer's LR recovery)
+        "source": _f("str", required=False, nullable=True),
     },
     MessageType.GOODBYE: {
         "reason": _f("str", required=False, nullable=True),
         "step": _f("int", required=False, nullable=True),
+    },
+    MessageType.MONITOR_ERRORS: {
+        # {where: count}: failures inside the trainer's monitor (a summary that
+        # could not be computed, the reader thread, an extension...), cumulative
+        # per session (HELLO.session); sent when they change. At most 32 names.
+        "errors": _f("dict"),
     },
     MessageType.COMMAND: {
         "id": _f("str"),

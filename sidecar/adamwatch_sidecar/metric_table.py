@@ -67,7 +67,8 @@ METRICS: tuple[MetricSpec, ...] = (
     # --- per step --------------------------------------------------------------
     MetricSpec("adamwatch_loss", "gauge", "", "Training loss reported by the trainer at its latest step.", T),
     MetricSpec("adamwatch_grad_norm", "gauge", "",
-               "L2 norm of the unscaled gradients at the latest step; param_group=\"all\" is the global norm.",
+               "L2 norm of the unscaled gradients at the latest step, before any clipping; "
+               "param_group=\"all\" is the global norm.",
                T + ("param_group",)),
     MetricSpec("adamwatch_learning_rate", "gauge", "", "Scheduled learning rate of each param group at the latest step.",
                T + ("param_group",)),
@@ -116,7 +117,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("adamwatch_trainer_finished", "gauge", "",
                "1 once the trainer said goodbye (a clean end of the run, not a crash); 0 before.", T),
     MetricSpec("adamwatch_optimizer_info", "info", "",
-               "Optimizer kind, implementation and hyperparameters announced by the trainer.",
+               "Optimizer class (Adam, AdamW, SGD, ...), implementation and hyperparameters announced by the trainer "
+               "(empty where the optimizer has no such hyperparameter).",
                T + ("optimizer", "implementation", "beta1", "beta2", "eps", "weight_decay", "amsgrad",
                     "world_size", "host", "torch_version", "adamwatch_version")),
     MetricSpec("adamwatch_dropped_summaries_total", "counter", "",
@@ -175,6 +177,22 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("adamwatch_corrupt_checkpoints_total", "counter", "",
                "Checkpoints found unusable (invalid manifest, size or sha256 mismatch, unloadable, "
                "or not fitting the live model and optimizer) and skipped.", T),
+    # --- gradient clipping (issue 8 item 1): adamwatch_grad_norm stays the pre-clip norm --------
+    MetricSpec("adamwatch_grad_clip_coefficient", "gauge", "ratio",
+               "Factor gradient clipping applied at the latest clipped step, min(1, max_norm/pre-clip norm); "
+               "1 means the norm was within max_norm.", T),
+    MetricSpec("adamwatch_grad_clip_max_norm", "gauge", "",
+               "max_norm of the trainer's gradient clipping at its latest clipped step.", T),
+    MetricSpec("adamwatch_clipped_steps_total", "counter", "",
+               "Steps whose gradients clipping scaled down (pre-clip norm above max_norm).", T),
+    # --- never silently blind (issue 8 item 8) -----------------------------------
+    MetricSpec("adamwatch_monitor_errors_total", "counter", "",
+               "Failures inside the trainer's monitor, by where (a step it could not summarise, its reader "
+               "thread, a step extension, ...); each is logged once by the trainer.",
+               T + ("where",)),
+    MetricSpec("adamwatch_trainer_hello_timestamp_seconds", "gauge", "seconds",
+               "Unix time at which the sidecar received the trainer's latest hello (connection or reconnection).",
+               T),
 )
 
 BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}

@@ -110,6 +110,11 @@ Snapshot = list[tuple[MetricSpec, list[tuple[tuple[str, ...], Any]]]]
 MAX_PARAM_GROUPS = 256
 MAX_LABEL_CHARS = 256
 MAX_SKIP_REASONS = 16
+# STEP.extras (adamwatch.step_extensions): names per message and kept per trainer
+MAX_EXTRAS = 64
+MAX_EXTRA_NAME_CHARS = 64
+# MONITOR_ERRORS: distinct `where` values per trainer (more fold into "other")
+MAX_ERROR_PLACES = 32
 
 HISTOGRAM_LE: tuple[str, ...] = tuple(repr(float(b)) for b in STEP_DURATION_BUCKETS) + ("+Inf",)
 _QUANTILE_LABELS: tuple[str, ...] = tuple(str(q) for q in wire.QUANTILES)
@@ -152,6 +157,13 @@ MESSAGE_METRICS: frozenset[str] = frozenset(
         "adamwatch_checkpoint_restores_total",
         "adamwatch_checkpoint_restore_duration_seconds",
         "adamwatch_corrupt_checkpoints_total",
+        # gradient clipping (issue 8 item 1)
+        "adamwatch_grad_clip_coefficient",
+        "adamwatch_grad_clip_max_norm",
+        "adamwatch_clipped_steps_total",
+        # a monitor that cannot compute or send is never silent (issue 8 item 8)
+        "adamwatch_monitor_errors_total",
+        "adamwatch_trainer_hello_timestamp_seconds",
     }
 )
 _TRAINER_LABELS = ("job", "rank")
@@ -263,6 +275,15 @@ class _Trainer:
     checkpoint_health: _CheckpointHealth | None = None
     # generic store: metric name -> {full label values: value}
     custom: dict[str, dict[tuple[str, ...], float]] = field(default_factory=dict)
+    # STEP.extras: the latest value of each name (step extensions' numbers, for features to export)
+    extras: dict[str, float | None] = field(default_factory=dict)
+    # gradient clipping: the latest clipped step's coefficient and max_norm; steps clipped
+    clip_coefficient: float | None = None
+    clip_max_norm: float | None = None
+    clipped_steps: int = 0
+    # MONITOR_ERRORS: cumulative {where: count} per session (summed on export, never going down)
+    monitor_errors_by_session: dict[str, dict[str, int]] = field(default_factory=dict)
+    hello_time: float | None = None  # sidecar clock at the latest HELLO
 
     def group_label(self, index: int) -> tuple[str, str, str]:
         labels = self.group_labels
@@ -298,6 +319,15 @@ def _validate_step(payload: dict[str, Any]) -> None:
         value = payload.get(name)
         if value is not None and value < 0:
             raise wire.SchemaError(f"STEP.{name} must be >= 0, got {value}")
+    extras = payload.get("extras")
+    if extras is not None:
+        if len(extras) > MAX_EXTRAS:
+            raise wire.SchemaError(f"STEP.extras has {len(extras)} entries, limit {MAX_EXTRAS}")
+        for name, value in extras.items():
+            if not 0 < len(name) <= MAX_EXTRA_NAME_CHARS:
+                raise wire.SchemaError(f"STEP.extras names must be 1..{MAX_EXTRA_NAME_CHARS} characters")
+            if value is not None and not _number(value):
+                raise wire.SchemaError(f"STEP.extras[{name!r}] must be a number, got {type(value).__name__}")
     deep = payload.get("deep")
     if deep is None:
         return
@@ -410,7 +440,14 @@ class RunState:
             trainer.disconnected_at = None
             trainer.goodbye = None
             trainer.session = payload["session"]
+            trainer.hello_time = self._clock()
             self._note_dropped(trainer, payload.get("dropped_total"))
+            errors = payload.get("monitor_errors")
+            if isinstance(errors, dict):
+                try:
+                    self._note_monitor_errors(trainer, errors)
+                except wire.SchemaError:
+                    pass  # a bad optional field must not refuse the trainer; MONITOR_ERRORS frames follow
         if on_registered is not None:
             on_registered(key)
         self._notify(key, wire.Message(wire.MessageType.HELLO, payload))
@@ -449,6 +486,9 @@ class RunState:
                     trainer.known_good_time = float(payload["time"])
                     trainer.known_good_step = payload["step"]
                 _note_checkpoint_health(trainer, payload)
+        elif mtype is wire.MessageType.MONITOR_ERRORS:
+            with self._lock:
+                self._note_monitor_errors(self._get(key), payload["errors"])
         elif mtype is wire.MessageType.GOODBYE:
             with self._lock:
                 self._get(key).goodbye = payload
@@ -476,6 +516,26 @@ class RunState:
         previous = trainer.dropped_by_session.get(trainer.session, 0)
         if dropped_total > previous:
             trainer.dropped_by_session[trainer.session] = dropped_total
+
+    @staticmethod
+    def _note_monitor_errors(trainer: _Trainer, errors: dict[str, Any]) -> None:
+        # Cumulative per session, like dropped_total: a restarted trainer starts
+        # at 0 in a new session and the exported counter never goes backwards.
+        if trainer.session is None:
+            return
+        for where, count in errors.items():
+            if not isinstance(where, str) or isinstance(count, bool) or not isinstance(count, int) \
+                    or not 0 <= count < 2**63:
+                raise wire.SchemaError("MONITOR_ERRORS.errors must map names to counts >= 0")
+        known = trainer.monitor_errors_by_session.setdefault(trainer.session, {})
+        places = {w for counts in trainer.monitor_errors_by_session.values() for w in counts}
+        for where, count in errors.items():
+            where = _label_text(where)
+            if where not in places and len(places) >= MAX_ERROR_PLACES:
+                where = "other"  # free text from the trainer: bound the label's values
+            places.add(where)
+            if int(count) > known.get(where, 0):
+                known[where] = int(count)
 
     @staticmethod
     def _apply_step(t: _Trainer, p: dict[str, Any]) -> None:
@@ -530,6 +590,17 @@ class RunState:
         if deep is not None:
             t.deep = deep
             t.deep_step = step
+        extras = get("extras")
+        if extras:
+            if len(t.extras) + len(extras) > MAX_EXTRAS and not extras.keys() <= t.extras.keys():
+                t.extras = {}  # names changed: start over rather than grow without bound
+            t.extras.update((name, None if v is None else float(v)) for name, v in extras.items())
+        coefficient = get("clip_coefficient")
+        if coefficient is not None:
+            t.clip_coefficient = float(coefficient)
+            t.clip_max_norm = get("clip_max_norm")
+            if coefficient < 1.0:
+                t.clipped_steps += 1
 
     def disconnect(self, key: TrainerKey, conn_id: Any) -> bool:
         """The connection ``conn_id`` of trainer ``key`` closed.
@@ -619,6 +690,7 @@ class RunState:
                 "known_good_step": t.known_good_step,
                 "dropped_total": sum(t.dropped_by_session.values()),
                 "goodbye": t.goodbye,
+                "extras": dict(t.extras),
             }
 
     # ------------------------------------------------------------------ generic store
@@ -922,6 +994,36 @@ def _checkpoint_value(attr: str) -> Callable[[_Trainer, list], None]:
     return render
 
 
+def _r_monitor_errors(t: _Trainer, out: list) -> None:
+    totals: dict[str, int] = {}
+    for counts in t.monitor_errors_by_session.values():
+        for where, n in counts.items():
+            totals[where] = totals.get(where, 0) + n
+    for where in sorted(totals):
+        out.append((t.base + (where,), float(totals[where])))
+
+
+def _r_hello_time(t: _Trainer, out: list) -> None:
+    if t.hello_time is not None:
+        out.append((t.base, t.hello_time))
+
+
+def _r_clip_coefficient(t: _Trainer, out: list) -> None:
+    if t.clip_coefficient is not None:
+        out.append((t.base, t.clip_coefficient))
+
+
+def _r_clip_max_norm(t: _Trainer, out: list) -> None:
+    if t.clip_max_norm is not None:
+        out.append((t.base, float(t.clip_max_norm)))
+
+
+def _r_clipped_steps(t: _Trainer, out: list) -> None:
+    # Present (at 0) from the first step that was clipped at all, so increase() sees the first one.
+    if t.clip_coefficient is not None:
+        out.append((t.base, float(t.clipped_steps)))
+
+
 _RENDERERS: dict[str, Callable[[_Trainer, list], None]] = {
     "adamwatch_loss": _r_loss,
     "adamwatch_grad_norm": _r_grad_norm,
@@ -955,6 +1057,11 @@ _RENDERERS: dict[str, Callable[[_Trainer, list], None]] = {
     "adamwatch_checkpoint_restores_total": _checkpoint_outcomes("restores"),
     "adamwatch_checkpoint_restore_duration_seconds": _checkpoint_value("restore_duration"),
     "adamwatch_corrupt_checkpoints_total": _checkpoint_value("corrupt"),
+    "adamwatch_grad_clip_coefficient": _r_clip_coefficient,
+    "adamwatch_grad_clip_max_norm": _r_clip_max_norm,
+    "adamwatch_clipped_steps_total": _r_clipped_steps,
+    "adamwatch_monitor_errors_total": _r_monitor_errors,
+    "adamwatch_trainer_hello_timestamp_seconds": _r_hello_time,
 }
 assert set(_RENDERERS) == MESSAGE_METRICS, "every message-derived metric needs exactly one renderer"
 assert MESSAGE_METRICS <= set(BY_NAME), "renderers must only use names from the metric table"

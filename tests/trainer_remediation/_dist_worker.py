@@ -174,6 +174,7 @@ def monitor_scenario(rank: int, world: int, workdir: Path) -> None:
     monitor = adamwatch.watch(optimizer, scheduler=scheduler, checkpointer=ckpt, endpoint=None, command_interval=2)
     torch.manual_seed(100 + rank)
     trace = []
+    refused = None
     for _ in range(16):
         x = torch.randn(16, 8)
         loss = torch.nn.functional.mse_loss(ddp(x), x.sum(dim=1, keepdim=True))
@@ -187,12 +188,16 @@ def monitor_scenario(rank: int, world: int, workdir: Path) -> None:
             ckpt.save(monitor.step)
             (workdir / f"rank{rank}" / f"saved-{monitor.step}").write_text("")
         if monitor.step == 4 and len(trace) == 4:
-            monitor.reduce_lr(0.5)  # on every rank, as user code does: rank 0's copy counts
+            try:  # on every rank, as user code does: rank 0's copy counts, the others are refused
+                monitor.reduce_lr(0.5)
+                refused = False
+            except RuntimeError as exc:
+                refused = str(exc)
         if rank == 0 and len(trace) == 9:
             monitor.restore_checkpoint(step=3)
     coordinator = monitor._coordinator
     info = {"trace": trace, "dropped": coordinator.dropped, "exchanges": coordinator.exchanges,
-            "errors": monitor.errors}
+            "errors": monitor.errors, "refused": refused}
     monitor.close()
     meta = gather_json(info, world)
     snaps = gather_snapshot(snapshot(model, optimizer), world)

@@ -111,7 +111,9 @@ def test_the_monitor_applies_rank0_actions_one_interval_later_on_every_rank(tmp_
     rank0, rank1 = result["ranks"]
     assert rank0["trace"] == rank1["trace"]  # same monitor step, lr scale and lr after every iteration
     assert rank0["errors"] == rank1["errors"] == 0
-    assert [r["dropped"] for r in result["ranks"]] == [0, 1]  # rank 1's reduce_lr: rank 0's copy counts
+    # rank 1's reduce_lr is refused with an exception naming the fix, never dropped behind an id
+    assert rank0["refused"] is False and "only rank 0" in rank1["refused"] and "monitor.rank == 0" in rank1["refused"]
+    assert [r["dropped"] for r in result["ranks"]] == [0, 0]
     steps = [t[0] for t in rank0["trace"]]
     scales = [t[1] for t in rank0["trace"]]
     # picked up at 5, broadcast at exchange point 6, applied at 8

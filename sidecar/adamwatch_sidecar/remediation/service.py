@@ -64,6 +64,9 @@ MANUAL_ACTIONS: tuple[str, ...] = ("reduce_lr", "restore_checkpoint", "stop", "r
 # A trainer gone this long is forgotten (detector windows, ladders): a long-lived
 # sidecar must not grow with every job it ever saw.
 FORGET_AFTER_SECONDS = 3600.0
+# Action kinds a trainer may report on its own (adamwatch.remediation.ACTION_KINDS):
+# the bound on the `action` label of ACKs it sends without a command of ours.
+_TRAINER_ACTIONS: tuple[str, ...] = ("reduce_lr", "restore_checkpoint", "stop", "recover_lr")
 
 
 class MetricsSink(Protocol):
@@ -510,6 +513,12 @@ class RemediationService:
             self.audit.write("outcome", job=key[0], rank=key[1], action=payload.get("action"), command_id=command_id,
                              step=payload.get("step"), outcome=outcome, detail=payload.get("detail"),
                              source="trainer")
+            if payload.get("source") in ("local", "recovery"):
+                # Actions the training script (or the trainer's LR recovery) took count
+                # like ours; a late ACK of our own command (no source) was counted as a timeout.
+                action = payload.get("action")
+                self._count(key, "adamwatch_remediations_total",
+                            {"action": action if action in _TRAINER_ACTIONS else "other", "outcome": outcome})
             if outcome == "applied" and payload.get("action") == "restore_checkpoint":
                 self._reset_detectors(key[0])
             self._publish_job_gauges(key[0])
