@@ -110,6 +110,8 @@ def test_sidecar_should_run_serve_with_the_documented_command_line(case):
             "/etc/adamwatch/control/token",
             "--config",
             "/etc/adamwatch/config.yaml",
+            "--socket-mode",
+            "0660",
         ], where
 
 
@@ -366,3 +368,10 @@ def test_network_policy_should_append_extra_ingress_rules():
 def test_release_name_containing_adamwatch_should_not_be_repeated_in_names():
     assert one(render({}, release="adamwatch"), "PodMonitor")["metadata"]["name"] == "adamwatch"
     assert one(render({}, release=RELEASE), "PodMonitor")["metadata"]["name"] == f"{RELEASE}-adamwatch"
+
+
+@pytest.mark.parametrize("case", WORKLOAD_CASES)
+def test_the_socket_should_not_be_world_accessible(case):
+    for where, pod in trainer_pods(case):
+        args = sidecar_of(pod)["args"]
+        assert int(args[args.index("--socket-mode") + 1], 8) & 0o007 == 0, where
