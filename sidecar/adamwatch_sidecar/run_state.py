@@ -313,6 +313,11 @@ def _validate_hello(payload: dict[str, Any]) -> list[str]:
 
 def _validate_step(payload: dict[str, Any]) -> None:
     """Checks the schema cannot express (inner structure of ``deep``, sizes)."""
+    if payload["step"] < 0:
+        raise wire.SchemaError(f"STEP.step must be >= 0, got {payload['step']}")
+    if not math.isfinite(payload["time"]):
+        # a NaN or infinite timestamp would break every "time since" alert
+        raise wire.SchemaError(f"STEP.time must be a finite unix time, got {payload['time']!r}")
     if len(payload["group_grad_norms"]) > MAX_PARAM_GROUPS or len(payload["lr"]) > MAX_PARAM_GROUPS:
         raise wire.SchemaError(f"STEP carries more than {MAX_PARAM_GROUPS} param groups")
     for name in ("samples", "tokens"):
