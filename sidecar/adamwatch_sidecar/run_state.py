@@ -816,7 +816,7 @@ class RunState:
         failed: list[tuple[TrainerKey, str]] = []
         with self._lock:
             for t in self._trainers.values():
-                marks = [len(samples) for samples in lists]
+                marks = list(map(len, lists))  # where this trainer's samples begin, to roll back
                 try:
                     # Trainer by trainer, so that a bug rendering one trainer's
                     # state costs that trainer's series, never the whole scrape.
