@@ -45,6 +45,9 @@ class StreamClient:
         wait: how long one loop turn waits inside ``poll`` for new work.
         batch_interval: returns how long to pause between turns (0: send each
             summary as soon as it is ready).
+        secret_file: file holding the sidecar's shared secret, sent in every
+            HELLO (re-read on each connection, so a rotated Secret is picked
+            up); default ``$ADAMWATCH_SECRET_FILE``, none when unset.
     """
 
     def __init__(
@@ -58,9 +61,11 @@ class StreamClient:
         backoff: tuple[float, float] = (0.05, 1.0),
         wait: float = 0.05,
         batch_interval: Callable[[], float] | None = None,
+        secret_file: str | None = None,
         on_error: Callable[[str], None] | None = None,
     ):
         self.endpoint = wire.parse_endpoint(endpoint)
+        self._secret_file = secret_file if secret_file is not None else os.environ.get(wire.SECRET_FILE_ENV)
         # Failures of this thread are counted by the owner (sent as MONITOR_ERRORS), not only logged.
         self._on_error = on_error
         self._hello = hello
@@ -212,12 +217,26 @@ class StreamClient:
         with self._lock:
             hello = dict(self._hello())
             hello["dropped_total"] = self.dropped_total
+            secret = self._read_secret()
+            if secret is not None:
+                hello["secret"] = secret
             self._dropped_reported = self.dropped_total
             # HELLO must be the first frame of the connection.
             self._partial = wire.encode_frame(wire.MessageType.HELLO, hello)
         if self._announced_missing or self.connections > 1:
             log.info("adamwatch: connected to sidecar at %s", ep)
         self._announced_missing = False
+
+    def _read_secret(self) -> str | None:
+        if not self._secret_file:
+            return None
+        try:
+            with open(self._secret_file, encoding="utf-8") as fh:
+                return fh.read().strip() or None
+        except OSError as exc:
+            log.warning("adamwatch: cannot read the sidecar secret %s (%s); saying HELLO without it",
+                        self._secret_file, exc.strerror or exc)
+            return None
 
     def _disconnect(self, quiet: bool = False) -> None:
         sock, self._sock = self._sock, None

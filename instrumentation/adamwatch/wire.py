@@ -52,6 +52,8 @@ __all__ = [
     "CHECKPOINT_EVENTS",
     "EXIT_REASONS",
     "MAX_EVAL_METRICS",
+    "SECRET_FILE_ENV",
+    "valid_text",
 ]
 
 PROTOCOL_VERSION = 1
@@ -59,6 +61,8 @@ MAGIC = b"AW"
 HEADER = struct.Struct(">2sBBI")
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
 ENDPOINT_ENV = "ADAMWATCH_ENDPOINT"
+# File holding the shared secret a HELLO carries when the sidecar requires one.
+SECRET_FILE_ENV = "ADAMWATCH_SECRET_FILE"
 
 # Quantiles reported for the sampled per-coordinate distributions (effective
 # learning rate, update size). Fixed here so both sides agree on their order.
@@ -176,6 +180,8 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "model_family": _f("str", required=False, nullable=True),
         # convergence targets: {"eval_loss": 1.6} (eval metric "loss") or {"loss": 1.2} (training loss)
         "target": _f("dict", required=False, nullable=True),
+        # the sidecar's shared secret (secret_file), when it requires one; never stored
+        "secret": _f("str", required=False),
         # failures inside the monitor so far this session, {where: count} (as MONITOR_ERRORS)
         "monitor_errors": _f("dict", required=False),
     },
@@ -491,11 +497,34 @@ class FrameDecoder:
             payload = _loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             return FrameError("malformed", f"{msg_type.name} payload is not valid UTF-8 JSON: {exc}")
+        if b"\\ud" in body or b"\\uD" in body:
+            # JSON may escape a lone UTF-16 surrogate, which no UTF-8 text can
+            # hold: it would make every later /metrics render fail.
+            payload = valid_text(payload)
         try:
             unknown = validate_payload(msg_type, payload)
         except SchemaError as exc:
             return exc
         return Message(msg_type, payload, unknown)
+
+
+def valid_text(value: Any) -> Any:
+    """``value`` with every lone surrogate in its strings (keys too) replaced by U+FFFD.
+
+    >>> valid_text({"job": "a\\ud800b"})
+    {'job': 'a\ufffdb'}
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
+    if isinstance(value, list):
+        return [valid_text(v) for v in value]
+    if isinstance(value, dict):
+        return {valid_text(k): valid_text(v) for k, v in value.items()}
+    return value
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,18 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-frame-bytes", type=int, metavar="BYTES",
                        help="largest frame payload accepted (default 1048576)")
     serve.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="default INFO")
+    serve.add_argument("--socket-mode", metavar="OCTAL", help="Unix socket permission bits (default 0660)")
+    serve.add_argument("--socket-group", metavar="GROUP", help="group of the Unix socket and its folder")
+    serve.add_argument("--allowed-uids", metavar="UID,...", help="peer uids allowed on the Unix socket")
+    serve.add_argument("--allowed-gids", metavar="GID,...", help="peer gids allowed on the Unix socket")
+    serve.add_argument("--secret-file", metavar="PATH", help="shared secret every HELLO must carry")
+    serve.add_argument("--max-trainers", type=int, metavar="N", help="trainers one sidecar holds (default 2048)")
+    serve.add_argument("--max-series-per-trainer", type=int, metavar="N", help="default 2000")
+    serve.add_argument("--max-buffered-bytes", type=int, metavar="BYTES",
+                       help="partial-frame bytes buffered over all connections (default 33554432)")
+    serve.add_argument("--partial-frame-timeout-seconds", type=float, metavar="SECONDS",
+                       help="close a connection whose partial frame makes no progress (default 30)")
+    serve.add_argument("--http-workers", type=int, metavar="N", help="HTTP request threads (default 16)")
     serve.set_defaults(func=_serve)
 
 
@@ -81,6 +93,16 @@ def _serve(args: argparse.Namespace) -> int:
         "retention_seconds": args.retention_seconds,
         "max_frame_bytes": args.max_frame_bytes,
         "log_level": args.log_level,
+        "socket_mode": args.socket_mode,
+        "socket_group": args.socket_group,
+        "allowed_uids": args.allowed_uids,
+        "allowed_gids": args.allowed_gids,
+        "secret_file": args.secret_file,
+        "max_trainers": args.max_trainers,
+        "max_series_per_trainer": args.max_series_per_trainer,
+        "max_buffered_bytes": args.max_buffered_bytes,
+        "partial_frame_timeout_seconds": args.partial_frame_timeout_seconds,
+        "http_workers": args.http_workers,
     }
     try:
         config = load_config(args.config, overrides)

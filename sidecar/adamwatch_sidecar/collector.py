@@ -21,6 +21,7 @@ paths parse back to identical families.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Iterator
 
@@ -40,6 +41,8 @@ from .metric_table import METRICS, MetricSpec
 from .run_state import HISTOGRAM_LE, RunState, Snapshot
 
 __all__ = ["RunStateCollector", "CONTENT_TYPE", "format_value"]
+
+log = logging.getLogger(__name__)
 
 
 def format_value(value: Any) -> str:
@@ -122,6 +125,19 @@ class RunStateCollector:
         """
         if snapshot is None:
             snapshot = self.state.snapshot()
+        try:
+            return self._render(snapshot)
+        except Exception:
+            # Some trainer's values cannot be written (a bug, or text that is
+            # not UTF-8): find those trainers, leave their series out, count them.
+            bad = _unrenderable(snapshot)
+            self.state.count_render_errors(max(1, len({k for k in bad if k is not None})))
+            log.warning("/metrics: left out the series of %d trainer(s) that could not be rendered: %.200s",
+                        len(bad), sorted(map(str, bad)))
+            return self._render([(spec, [s for s in samples if _trainer_of(spec, s[0]) not in bad
+                                         and _renders(spec, s)]) for spec, samples in snapshot])
+
+    def _render(self, snapshot: Snapshot) -> bytes:
         cache = self._label_text
         if len(cache) > self._CACHE_LIMIT:
             cache.clear()
@@ -152,6 +168,36 @@ class RunStateCollector:
                     text = cache[(name, labels)] = _label_set(names, labels)
                 append(f"{name}{text} {format_value(value)}\n")
         return "".join(parts).encode("utf-8")
+
+
+def _trainer_of(spec: MetricSpec, labels: tuple[str, ...]) -> tuple[str, str] | None:
+    return (labels[0], labels[1]) if spec.labels[:2] == ("job", "rank") and len(labels) >= 2 else None
+
+
+def _renders(spec: MetricSpec, sample: tuple[tuple[str, ...], Any]) -> bool:
+    """Whether one sample can be written (the slow check, only after a failed render)."""
+    labels, value = sample
+    try:
+        names = spec.labels + (("le",) if spec.type == "histogram" else ())
+        _label_set(names, tuple(labels)).encode("utf-8")
+        if spec.type == "histogram":
+            cumulative, total, count = value
+            [float(n) for n in cumulative], format_value(total), float(count)
+        else:
+            format_value(value)
+        return True
+    except Exception:
+        return False
+
+
+def _unrenderable(snapshot: Snapshot) -> set:
+    """Trainers (job, rank) with a sample that cannot be written; None for a failing sidecar-wide sample."""
+    bad: set = set()
+    for spec, samples in snapshot:
+        for sample in samples:
+            if not _renders(spec, sample):
+                bad.add(_trainer_of(spec, sample[0]))
+    return bad
 
 
 def _cached(cache: dict, name: str, names: tuple[str, ...], labels: tuple[str, ...]) -> str:

@@ -59,6 +59,17 @@ class SidecarConfig:
     optimizer_policy: dict[str, Any] = field(default_factory=dict)
     convergence: dict[str, Any] = field(default_factory=dict)
     runs: dict[str, Any] = field(default_factory=dict)
+    # --- who may connect, and what one sidecar holds (issue 10) -------------------
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    allowed_uids: tuple[int, ...] = ()
+    allowed_gids: tuple[int, ...] = ()
+    secret_file: str | None = None
+    max_trainers: int = 2048
+    max_series_per_trainer: int = 2000
+    max_buffered_bytes: int = 32 << 20
+    partial_frame_timeout_seconds: float = 30.0
+    http_workers: int = 16
 
 
 # Field name -> one-line description (the README table is written from this).
@@ -74,6 +85,16 @@ FIELDS: dict[str, str] = {
     "optimizer_policy": "Allowed optimizer configurations per job-name pattern (a mapping; see the optimizer policy section).",
     "convergence": "Convergence targets per job and trend windows (a mapping; see \"Runs, evaluation and SLOs\").",
     "runs": "Run-end tracking: `vanish_grace_seconds` before a silent disconnect counts as vanished (default 30).",
+    "socket_mode": "Permission bits of the Unix socket (octal, e.g. `0660`); its folder gets the same bits plus search. Never world-accessible.",
+    "socket_group": "Group (name or gid) given to the Unix socket and its folder; the trainer container runs with it (chart: `fsGroup`).",
+    "allowed_uids": "Peer uids allowed on the Unix socket (`SO_PEERCRED`), comma-separated; empty: any peer the file mode lets in.",
+    "allowed_gids": "Peer gids allowed on the Unix socket; a peer passes when its uid or its gid is allowed.",
+    "secret_file": "File holding the shared secret every HELLO must carry (`secret`); required for a non-loopback TCP `listen`.",
+    "max_trainers": "Trainers (connected or within retention) one sidecar holds; further HELLOs are refused.",
+    "max_series_per_trainer": "Series one trainer may create (from its param groups); a larger HELLO is refused.",
+    "max_buffered_bytes": "Bytes of partial frames buffered across all connections; the connection that overflows it is closed.",
+    "partial_frame_timeout_seconds": "A connection holding a partial frame without progress this long is closed.",
+    "http_workers": "Threads serving HTTP requests (metrics, status page, control API); further connections wait.",
 }
 assert set(FIELDS) == {f.name for f in dataclasses.fields(SidecarConfig)}
 
@@ -123,8 +144,6 @@ def _validate(raw: Mapping[str, Any]) -> SidecarConfig:
     if token_file is not None:
         if not isinstance(token_file, str) or not token_file:
             raise ConfigError(f"control_token_file: must be a file path, got {token_file!r}")
-        if not os.access(token_file, os.R_OK):
-            raise ConfigError(f"control_token_file: cannot read {token_file!r}")
     values["control_token_file"] = token_file
     values["retention_seconds"] = _number("retention_seconds", raw.get("retention_seconds", defaults.retention_seconds), 0)
     values["max_frame_bytes"] = _int("max_frame_bytes", raw.get("max_frame_bytes", defaults.max_frame_bytes),
@@ -157,7 +176,114 @@ def _validate(raw: Mapping[str, Any]) -> SidecarConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         values[name] = dict(section)
+    values.update(_validate_limits(raw, defaults))
+    _check_paths(values)
     return SidecarConfig(**values)
+
+
+def _mode(name: str, value: Any) -> int:
+    # YAML reads 0660 as an octal int; a flag or a quoted value is a string of octal digits.
+    if isinstance(value, str):
+        try:
+            value = int(value, 8)
+        except ValueError:
+            raise ConfigError(f"{name}: must be octal permission bits like 0660, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
+        raise ConfigError(f"{name}: must be octal permission bits like 0660, got {value!r}")
+    if value & 0o007:
+        raise ConfigError(f"{name}: must not give others any access (the socket drives remediation), got {value:04o}")
+    return value
+
+
+def _ids(name: str, value: Any) -> tuple[int, ...]:
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{name}: must be a list of numeric ids, got {value!r}")
+    out = []
+    for item in value:
+        try:
+            number = int(item)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: must be a list of numeric ids, got {item!r}") from None
+        if isinstance(item, bool) or number < 0:
+            raise ConfigError(f"{name}: ids must be integers >= 0, got {item!r}")
+        out.append(number)
+    return tuple(out)
+
+
+def _validate_limits(raw: Mapping[str, Any], defaults: SidecarConfig) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    values["socket_mode"] = _mode("socket_mode", raw.get("socket_mode", defaults.socket_mode))
+    group = raw.get("socket_group")
+    if group is not None:
+        group = str(group)
+        if not group:
+            raise ConfigError("socket_group: must be a group name or gid")
+    values["socket_group"] = group
+    values["allowed_uids"] = _ids("allowed_uids", raw.get("allowed_uids"))
+    values["allowed_gids"] = _ids("allowed_gids", raw.get("allowed_gids"))
+    values["secret_file"] = raw.get("secret_file")
+    values["max_trainers"] = _int("max_trainers", raw.get("max_trainers", defaults.max_trainers), 1, 1_000_000)
+    values["max_series_per_trainer"] = _int("max_series_per_trainer",
+                                            raw.get("max_series_per_trainer", defaults.max_series_per_trainer),
+                                            100, 1_000_000)
+    values["max_buffered_bytes"] = _int("max_buffered_bytes", raw.get("max_buffered_bytes", defaults.max_buffered_bytes),
+                                        _MIN_FRAME_BYTES, 1 << 40)
+    values["partial_frame_timeout_seconds"] = _number(
+        "partial_frame_timeout_seconds",
+        raw.get("partial_frame_timeout_seconds", defaults.partial_frame_timeout_seconds), 0.1)
+    values["http_workers"] = _int("http_workers", raw.get("http_workers", defaults.http_workers), 1, 1024)
+    return values
+
+
+def _readable_file(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{name}: must be a file path, got {value!r}")
+    if os.path.isdir(value):
+        raise ConfigError(f"{name}: {value!r} is a directory, not a file")
+    if not os.access(value, os.R_OK):
+        raise ConfigError(f"{name}: cannot read {value!r}")
+
+
+def _check_paths(values: dict[str, Any]) -> None:
+    """Start-up checks of every path, so a bad one exits 2 naming its field, not a traceback later."""
+    if values["control_token_file"] is not None:
+        _readable_file("control_token_file", values["control_token_file"])
+    if values["secret_file"] is not None:
+        _readable_file("secret_file", values["secret_file"])
+    endpoint = wire.parse_endpoint(values["listen"])
+    if endpoint.scheme == "unix":
+        # Walk up to the first existing ancestor: it must be a folder we can create in.
+        parent = os.path.dirname(os.path.abspath(endpoint.path))
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if parent and not os.path.isdir(parent):
+            raise ConfigError(f"listen: {endpoint.path!r} lies under {parent!r}, which is a file, not a folder")
+        if os.path.isdir(endpoint.path):
+            raise ConfigError(f"listen: {endpoint.path!r} is a folder; give the socket file's path")
+    elif endpoint.host not in ("127.0.0.1", "localhost", "::1") and values["secret_file"] is None:
+        raise ConfigError(f"listen: {values['listen']!r} is reachable beyond loopback; "
+                          "set secret_file so that only trainers holding the secret are accepted")
+    audit = values["remediation"].get("audit") if isinstance(values["remediation"], dict) else None
+    path = audit.get("path") if isinstance(audit, dict) else None
+    if path is not None:
+        name = "remediation.audit.path"
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"{name}: must be a file path, got {path!r}")
+        if os.path.isdir(path):
+            raise ConfigError(f"{name}: {path!r} is a directory, not a file")
+        parent = os.path.dirname(os.path.abspath(path))
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if parent and not os.path.isdir(parent):
+            raise ConfigError(f"{name}: {path!r} lies under {parent!r}, which is a file, not a folder")
+        if parent and not os.access(parent, os.W_OK):
+            raise ConfigError(f"{name}: cannot create files in {parent!r}")
 
 
 def build_config(file_values: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None) -> SidecarConfig:
@@ -226,7 +352,9 @@ def render_markdown_reference() -> str:
     lines = ["| key | flag | default | meaning |", "| --- | --- | --- | --- |"]
     for name, meaning in FIELDS.items():
         default = getattr(defaults, name)
-        shown = "unset" if default is None else ("`{}`" if default == {} else f"`{default}`")
+        if name == "socket_mode":
+            default = f"{default:04o}"
+        shown = "unset" if default is None else ("`{}`" if default == {} else "empty" if default == () else f"`{default}`")
         flag = "—" if name in ("remediation", "optimizer_policy", "convergence", "runs") else f"`--{name.replace('_', '-')}`"
         lines.append(f"| `{name}` | {flag} | {shown} | {meaning} |")
     return "\n".join(lines) + "\n"

@@ -23,19 +23,36 @@ Routes match the exact path. A handler with the attribute ``takes_query = True``
 is called as ``handler(headers, body, query)`` with the raw query string (``""``
 when none); others never see it. An unknown path gets
 404, a known path with another method 405, a body over the limit 413 and a
-handler that raises 500 (logged). Handlers run on the server's request threads,
-one per connection, so they must be thread-safe.
+handler that raises 500 (logged). Handlers run on a bounded pool of request
+threads (``workers``; further connections wait in the accept queue), so they
+must be thread-safe.
+
+Slow clients cannot hold a thread: the request line and headers must arrive
+within ``header_timeout`` seconds and the body within ``body_timeout``, as
+absolute deadlines (a byte every few seconds does not extend them). An
+``authorize(headers, method, path)`` hook, when given, runs before the body is
+read: a refusal it returns is sent without reading the body. Refusals before a
+handler runs are reported to ``on_reject(reason)`` with one of
+:data:`HTTP_REJECT_REASONS`.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import queue
+import socket
 import threading
+import time
 from email.message import Message as Headers
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any, Callable, Mapping
 
-__all__ = ["HttpServer", "Handler", "Route", "parse_address"]
+__all__ = ["HttpServer", "Handler", "Route", "parse_address", "HTTP_REJECT_REASONS"]
+
+# Why a request was refused before any handler ran
+# (adamwatch_sidecar_http_requests_rejected_total{reason}).
+HTTP_REJECT_REASONS: tuple[str, ...] = ("header_timeout", "body_timeout", "bad_request", "too_large")
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +79,75 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, port
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(HTTPServer):
+    """An HTTP server whose requests run on a fixed pool of worker threads."""
+
     allow_reuse_address = True
     request_queue_size = 128  # the default of 5 resets scrapes under connection bursts
+    workers = 16
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        # A bounded hand-off: when every worker is busy the accept loop waits,
+        # and new connections wait in the kernel's accept queue.
+        self._requests: "queue.Queue[Any]" = queue.Queue(maxsize=self.workers)
+        self._pool = [threading.Thread(target=self._work, name=f"http-worker-{i}", daemon=True)
+                      for i in range(self.workers)]
+        for thread in self._pool:
+            thread.start()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._requests.put((request, client_address))
+
+    def _work(self) -> None:
+        while True:
+            item = self._requests.get()
+            if item is None:
+                return
+            request, client_address = item
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+
+    def server_close(self) -> None:
+        super().server_close()
+        for _ in self._pool:
+            try:
+                self._requests.put_nowait(None)
+            except queue.Full:
+                break
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Socket reads that fail once an absolute deadline has passed (slow-loris clients)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.deadline: float | None = None
+        self.phase = ""
+        self.expired = ""
+        self.received = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self.expired = self.phase
+                raise TimeoutError(f"{self.phase} deadline passed")
+            self.sock.settimeout(left)
+        try:
+            n = self.sock.recv_into(buffer)
+            self.received += n
+            return n
+        except TimeoutError:
+            self.expired = self.phase
+            raise
 
 
 class HttpServer:
@@ -76,7 +158,13 @@ class HttpServer:
         routes: ``{(method, path): handler}``.
         name: used in log lines and thread names.
         max_body_bytes: larger request bodies are refused with 413.
-        request_timeout: seconds a client may take to send its request.
+        request_timeout: seconds a client may take to send its request line and
+            headers (an absolute deadline).
+        body_timeout: seconds a client may take to send its body.
+        workers: request threads.
+        authorize: ``fn(headers, method, path)`` run before the body is read;
+            returns a response to refuse the request, or None.
+        on_reject: ``fn(reason)`` for each request refused before a handler ran.
     """
 
     def __init__(
@@ -87,12 +175,20 @@ class HttpServer:
         name: str = "http",
         max_body_bytes: int = 1 << 20,
         request_timeout: float = 10.0,
+        body_timeout: float = 10.0,
+        workers: int = 16,
+        authorize: Callable[[Headers, str, str], "tuple[int, str, bytes] | None"] | None = None,
+        on_reject: Callable[[str], None] | None = None,
     ):
         self.address = address
         self.routes = dict(routes)
         self.name = name
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
+        self.body_timeout = body_timeout
+        self.workers = workers
+        self.authorize = authorize
+        self.on_reject = on_reject
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -126,10 +222,14 @@ class HttpServer:
 
             class _Server6(_Server):
                 address_family = socket.AF_INET6
+                workers = self.workers
 
             self._httpd = _Server6((host, port), handler_class)
         else:
-            self._httpd = _Server((host, port), handler_class)
+            class _ServerN(_Server):
+                workers = self.workers
+
+            self._httpd = _ServerN((host, port), handler_class)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, name=f"{self.name}-http", daemon=True
         )
@@ -151,10 +251,38 @@ def _make_handler(server: HttpServer) -> type[BaseHTTPRequestHandler]:
     routes = server.routes
     paths = {path for _, path in routes}
 
+    def reject(reason: str) -> None:
+        if server.on_reject is not None:
+            try:
+                server.on_reject(reason)
+            except Exception:
+                log.exception("%s server: could not count a rejected request", server.name)
+
     class RequestHandler(BaseHTTPRequestHandler):
         timeout = server.request_timeout
         server_version = "adamwatch-sidecar"
         sys_version = ""
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile.close()  # the stock reader holds a reference that would keep the socket open
+            self._reader = _DeadlineReader(self.connection)
+            self.rfile = io.BufferedReader(self._reader)
+
+        def handle_one_request(self) -> None:
+            reader = self._reader
+            reader.phase, reader.expired, reader.received = "header", "", 0
+            reader.deadline = time.monotonic() + server.request_timeout
+            try:
+                super().handle_one_request()
+            finally:
+                reader.deadline = None
+            if reader.expired:
+                # An idle keep-alive connection that times out before a new
+                # request line is not an error; a started request is.
+                if reader.expired == "body" or reader.received:
+                    reject(f"{reader.expired}_timeout")
+                self.close_connection = True
 
         def _dispatch(self, method: str) -> None:
             path, _, query = self.path.partition("?")
@@ -169,12 +297,28 @@ def _make_handler(server: HttpServer) -> type[BaseHTTPRequestHandler]:
             try:
                 length = int(self.headers.get("Content-Length") or 0)
             except ValueError:
+                reject("bad_request")
+                self.close_connection = True
                 self._reply(400, "text/plain; charset=utf-8", b"bad Content-Length\n")
                 return
             if length < 0 or length > server.max_body_bytes:
+                reject("too_large")
+                self.close_connection = True
                 self._reply(413, "text/plain; charset=utf-8", b"request body too large\n")
                 return
+            if server.authorize is not None:
+                denied = server.authorize(self.headers, method, path)
+                if denied is not None:
+                    self.close_connection = True  # the unread body must not be parsed as a request
+                    self._reply(*denied)
+                    return
+            self._reader.phase = "body"
+            self._reader.deadline = time.monotonic() + server.body_timeout
             body = self.rfile.read(length) if length else b""
+            self._reader.deadline = None
+            if len(body) < length:
+                self.close_connection = True
+                return
             try:
                 if getattr(handler, "takes_query", False):
                     status, content_type, payload = handler(self.headers, body, query)

@@ -7,6 +7,14 @@ first accepted message. Every rejected frame is counted in
 so a peer sending garbage cannot flood the log). Fatal rejections (bad_magic,
 oversized, truncated) close that connection only.
 
+Before a connection's messages reach the run state it passes
+:class:`~adamwatch_sidecar.admission.Admission` (peer credentials, the shared
+secret, one live connection per (job, rank), world size, caps). Memory is
+bounded: a frame is at most ``max_frame_bytes``, partial frames of all
+connections together at most ``max_buffered_bytes``, and a partial frame that
+is not completed within ``partial_frame_timeout`` closes its connection.
+Refusals are counted in ``adamwatch_sidecar_connections_refused_total{reason}``.
+
 :meth:`IngestServer.send_command` writes a COMMAND frame to a trainer and may be
 called from any thread.
 """
@@ -25,15 +33,22 @@ from typing import Any, Callable
 
 from adamwatch import wire
 
+from .admission import REFUSAL_REASONS, Admission, Refused, peer_credentials
 from .run_state import RunState, TrainerKey, as_key
 
-__all__ = ["IngestServer", "RateLimitedLog"]
+__all__ = ["IngestServer", "RateLimitedLog", "short"]
 
 log = logging.getLogger(__name__)
 
 # Many ranks reconnect at once after a sidecar restart; a short accept queue
 # would refuse them (EAGAIN on Unix sockets) while the loop catches up.
 _BACKLOG = 1024
+
+
+def short(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: peer-supplied text never floods the log."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 15] + f"...({len(text)} chars)"
 
 
 class RateLimitedLog:
@@ -47,8 +62,9 @@ class RateLimitedLog:
     """
 
     def __init__(self, logger: logging.Logger, burst: int = 20, interval: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, level: int = logging.WARNING):
         self._logger = logger
+        self._level = level
         self._burst = burst
         self._interval = interval
         self._clock = clock
@@ -70,7 +86,7 @@ class RateLimitedLog:
             self.suppressed += 1
             return False
         self._in_window += 1
-        self._logger.warning(msg, *args)
+        self._logger.log(self._level, msg, *args)
         return True
 
 
@@ -86,26 +102,26 @@ class _Connection(asyncio.Protocol):
         self.peer = "?"
         self.closed = False
         self._hello_timer: asyncio.TimerHandle | None = None
+        self.buffered = 0  # bytes of a partial frame, as counted in the server's total
+        self.partial_since: float | None = None  # monotonic time the pending partial frame began
+        self.admitted_job: str | None = None  # job counted in Admission.joined
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
-        if not peer:  # Unix sockets: say which connection and, where we can, which pid
-            sock = transport.get_extra_info("socket")
-            pid = None
-            try:
-                if sock is not None and hasattr(socket, "SO_PEERCRED"):
-                    import struct
-
-                    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-                    pid = struct.unpack("3i", creds)[0]
-            except OSError:
-                pass
-            peer = f"unix#{self.conn_id}" + (f"(pid {pid})" if pid else "")
+        creds = None
+        if not peer:  # Unix sockets: say which connection and, where we can, which process
+            creds = peer_credentials(transport.get_extra_info("socket"))
+            peer = f"unix#{self.conn_id}" + (f"(pid {creds.pid} uid {creds.uid})" if creds else "")
         elif isinstance(peer, tuple):
             peer = f"{peer[0]}:{peer[1]}#{self.conn_id}"
         self.peer = str(peer)
         self.server._connection_opened(self)
+        try:
+            self.server.admission.check_peer(creds)
+        except Refused as refused:
+            self.server._refuse(self, refused)
+            return
         if self.server.hello_timeout:
             self._hello_timer = asyncio.get_running_loop().call_later(self.server.hello_timeout, self._hello_overdue)
 
@@ -118,8 +134,12 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         server = self.server
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return  # refused or closing: what it still sends is not looked at
+        completed = False
         try:
             for item in self.decoder.feed(data):
+                completed = True
                 if isinstance(item, wire.FrameError):
                     server._reject(self, item)
                     if item.fatal:
@@ -127,10 +147,14 @@ class _Connection(asyncio.Protocol):
                         return
                     continue
                 server._accept(self, item)
+                if self.closed or self.transport.is_closing():
+                    return
         except Exception:
             # A bug in our own handling must cost this connection, never the process.
             log.exception("ingest: unexpected error on connection %s; closing it", self.peer)
             self.close()
+            return
+        server._track_buffer(self, completed)
 
     def eof_received(self) -> bool:
         error = self.decoder.finish()
@@ -140,6 +164,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.server._release_buffer(self)
         if self._hello_timer is not None:
             self._hello_timer.cancel()
         if self.decoder.failed is None:
@@ -151,6 +176,7 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.close()
+            self.server._release_buffer(self)
 
 
 class IngestServer:
@@ -162,11 +188,28 @@ class IngestServer:
         max_frame_bytes: largest frame payload accepted.
         hello_timeout: seconds a new connection has to send its HELLO before it
             is closed (0 disables).
+        admission: the checks of peers and HELLOs (defaults: none but one live
+            connection per (job, rank), world size and the default caps).
+        socket_mode: permission bits of the Unix socket (its folder gets search bits too).
+        socket_group: group name or gid for the Unix socket and its folder.
+        max_buffered_bytes: partial-frame bytes over all connections.
+        partial_frame_timeout: seconds a partial frame may stay incomplete.
+        clock: monotonic seconds (injected in tests).
     """
 
     def __init__(self, state: RunState, listen: str, max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
-                 hello_timeout: float = 60.0):
+                 hello_timeout: float = 60.0, *, admission: Admission | None = None, socket_mode: int = 0o660,
+                 socket_group: str | None = None, max_buffered_bytes: int = 32 << 20,
+                 partial_frame_timeout: float = 30.0, clock: Callable[[], float] = time.monotonic):
         self.state = state
+        self.admission = admission if admission is not None else Admission()
+        self.socket_mode = socket_mode
+        self.socket_group = socket_group
+        self.max_buffered_bytes = max_buffered_bytes
+        self.partial_frame_timeout = partial_frame_timeout
+        self._monotonic = clock
+        self.buffered_bytes = 0  # partial frames of every connection
+        self._stall_check: asyncio.TimerHandle | None = None
         self.hello_timeout = hello_timeout
         self.requested = wire.parse_endpoint(listen)
         self.endpoint: wire.Endpoint | None = None
@@ -180,10 +223,14 @@ class IngestServer:
         self._by_key: dict[TrainerKey, _Connection] = {}
         self._by_key_lock = threading.Lock()
         self._reject_log = RateLimitedLog(log)
+        self._hello_log = RateLimitedLog(log, burst=50, level=logging.INFO)
         for reason in wire.REJECT_REASONS:  # export every reason from the start, at 0
             state.inc_global("adamwatch_frames_rejected_total", {"reason": reason}, 0)
         state.inc_global("adamwatch_frame_unknown_fields_total", {}, 0)
         state.set_global_gauge("adamwatch_sidecar_connections", {}, 0)
+        state.inc_global("adamwatch_sidecar_render_errors_total", {}, 0)
+        for reason in REFUSAL_REASONS:
+            state.inc_global("adamwatch_sidecar_connections_refused_total", {"reason": reason}, 0)
 
     # ------------------------------------------------------------------ lifecycle (loop thread)
     async def start(self) -> None:
@@ -195,25 +242,36 @@ class IngestServer:
         self._loop = asyncio.get_running_loop()
         ep = self.requested
         if ep.scheme == "unix":
-            _prepare_unix_path(ep.path)
-            self._server = await self._loop.create_unix_server(self._protocol, path=ep.path, backlog=_BACKLOG)
-            # The trainer usually runs under another uid than the sidecar's
-            # non-root user; the socket's folder (the pod's shared emptyDir) is
-            # the access boundary, so the socket itself is open to all.
-            os.chmod(ep.path, 0o666)
+            gid = _group_id(self.socket_group)
+            _prepare_unix_path(ep.path, _folder_mode(self.socket_mode), gid)
+            # Created with no access for anyone, then opened to owner and group:
+            # no moment in which another user could connect.
+            old_umask = os.umask(0o777)
+            try:
+                self._server = await self._loop.create_unix_server(self._protocol, path=ep.path, backlog=_BACKLOG)
+            finally:
+                os.umask(old_umask)
+            if gid is not None:
+                os.chown(ep.path, -1, gid)
+            # The socket drives remediation: owner and the trainer's group only.
+            os.chmod(ep.path, self.socket_mode)
             self.endpoint = ep
         else:
-            if ep.host not in ("127.0.0.1", "localhost", "::1"):
-                log.warning("ingest listens on %s: trainer frames are unauthenticated, prefer loopback", ep)
+            if ep.host not in ("127.0.0.1", "localhost", "::1") and self.admission._secret is None:
+                log.warning("ingest listens on %s without a shared secret: anyone who reaches it may "
+                            "drive remediation; set secret_file", ep)
             self._server = await self._loop.create_server(self._protocol, host=ep.host, port=ep.port, backlog=_BACKLOG)
             host, port = self._server.sockets[0].getsockname()[:2]
             self.endpoint = wire.Endpoint("tcp", host=host, port=port)
         self.listening = True
+        self._stall_check = self._loop.call_later(1.0, self._check_stalled)
         log.info("ingest listening on %s", self.endpoint)
 
     async def stop(self) -> None:
         """Stop accepting, close every connection, remove the socket file (call on the loop)."""
         self.listening = False
+        if self._stall_check is not None:
+            self._stall_check.cancel()
         if self._server is not None:
             self._server.close()
         for conn in list(self._connections.values()):
@@ -242,13 +300,51 @@ class IngestServer:
     def _connection_closed(self, conn: _Connection) -> None:
         self._connections.pop(conn.conn_id, None)
         self.state.set_global_gauge("adamwatch_sidecar_connections", {}, len(self._connections))
+        if conn.admitted_job is not None:
+            self.admission.left(conn.admitted_job)
+            conn.admitted_job = None
         key = conn.key
         if key is not None:
             with self._by_key_lock:
                 if self._by_key.get(key) is conn:
                     del self._by_key[key]
             if self.state.disconnect(key, conn.conn_id):
-                log.info("trainer job=%s rank=%s disconnected (%s)", key.job, key.rank, conn.peer)
+                log.info("trainer job=%s rank=%s disconnected (%s)", short(key.job), key.rank, conn.peer)
+
+    # ------------------------------------------------------------------ bounds
+    def _refuse(self, conn: _Connection, refused: Refused) -> None:
+        """Count a refusal by reason, log it (rate-limited) and close that connection."""
+        self.state.inc_global("adamwatch_sidecar_connections_refused_total", {"reason": refused.reason})
+        self._reject_log.warning("ingest: refused %s: %s", conn.peer, short(str(refused), 200))
+        conn.close()
+
+    def _track_buffer(self, conn: _Connection, completed: bool) -> None:
+        now_buffered = conn.decoder.buffered
+        self.buffered_bytes += now_buffered - conn.buffered
+        conn.buffered = now_buffered
+        if not now_buffered:
+            conn.partial_since = None
+            return
+        if completed or conn.partial_since is None:
+            conn.partial_since = self._monotonic()
+        if self.buffered_bytes > self.max_buffered_bytes:
+            self._refuse(conn, Refused("buffer_limit", f"partial frames hold {self.buffered_bytes} bytes "
+                                                       f"(max_buffered_bytes {self.max_buffered_bytes})"))
+
+    def _release_buffer(self, conn: _Connection) -> None:
+        self.buffered_bytes -= conn.buffered
+        conn.buffered = 0
+        conn.partial_since = None
+
+    def _check_stalled(self) -> None:
+        """Once a second: close connections whose partial frame stopped making progress."""
+        limit = self._monotonic() - self.partial_frame_timeout
+        for conn in list(self._connections.values()):
+            if conn.partial_since is not None and conn.partial_since <= limit and not conn.closed:
+                self._refuse(conn, Refused("stalled_frame", f"a partial frame of {conn.buffered} bytes was not "
+                                                            f"completed within {self.partial_frame_timeout:g} s"))
+        if self._loop is not None and self.listening:
+            self._stall_check = self._loop.call_later(1.0, self._check_stalled)
 
     def _reject(self, conn: _Connection, error: wire.FrameError) -> None:
         reason = error.reason if error.reason in wire.REJECT_REASONS else "malformed"
@@ -275,22 +371,33 @@ class IngestServer:
         if conn.key is not None:
             raise wire.FrameError("unexpected", "a second HELLO on the same connection")
 
+        payload = message.payload
+        try:
+            self.admission.check_secret(payload)
+            key = TrainerKey(payload["job"], payload["rank"])
+            with self._by_key_lock:
+                holder = self._by_key.get(key)
+            # A live holder keeps its (job, rank): a second HELLO for it is an
+            # impostor or a confused launcher, and must never reset the real
+            # trainer's ladder. A restarted trainer's old connection is gone
+            # (its process died with it), so the restart is admitted.
+            held = holder is not None and not holder.closed
+            self.admission.check_hello(payload, held=held, known=self.state.knows(key),
+                                       trainers=self.state.trainer_count())
+        except Refused as refused:
+            self._refuse(conn, refused)
+            return
+
         def register(key: TrainerKey) -> None:
             conn.key = key
             with self._by_key_lock:
-                previous = self._by_key.get(key)
                 self._by_key[key] = conn
-            if previous is not None and previous is not conn:
-                # The same trainer connected again (restart, or a half-open old
-                # connection): the new one wins, counters are kept.
-                log.warning("trainer job=%s rank=%s reconnected from %s; closing its old connection %s",
-                            key.job, key.rank, conn.peer, previous.peer)
-                previous.key = None
-                previous.close()
-            log.info("trainer job=%s rank=%s said hello from %s (session %s)", key.job, key.rank,
-                     conn.peer, message.payload["session"])
+            self.admission.joined(key.job, payload["world_size"])
+            conn.admitted_job = key.job
+            self._hello_log.warning("trainer job=%s rank=%s said hello from %s (session %s)", short(key.job),
+                                    key.rank, conn.peer, short(payload["session"]))
 
-        self.state.hello(conn.conn_id, message.payload, on_registered=register)
+        self.state.hello(conn.conn_id, payload, on_registered=register)
 
     # ------------------------------------------------------------------ commands
     def connected_keys(self) -> list[TrainerKey]:
@@ -342,11 +449,38 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def _prepare_unix_path(path: str) -> None:
-    """Create the parent folder; remove a stale socket file; refuse a live one or a non-socket."""
+def _folder_mode(socket_mode: int) -> int:
+    """The socket's folder: the socket's bits plus search wherever reading is allowed."""
+    return socket_mode | 0o700 | ((socket_mode & 0o040) >> 2)
+
+
+def _group_id(group: str | None) -> int | None:
+    if group is None:
+        return None
+    if group.isdigit():
+        return int(group)
+    import grp
+
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise OSError(f"socket_group {group!r}: no such group") from None
+
+
+def _prepare_unix_path(path: str, folder_mode: int = 0o770, gid: int | None = None) -> None:
+    """Create the parent folder (not world-accessible); remove a stale socket; refuse a live one or a non-socket."""
     parent = os.path.dirname(path)
     if parent:
-        os.makedirs(parent, exist_ok=True)
+        if not os.path.isdir(parent):
+            os.makedirs(parent, mode=folder_mode, exist_ok=True)
+        info = os.stat(parent)
+        if info.st_uid == os.getuid():
+            if gid is not None and info.st_gid != gid:
+                os.chown(parent, -1, gid)
+            os.chmod(parent, folder_mode)
+        elif info.st_mode & 0o002 and not info.st_mode & 0o1000:
+            log.warning("the socket folder %s is world-writable and not ours: another user could replace "
+                        "the socket; mount it with a group and mode 0770 (the chart does)", parent)
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:

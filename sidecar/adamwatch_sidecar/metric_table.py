@@ -132,6 +132,14 @@ METRICS: tuple[MetricSpec, ...] = (
                "Accepted frames that carried fields this sidecar does not know (newer trainer).", ()),
     MetricSpec("adamwatch_sidecar_connections", "gauge", "",
                "Open trainer connections, including those that have not said hello yet.", ()),
+    MetricSpec("adamwatch_sidecar_connections_refused_total", "counter", "",
+               "Trainer connections or HELLOs the sidecar refused, by reason "
+               "(see adamwatch_sidecar.admission.REFUSAL_REASONS).", ("reason",)),
+    MetricSpec("adamwatch_sidecar_render_errors_total", "counter", "",
+               "Scrapes in which one trainer's series could not be rendered and were left out.", ()),
+    MetricSpec("adamwatch_sidecar_http_requests_rejected_total", "counter", "",
+               "HTTP requests the sidecar refused before a handler ran, by reason "
+               "(header_timeout, body_timeout, bad_request, too_large).", ("reason",)),
     # --- checkpoints and remediation --------------------------------------------
     MetricSpec("adamwatch_last_checkpoint_timestamp_seconds", "gauge", "seconds",
                "Unix time of the trainer's latest checkpoint save.", T),

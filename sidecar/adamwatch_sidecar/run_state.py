@@ -57,6 +57,25 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+class _RateLimited(logging.Filter):
+    """At most ``burst`` records per ``interval`` seconds pass (a broken trainer renders at every scrape)."""
+
+    def __init__(self, burst: int = 5, interval: float = 60.0):
+        super().__init__()
+        self.burst, self.interval = burst, interval
+        self._start, self._n = 0.0, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.created - self._start >= self.interval:
+            self._start, self._n = record.created, 0
+        self._n += 1
+        return self._n <= self.burst
+
+
+_render_log = logging.getLogger(__name__ + ".render")
+_render_log.addFilter(_RateLimited())
+
+
 class TrainerKey(NamedTuple):
     """Identifies one trainer process: its job name and its rank."""
 
@@ -295,6 +314,11 @@ def _validate_hello(payload: dict[str, Any]) -> list[str]:
 
 def _validate_step(payload: dict[str, Any]) -> None:
     """Checks the schema cannot express (inner structure of ``deep``, sizes)."""
+    if payload["step"] < 0:
+        raise wire.SchemaError(f"STEP.step must be >= 0, got {payload['step']}")
+    if not math.isfinite(payload["time"]):
+        # a NaN or infinite timestamp would break every "time since" alert
+        raise wire.SchemaError(f"STEP.time must be a finite unix time, got {payload['time']!r}")
     if len(payload["group_grad_norms"]) > MAX_PARAM_GROUPS or len(payload["lr"]) > MAX_PARAM_GROUPS:
         raise wire.SchemaError(f"STEP carries more than {MAX_PARAM_GROUPS} param groups")
     for name in ("samples", "tokens"):
@@ -657,6 +681,14 @@ class RunState:
             trainer = self._trainers.get(as_key(key))
             return bool(trainer and trainer.connected)
 
+    def knows(self, key: TrainerKey) -> bool:
+        """Whether the state holds trainer ``key`` (connected or within retention)."""
+        return key in self._trainers
+
+    def trainer_count(self) -> int:
+        """Trainers held now (connected or within retention); O(1)."""
+        return len(self._trainers)
+
     def describe(self, key: TrainerKey) -> dict[str, Any] | None:
         """A plain summary of one trainer (for status endpoints), or None if unknown.
 
@@ -813,27 +845,44 @@ class RunState:
             ``[(spec, [(label values, value), ...]), ...]`` for every metric in
             the table (empty lists included, so every family is declared).
         """
+        specs = [spec for spec in METRICS if only is None or spec.name == only]
+        lists: list[list[tuple[tuple[str, ...], Any]]] = [[] for _ in specs]
+        pairs = [(_RENDERERS.get(spec.name), spec.name, samples) for spec, samples in zip(specs, lists)]
+        failed: list[tuple[TrainerKey, str]] = []
         with self._lock:
-            trainers = list(self._trainers.values())
-            out: Snapshot = []
-            for spec in METRICS:
-                if only is not None and spec.name != only:
-                    continue
-                render = _RENDERERS.get(spec.name)
-                samples: list[tuple[tuple[str, ...], Any]] = []
-                if render is not None:
-                    for t in trainers:
-                        if t.hello is not None:
+            for t in self._trainers.values():
+                marks = list(map(len, lists))  # where this trainer's samples begin, to roll back
+                try:
+                    # Trainer by trainer, so that a bug rendering one trainer's
+                    # state costs that trainer's series, never the whole scrape.
+                    hello = t.hello is not None
+                    custom = t.custom
+                    for render, name, samples in pairs:
+                        if hello and render is not None:
                             render(t, samples)
-                for t in trainers:
-                    custom = t.custom.get(spec.name)
-                    if custom:
-                        samples.extend(custom.items())
-                glob = self._globals.get(spec.name)
+                        if custom:
+                            series = custom.get(name)
+                            if series:
+                                samples.extend(series.items())
+                except Exception as exc:
+                    for samples, mark in zip(lists, marks):
+                        del samples[mark:]
+                    failed.append((t.key, f"{type(exc).__name__}: {exc}"[:200]))
+            if failed:
+                errors = self._globals.setdefault("adamwatch_sidecar_render_errors_total", {})
+                errors[()] = errors.get((), 0.0) + len(failed)
+            for (_, name, samples) in pairs:
+                glob = self._globals.get(name)
                 if glob:
                     samples.extend(glob.items())
-                out.append((spec, samples))
-            return out
+        for key, error in failed:
+            _render_log.warning("trainer job=%.64r rank=%s: its series could not be rendered (%s) and are left "
+                                "out of this scrape", key.job, key.rank, error)
+        return list(zip(specs, lists))
+
+    def count_render_errors(self, n: int = 1) -> None:
+        """Count trainers whose series were left out of a scrape (see the collector)."""
+        self.inc_global("adamwatch_sidecar_render_errors_total", {}, n)
 
 
 # --------------------------------------------------------------------------- renderers

@@ -24,9 +24,10 @@ from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry
 
+from .admission import Admission, read_secret
 from .collector import CONTENT_TYPE, RunStateCollector
 from .config import SidecarConfig
-from .http_server import HttpServer
+from .http_server import HTTP_REJECT_REASONS, HttpServer
 from .ingest import IngestServer
 from .nan_origin import NanOriginTracker
 from .replica_check import ReplicaCheck
@@ -65,10 +66,18 @@ class Sidecar:
         self.clock = clock  # public: components that count time use the sidecar's clock
         self.tick_interval = tick_interval
         self.state = RunState(config.retention_seconds, clock)
-        self.ingest = IngestServer(self.state, config.listen, config.max_frame_bytes)
+        secret = read_secret(config.secret_file) if config.secret_file else None
+        admission = Admission(config.allowed_uids, config.allowed_gids, secret, config.max_trainers,
+                              config.max_series_per_trainer)
+        self.ingest = IngestServer(self.state, config.listen, config.max_frame_bytes, admission=admission,
+                                   socket_mode=config.socket_mode, socket_group=config.socket_group,
+                                   max_buffered_bytes=config.max_buffered_bytes,
+                                   partial_frame_timeout=config.partial_frame_timeout_seconds)
         self.collector = RunStateCollector(self.state)
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(self.collector)
+        for reason in HTTP_REJECT_REASONS:
+            self.state.inc_global("adamwatch_sidecar_http_requests_rejected_total", {"reason": reason}, 0)
         self.status_page = StatusPage(self.state, clock=clock)
         self.metrics_server = HttpServer(
             config.metrics_address,
@@ -79,6 +88,8 @@ class Sidecar:
                 **self.status_page.routes(),
             },
             name="metrics",
+            workers=config.http_workers,
+            on_reject=self.count_http_rejection,
         )
         self._tickers: list[Ticker] = [self.state.expire, self.status_page.on_tick]
         # Where a NaN began under torch.distributed (STEP extras of adamwatch.cross_rank).
@@ -97,6 +108,10 @@ class Sidecar:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._stopped = threading.Event()
         self._started = False
+
+    def count_http_rejection(self, reason: str) -> None:
+        """Count an HTTP request refused before its handler ran (any server of this sidecar)."""
+        self.state.inc_global("adamwatch_sidecar_http_requests_rejected_total", {"reason": reason})
 
     # ------------------------------------------------------------------ extension points
     def add_ticker(self, fn: Ticker) -> None:

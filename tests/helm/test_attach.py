@@ -110,6 +110,8 @@ def test_sidecar_should_run_serve_with_the_documented_command_line(case):
             "/etc/adamwatch/control/token",
             "--config",
             "/etc/adamwatch/config.yaml",
+            "--socket-mode",
+            "0660",
         ], where
 
 
@@ -382,3 +384,10 @@ def test_convergence_and_runs_values_should_reach_the_sidecar_config_and_load():
     assert loaded["convergence"]["targets"] == {"gpt": {"eval_loss": 1.6}}
     assert loaded["runs"] == {"vanish_grace_seconds": 10}
     assert build_config(loaded).convergence["budget_seconds"] == 86400
+
+
+@pytest.mark.parametrize("case", WORKLOAD_CASES)
+def test_the_socket_should_not_be_world_accessible(case):
+    for where, pod in trainer_pods(case):
+        args = sidecar_of(pod)["args"]
+        assert int(args[args.index("--socket-mode") + 1], 8) & 0o007 == 0, where

@@ -132,3 +132,19 @@ def test_render_of_64_ranks_with_4_groups_fits_the_budget() -> None:
         times.append(time.perf_counter() - start)
     assert body.count(b"\nadamwatch_grad_norm{") == 64 * 5
     assert statistics.median(times) < 0.025, f"median render {statistics.median(times) * 1000:.1f} ms"
+
+
+def test_a_trainer_that_cannot_be_rendered_costs_its_series_only_and_is_counted() -> None:
+    """A bug in one trainer's state (here planted by hand) must not fail the whole scrape."""
+    state = populated_state(ranks=3)
+    collector = RunStateCollector(state)
+    with state._lock:
+        state._trainers[("job \"quoted\"\\x", 1)].lr = None  # a renderer raises (snapshot)
+        state._trainers[("job \"quoted\"\\x", 2)].loss = "not a number"  # the text writer raises (render)
+    values = parse_metrics(collector.render_text().decode())
+    job = 'job "quoted"\\x'
+    assert series(values, "adamwatch_steps_total", job=job, rank=0) == 2
+    assert series(values, "adamwatch_steps_total", job=job, rank=1) is None
+    assert series(values, "adamwatch_steps_total", job=job, rank=2) is None
+    assert series(values, "adamwatch_frames_rejected_total", reason="bad_magic") == 3
+    assert state.value("adamwatch_sidecar_render_errors_total", {}) == 2

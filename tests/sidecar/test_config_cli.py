@@ -143,3 +143,22 @@ def test_the_readme_configuration_table_is_generated_from_the_fields() -> None:
     start = readme.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
     end = readme.index("<!-- config-reference:end -->")
     assert readme[start:end] == render_markdown_reference(), "regenerate the table in sidecar/README.md"
+
+
+def test_bad_paths_exit_2_naming_the_field(tmp_path: pathlib.Path) -> None:
+    """Audit path, control token file and socket path are checked at start-up, not by a traceback later."""
+    a_file = tmp_path / "plain"
+    a_file.write_text("x")
+    cases = [
+        (f"remediation: {{audit: {{path: {a_file}/audit.jsonl}}}}\n", "remediation.audit.path:"),
+        (f"remediation: {{audit: {{path: {tmp_path}}}}}\n", "remediation.audit.path:"),
+        (f"control_token_file: {tmp_path}\n", "control_token_file:"),
+        (f"listen: unix://{a_file}/sock/a.sock\n", "listen:"),
+        (f"secret_file: {tmp_path}\n", "secret_file:"),
+        ("socket_mode: 0666\n", "socket_mode:"),
+    ]
+    for text, field_name in cases:
+        result = run_cli("--config", str(write(tmp_path, text)), "--metrics-address", "127.0.0.1:0")
+        assert result.returncode == 2, (text, result.stderr)
+        assert f"config error: {field_name}" in result.stderr, (text, result.stderr)
+        assert "Traceback" not in result.stderr

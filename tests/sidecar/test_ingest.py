@@ -100,19 +100,30 @@ def test_fatal_rejections_close_only_that_connection(sidecar: Sidecar) -> None:
     bad.close()
 
 
-def test_reconnect_replaces_the_old_connection_and_keeps_counters(sidecar: Sidecar) -> None:
+def test_a_hello_for_a_live_rank_is_refused_and_a_restart_after_it_closed_keeps_counters(sidecar: Sidecar) -> None:
     old = connect(sidecar)
     old.send(M.HELLO, hello_payload(job="phoenix", session="a"))
     old.send(M.STEP, step_payload(1))
     labels = {"job": "phoenix", "rank": "0"}
     wait_for(lambda: sidecar.state.value("adamwatch_steps_total", labels) == 1, what="first step")
-    new = connect(sidecar)
-    new.send(M.HELLO, hello_payload(job="phoenix", session="b"))
-    assert old.sock.recv(10) == b""  # the replaced connection is closed
-    new.send(M.STEP, step_payload(2))
-    wait_for(lambda: sidecar.state.value("adamwatch_steps_total", labels) == 2, what="second step")
-    assert sidecar.state.value("adamwatch_trainer_connected", labels) == 1  # the old close did not count
+    refused = {"reason": "rank_in_use"}
+    before = sidecar.state.value("adamwatch_sidecar_connections_refused_total", refused)
+    impostor = connect(sidecar)
+    impostor.send(M.HELLO, hello_payload(job="phoenix", session="b"))
+    assert impostor.sock.recv(10) == b""  # the impostor is closed, the holder is not
+    assert sidecar.state.value("adamwatch_sidecar_connections_refused_total", refused) == before + 1
+    old.send(M.STEP, step_payload(2))
+    wait_for(lambda: sidecar.state.value("adamwatch_steps_total", labels) == 2, what="the holder's step")
+    assert sidecar.state.describe(("phoenix", 0))["session"] == "a"
+    old.close()
+    wait_for(lambda: not sidecar.state.is_connected(("phoenix", 0)), what="the holder's close")
+    new = connect(sidecar)  # the restarted trainer: admitted, counters kept
+    new.send(M.HELLO, hello_payload(job="phoenix", session="c"))
+    new.send(M.STEP, step_payload(3))
+    wait_for(lambda: sidecar.state.value("adamwatch_steps_total", labels) == 3, what="the restart's step")
+    assert sidecar.state.value("adamwatch_trainer_connected", labels) == 1
     new.close()
+    impostor.close()
 
 
 def test_send_command_from_another_thread(sidecar: Sidecar) -> None:

@@ -290,3 +290,16 @@ def test_label_values_from_trainers_are_bounded_and_counters_never_go_down(state
     state.apply(key, msg(M.STEP, step_payload(100, duration_s=-1.0)))  # clock went backwards: not observed
     [(_, [(_, (_, total, count))])] = state.snapshot(only="adamwatch_step_duration_seconds")
     assert total >= 0 and count == MAX_SKIP_REASONS + 5
+
+
+def test_negative_steps_and_non_finite_timestamps_are_refused_and_never_exported(state: RunState) -> None:
+    from adamwatch import wire as _wire
+
+    key = state.hello("c", hello_payload(job="bad-steps"))
+    for payload in (step_payload(-3), step_payload(1, time=float("nan")), step_payload(1, time=float("inf"))):
+        with pytest.raises(_wire.SchemaError):
+            state.apply(key, _wire.Message(_wire.MessageType.STEP, payload))
+    labels = {"job": "bad-steps", "rank": "0"}
+    assert state.value("adamwatch_optimizer_step", labels) is None
+    assert state.value("adamwatch_last_step_timestamp_seconds", labels) is None
+    assert state.value("adamwatch_steps_total", labels) == 0

@@ -79,7 +79,7 @@ def test_promtool_accepts_the_real_exposition(start_sidecar) -> None:
 def _good_trainer(endpoint: str, rank: int, steps: int, errors: list) -> None:
     try:
         t = TrainerSocket(endpoint, timeout=20)
-        t.send(M.HELLO, hello_payload(job="fleet", rank=rank, session=f"s{rank}"))
+        t.send(M.HELLO, hello_payload(job="fleet", rank=rank, session=f"s{rank}", world_size=20))
         batch = []
         for step in range(1, steps + 1):
             batch.append(wire.encode_frame(M.STEP, step_payload(

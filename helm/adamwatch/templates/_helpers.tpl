@@ -125,6 +125,16 @@ trainer exits, so a Job still completes. Use under initContainers:.
     - /etc/adamwatch/control/token
     - --config
     - /etc/adamwatch/config.yaml
+    - --socket-mode
+    - {{ .Values.sidecar.socket.mode | quote }}
+    {{- with .Values.sidecar.socket.allowedUids }}
+    - --allowed-uids
+    - {{ join "," . | quote }}
+    {{- end }}
+    {{- with .Values.sidecar.socket.allowedGids }}
+    - --allowed-gids
+    - {{ join "," . | quote }}
+    {{- end }}
   ports:
     - name: metrics
       containerPort: {{ .Values.sidecar.ports.metrics }}

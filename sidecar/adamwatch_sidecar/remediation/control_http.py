@@ -126,6 +126,12 @@ class ControlRoutes:
             ("GET", "/api/v1/status"): self.status,
         }
 
+    def authorize_request(self, headers: Any, method: str, path: str) -> Response | None:
+        """``HttpServer``'s ``authorize`` hook: check the token before the body is read."""
+        endpoint = {"/api/v1/alertmanager": "alertmanager", "/api/v1/actions": "actions",
+                    "/api/v1/status": "status"}.get(path)
+        return None if endpoint is None else self._authorize(endpoint, headers)
+
     # ------------------------------------------------------------------ helpers
     def _count_rejection(self, endpoint: str, reason: str, message: str) -> None:
         try:
@@ -159,6 +165,8 @@ class ControlRoutes:
             value = json.loads(body.decode("utf-8")) if body else None
         except (UnicodeDecodeError, ValueError) as exc:
             return None, self._reject(endpoint, "malformed", 400, f"body is not UTF-8 JSON: {exc}")
+        except RecursionError:  # nested deeper than the parser goes: bad input, not our error
+            return None, self._reject(endpoint, "malformed", 400, "body is nested too deeply")
         if not isinstance(value, dict):
             return None, self._reject(endpoint, "malformed", 400, "body must be a JSON object")
         return value, None

@@ -277,7 +277,13 @@ class RemediationService:
             job.cooldown = None
             job.lr_scale = float(payload["lr_scale"]) if isinstance(payload.get("lr_scale"), (int, float)) else 1.0
             job.alerts_firing.clear()
-        self._publish_job_gauges(key[0])
+            self._publish_job_gauges(key[0])
+        else:
+            # Only this rank's gauges are new: a HELLO costs O(1) in the job's
+            # size (3,000 ranks saying hello must not stall ingest for minutes).
+            state = self._job(key[0])
+            self._gauge(key, "adamwatch_remediation_ladder_exhausted", 1.0 if state.exhausted else 0.0)
+            self._gauge(key, "adamwatch_learning_rate_scale", state.lr_scale)
 
     def _home(self, job: str) -> Key:
         """The trainer key a job's remediation series hang on: rank 0 when it reports here.

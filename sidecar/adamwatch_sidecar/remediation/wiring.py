@@ -90,7 +90,8 @@ def attach(sidecar: Any, raw_remediation_config: Mapping[str, Any] | None = None
         except ImportError:  # pragma: no cover - the core always has it
             log_rejection = None
         routes = ControlRoutes(service, tokens, sidecar.state, log_rejection)
-        server = HttpServer(address, routes.routes(), name="control", max_body_bytes=1 << 20)
+        server = HttpServer(address, routes.routes(), name="control", max_body_bytes=1 << 20,
+                            authorize=routes.authorize_request, on_reject=getattr(sidecar, "count_http_rejection", None))
         sidecar.add_http_server(server)
         service.control_server = server
         service.tokens = tokens

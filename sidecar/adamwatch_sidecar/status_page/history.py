@@ -313,6 +313,8 @@ class StepHistory:
         self.limits = limits or HistoryLimits()
         self._lock = threading.Lock()
         self._tracks: dict[tuple, _Track] = {}
+        # trainers the current shares were planned for (>= len(_tracks)), see _add_track
+        self._planned_for = 0
 
     # ------------------------------------------------------------------ writing (ingest loop)
     def on_message(self, key: tuple, message: Optional[wire.Message]) -> None:
@@ -344,9 +346,18 @@ class StepHistory:
             track = self._tracks.get(key)
             if track is not None and (groups is None or (track.groups == names and track.deep_every == deep_every)):
                 return track  # a reconnect, or a new session of the same layout: the curve continues
-            plan = limits.plan(len(self._tracks) + (track is None), len(names), deep_every)
+            count = len(self._tracks) + (track is None)
+            grow = count > self._planned_for
+            if grow:
+                # Shares are planned for 25 % more trainers than there are, so the
+                # O(n) rebalance runs once per 25 % growth: n HELLOs cost O(n) in
+                # all, not O(n^2) (3,000 ranks stalled ingest for a minute), and
+                # the total stays within the budget in between.
+                self._planned_for = count if count <= 4 else count + count // 4
+            plan = limits.plan(self._planned_for, len(names), deep_every)
             track = self._tracks[key] = _Track(names, deep_every, plan)
-            self._rebalance()
+            if grow:
+                self._rebalance()
             return track
 
     def on_step(self, key: tuple, p: dict[str, Any]) -> None:
@@ -385,7 +396,8 @@ class StepHistory:
                 self._append_deep(t, p, deep)
 
     def _relayout(self, t: _Track, groups: list[str]) -> None:
-        fresh = _Track(groups, t.deep_every, self.limits.plan(max(1, len(self._tracks)), len(groups), t.deep_every))
+        fresh = _Track(groups, t.deep_every, self.limits.plan(max(1, self._planned_for, len(self._tracks)), len(groups),
+                                                              t.deep_every))
         for name in _Track.__slots__:
             setattr(t, name, getattr(fresh, name))
 
@@ -443,7 +455,7 @@ class StepHistory:
 
     def _rebalance(self) -> None:
         """Give every trainer its share of the total; shrink larger histories at once (under the lock)."""
-        n = len(self._tracks)
+        n = max(1, self._planned_for, len(self._tracks))
         plans: dict[tuple[int, int], HistoryPlan] = {}
         for t in self._tracks.values():
             shape = (len(t.groups), t.deep_every)
@@ -484,6 +496,7 @@ class StepHistory:
             for k in gone:
                 del self._tracks[k]
             if gone:
+                self._planned_for = len(self._tracks)
                 self._rebalance()
         return gone
 
