@@ -182,6 +182,12 @@ def oncall_dashboard() -> dashboard_builders.Dashboard:
             ids, "Gradient clipping",
             "Factor clipping applied at the latest clipped step (1 = within max_norm); the gradient-norm panels show the norm before clipping.",
             [query(f'adamwatch_grad_clip_coefficient{{{SEL}}}', "{{job}}/{{rank}}")], event_only=True))
+        .with_panel(timeseries_panel(
+            ids, "Refused trainer connections",
+            "Trainer connections or HELLOs each sidecar refused per 10 minutes, by reason "
+            "(AdamwatchSidecarRefusingTrainers): a refused trainer trains on unmonitored.",
+            [query('sum by (pod, reason) (increase(adamwatch_sidecar_connections_refused_total[10m]))',
+                   "{{pod}} {{reason}}")], event_only=True))
         .with_row(dashboard_builders.Row("Runbooks"))
         .with_panel(text_panel(ids, "Alerts and runbooks", runbook_table_markdown(), height=12))
     )
