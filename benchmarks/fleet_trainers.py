@@ -23,6 +23,8 @@ and the benchmark counts them without a change here.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import random
@@ -104,7 +106,32 @@ def hello_payload(spec: RankSpec, deep_stats_every: int) -> dict[str, Any]:
         "monitor_errors": {},  # issue 8: a healthy monitor
         "optimizer": {"kind": "AdamW", "implementation": "fused", "betas": [0.9, 0.95], "eps": 1e-8,
                       "weight_decay": 0.1, "amsgrad": False, "param_groups": list(GROUPS), "device": "cuda"},
+        # issue 12: the configuration as adamwatch.optimizer_config.capture_config writes it (the
+        # fleet has no policy, so no trainer waits for a verdict)
+        "config": _FLEET_CONFIG, "config_hash": _FLEET_CONFIG_HASH,
+        "features": {"checkpointer": True, "guard": True, "deep_stats": deep_stats_every > 0},
+        "lr_scale": 1.0, "policy_wait_s": 0.0,
+        # issue 10: the shared secret, as a trainer sends it when ADAMWATCH_SECRET_FILE is set
+        # (sidecars without secret_file drop it unread)
+        "secret": "fleet-benchmark-secret",
     }
+
+
+# One fused AdamW with a linear warm-up, as capture_config describes it (no torch needed here).
+_FLEET_CONFIG: dict[str, Any] = {
+    "format": 1,
+    "optimizer": {"kind": "AdamW", "implementation": "fused"},
+    "param_groups": [
+        {"name": name, "peak_lr": 3e-4, "peak_lr_source": "initial_lr", "betas": [0.9, 0.95], "eps": 1e-8,
+         "weight_decay": 0.0 if name == "no_decay" else 0.1, "amsgrad": False, "maximize": False,
+         "capturable": False, "differentiable": False, "num_tensors": 12, "num_elements": 1 << 24}
+        for name in GROUPS
+    ],
+    "scheduler": {"class": "LambdaLR", "args": {}},
+    "grad_scaler": None,
+}
+_FLEET_CONFIG_HASH = hashlib.sha256(
+    json.dumps(_FLEET_CONFIG, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()[:16]
 
 
 def step_payload(step: int, now: float, duration: float, deep: bool, nonfinite: bool) -> dict[str, Any]:

@@ -122,7 +122,7 @@ def optimizer_debug_dashboard() -> dashboard_builders.Dashboard:
                 query(f'adamwatch_spike_guard_zscore{{{SEL}}}', "z {{signal}}"),
                 query(f'adamwatch_spike_guard_threshold{{{SEL}}}', "bound {{signal}}"),
                 query(f'adamwatch_grad_norm{{{SEL}, param_group="all"}}', "grad norm (pre-clip)"),
-            ]))
+            ], event_only=True))  # only with watch(spike_guard=...)
         .with_panel(timeseries_panel(
             ids, "GradScaler scale",
             "The loss scale the latest step used: halves on every overflow, doubles after each growth interval; "
@@ -130,10 +130,11 @@ def optimizer_debug_dashboard() -> dashboard_builders.Dashboard:
             [
                 query(f'adamwatch_grad_scaler_scale{{{SEL}}}', "scale"),
                 query(f'increase(adamwatch_skipped_steps_total{{{SEL}, reason="grad_scaler"}}[5m])', "overflow skips"),
-            ], log_scale=True))
+            ], log_scale=True, event_only=True))  # only with watch(scaler=GradScaler)
         .with_panel(timeseries_panel(
             ids, "Gradient zero share",
             "Share of sampled gradient coordinates exactly zero, per param group (every N steps): fp16 gradients "
             "that underflow become 0, so a rise while the scale falls means lost small gradients.",
-            [query(f'adamwatch_grad_zero_ratio{{{GROUP_SEL}}}', "{{param_group}}")], unit="percentunit"))
+            [query(f'adamwatch_grad_zero_ratio{{{GROUP_SEL}}}', "{{param_group}}")], unit="percentunit",
+            event_only=True))  # only with watch(scaler=GradScaler)
     )

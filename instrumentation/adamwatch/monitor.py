@@ -926,7 +926,10 @@ class Monitor:
         frames = [wire.encode_frame(wire.MessageType.EVAL, p) for p in self._evals.drain()]
         now = time.monotonic()
         if now >= self._next_footprint:
-            self._next_footprint = now + self.config.footprint_interval
+            # Before the first step Adam holds no state yet: look again within a
+            # second, so the state's bytes do not wait a whole interval.
+            interval = self.config.footprint_interval
+            self._next_footprint = now + (interval if self.optimizer.state else min(interval, 1.0))
             frames.append(wire.encode_frame(wire.MessageType.FOOTPRINT, footprint_payload(self.optimizer, time.time())))
         return frames
 

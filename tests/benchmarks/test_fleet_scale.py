@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from adamwatch import wire
 from adamwatch_sidecar.config import build_config
+from adamwatch_sidecar.optimizer_policy_service import attach_policy
 from adamwatch_sidecar.remediation.wiring import attach
 from adamwatch_sidecar.run_tracking import attach_run_tracking
 from adamwatch_sidecar.server import Sidecar
@@ -78,6 +79,7 @@ def _series_per_healthy_rank(tmp_path) -> int:
     sidecar = Sidecar(build_config({"listen": f"unix://{tmp_path}/unused.sock"}))
     remediation = attach(sidecar, {"dry_run": True})
     attach_run_tracking(sidecar)  # as adamwatch-sidecar serve does (issue 11: exits, device time, ...)
+    attach_policy(sidecar, {})  # and so does this (issue 12: configuration changes, policy verdicts)
     try:
         # rank 1: the minimum over ranks (rank 0 also exports its job's run outcomes)
         spec = fleet_trainers.RankSpec("unix:///x", "fleet-0", 1, 4, "fleet-0-pod-0")
