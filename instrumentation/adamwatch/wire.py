@@ -54,6 +54,10 @@ __all__ = [
     "MAX_EVAL_METRICS",
     "SECRET_FILE_ENV",
     "valid_text",
+    "STEP_PACKED_VERSION",
+    "STEP_ENCODINGS",
+    "encode_step_packed",
+    "decode_step_packed",
 ]
 
 PROTOCOL_VERSION = 1
@@ -124,6 +128,7 @@ class MessageType(enum.IntEnum):
     CONFIG = 10  # trainer → sidecar, the optimizer's configuration changed mid-run (not by adamwatch)
     FINGERPRINT = 11  # trainer → sidecar, replica fingerprint of params and Adam state at a step
     MONITOR_ERRORS = 12  # trainer → sidecar, cumulative failures inside the monitor, by where
+    STEP_PACKED = 13  # trainer → sidecar, a STEP in the compact binary layout (see "Packed STEP" below)
 
 
 @dataclass(frozen=True)
@@ -296,6 +301,10 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "device_memory_reserved_bytes": _f("int", required=False, nullable=True),
     },
 }
+
+
+# A STEP_PACKED frame decodes into exactly the payload of a STEP: same schema.
+SCHEMAS[MessageType.STEP_PACKED] = SCHEMAS[MessageType.STEP]
 
 
 class FrameError(ValueError):
@@ -493,6 +502,8 @@ class FrameDecoder:
         msg_type = _TYPES.get(type_code)
         if msg_type is None:
             return FrameError("unknown_type", f"unknown message type code {type_code}")
+        if msg_type is MessageType.STEP_PACKED:
+            return decode_step_packed(body)
         try:
             payload = _loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -525,6 +536,261 @@ def valid_text(value: Any) -> Any:
     if isinstance(value, dict):
         return {valid_text(k): valid_text(v) for k, v in value.items()}
     return value
+
+
+# ---------------------------------------------------------------- packed STEP
+#
+# STEP_PACKED (type 13) carries the payload of a STEP in a compact binary
+# layout: the trainer encodes one per optimizer step and the sidecar ingests
+# tens of thousands per second, so neither should pay for JSON text. It
+# decodes into exactly the dict a JSON STEP would have given (a
+# ``Message`` of type STEP), so nothing past the decoder knows the difference.
+# The body (all little-endian) is::
+#
+#     offset  size  field
+#     0       1     packed layout version (STEP_PACKED_VERSION); others are rejected
+#     1       1     reserved, 0
+#     2       2     G: number of group_grad_norms values (uint16)
+#     4       2     L: number of lr values (uint16)
+#     6       4     presence word: 2 bits per slot of _PACKED_SLOTS, slot i at bits 2i..2i+1:
+#                   0 absent (or carried in the tail), 1 null, 2 a value (False for a bool),
+#                   3 True (bools only)
+#     10      4     T: bytes of the JSON tail (uint32)
+#     14      8     step (int64)
+#     22      8     time (float64)
+#     30      8     duration_s (float64)
+#     38      8     loss (float64)
+#     46      8     grad_norm (float64)
+#     54      8     samples (int64)
+#     62      8     tokens (int64)
+#     70      8     clip_max_norm (float64)
+#     78      8     clip_coefficient (float64)
+#     86      8*G   group_grad_norms (float64; 0.0 where null)
+#     ...     ⌈G/8⌉ null bitmap of group_grad_norms (bit i of byte i//8: value i is null)
+#     ...     8*L   lr (float64)
+#     ...     T     JSON tail: a UTF-8 JSON object with every other field (deep, extras,
+#                   skip_reason, unknown fields) and any slot value the layout cannot hold
+#                   exactly (an int where a float is expected, ...); absent when T = 0
+#
+# A scalar slot whose presence code is not 2 holds 0 and is ignored. The body
+# length must be exactly what the counts declare. Every violation is a rejected
+# frame: "unsupported_version" for another layout version, "malformed" for a
+# bad length, code or tail, "schema" for a required field missing or null.
+# NaN and ±inf travel as float64 bits; a null inside group_grad_norms as its bitmap bit.
+
+STEP_PACKED_VERSION = 1
+# Which encoding a trainer sends its STEPs in (HELLO.step_encoding, MonitorConfig.step_encoding).
+STEP_ENCODINGS: tuple[str, ...] = ("packed", "json")
+
+_PACKED_HEAD = struct.Struct("<BBHHII qddddqqdd".replace(" ", ""))
+# slot name, kind: "int" (int64 in the head), "float" (float64 in the head),
+# "bool" (the presence code itself), "list" (array after the head)
+_PACKED_SLOTS: tuple[tuple[str, str], ...] = (
+    ("step", "int"), ("time", "float"), ("duration_s", "float"), ("loss", "float"),
+    ("loss_nonfinite", "bool"), ("grad_norm", "float"), ("group_grad_norms", "list"),
+    ("grad_nonfinite", "bool"), ("lr", "list"), ("skipped", "bool"), ("samples", "int"),
+    ("tokens", "int"), ("clip_max_norm", "float"), ("clip_coefficient", "float"),
+)
+_PACKED_NAMES = frozenset(name for name, _ in _PACKED_SLOTS)
+# slot -> position of its value in the unpacked head tuple (scalars only)
+_HEAD_INDEX = {"step": 6, "time": 7, "duration_s": 8, "loss": 9, "grad_norm": 10, "samples": 11,
+               "tokens": 12, "clip_max_norm": 13, "clip_coefficient": 14}
+_SLOT_BITS = (1 << (2 * len(_PACKED_SLOTS))) - 1
+_LO = int("01" * len(_PACKED_SLOTS), 2)  # the low bit of every slot
+
+
+def _slot_mask(pred) -> int:
+    return sum(1 << (2 * i) for i, (name, kind) in enumerate(_PACKED_SLOTS) if pred(name, kind))
+
+
+_STEP_SCHEMA = SCHEMAS[MessageType.STEP]
+_NOT_BOOL = _slot_mask(lambda n, k: k != "bool")
+_NOT_NULLABLE = _slot_mask(lambda n, k: not _STEP_SCHEMA[n].nullable)
+_REQUIRED = _slot_mask(lambda n, k: _STEP_SCHEMA[n].required)
+_MAX_LIST = 0xFFFF
+
+
+def _float_list(value: Any, nulls: bool) -> bool:
+    if type(value) is not list or len(value) > _MAX_LIST:
+        return False
+    if nulls:
+        return all(type(v) is float or v is None for v in value)
+    return all(type(v) is float for v in value)
+
+
+def encode_step_packed(payload: Mapping[str, Any]) -> bytes:
+    """Serialise a STEP payload into a STEP_PACKED frame (header included).
+
+    Any field the binary layout cannot hold exactly goes into the JSON tail, so
+    ``decode_step_packed`` gives back an equal dict for every payload.
+    """
+    presence = 0
+    head = [STEP_PACKED_VERSION, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0.0, 0.0]
+    ggn: list = []
+    lr: list = []
+    tail: dict[str, Any] = {}
+    for i, (name, kind) in enumerate(_PACKED_SLOTS):
+        if name not in payload:
+            continue
+        value = payload[name]
+        if value is None:
+            code = 1
+        elif kind == "float":
+            if type(value) is not float:
+                tail[name] = value
+                continue
+            head[_HEAD_INDEX[name]] = value
+            code = 2
+        elif kind == "int":
+            if type(value) is not int or not _INT_MIN <= value <= _INT_MAX:
+                tail[name] = value
+                continue
+            head[_HEAD_INDEX[name]] = value
+            code = 2
+        elif kind == "bool":
+            if type(value) is not bool:
+                tail[name] = value
+                continue
+            code = 3 if value else 2
+        else:
+            if not _float_list(value, nulls=name == "group_grad_norms"):
+                tail[name] = value
+                continue
+            if name == "lr":
+                lr = value
+            else:
+                ggn = value
+            code = 2
+        presence |= code << (2 * i)
+    for name, value in payload.items():
+        if name not in _PACKED_NAMES:
+            tail[name] = value
+    n = len(ggn)
+    bitmap = bytearray((n + 7) // 8)
+    if None in ggn:
+        values = []
+        for j, v in enumerate(ggn):
+            if v is None:
+                bitmap[j >> 3] |= 1 << (j & 7)
+                values.append(0.0)
+            else:
+                values.append(v)
+        ggn = values
+    tail_bytes = _dumps(tail).encode("utf-8") if tail else b""
+    head[2], head[3], head[4], head[5] = n, len(lr), presence, len(tail_bytes)
+    body = b"".join((_PACKED_HEAD.pack(*head), struct.pack(f"<{n}d", *ggn), bitmap,
+                     struct.pack(f"<{len(lr)}d", *lr), tail_bytes))
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, int(MessageType.STEP_PACKED), len(body)) + body
+
+
+# presence word -> (names, indexes into head + extras): how to build the payload dict
+_BUILDERS: dict[int, tuple[tuple[str, ...], tuple[int, ...]]] = {}
+_X_NONE, _X_FALSE, _X_TRUE, _X_GGN, _X_LR = range(15, 20)
+_ARRAYS: dict[int, struct.Struct] = {}
+
+
+def _builder(presence: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    names, idxs = [], []
+    for i, (name, kind) in enumerate(_PACKED_SLOTS):
+        code = (presence >> (2 * i)) & 3
+        if not code:
+            continue
+        names.append(name)
+        if code == 1:
+            idxs.append(_X_NONE)
+        elif kind == "bool":
+            idxs.append(_X_TRUE if code == 3 else _X_FALSE)
+        elif kind == "list":
+            idxs.append(_X_GGN if name == "group_grad_norms" else _X_LR)
+        else:
+            idxs.append(_HEAD_INDEX[name])
+    if len(_BUILDERS) >= 256:  # a hostile peer could try every combination
+        _BUILDERS.clear()
+    built = _BUILDERS[presence] = (tuple(names), tuple(idxs))
+    return built
+
+
+def _array(count: int) -> struct.Struct:
+    s = _ARRAYS.get(count)
+    if s is None:
+        if len(_ARRAYS) >= 64:
+            _ARRAYS.clear()
+        s = _ARRAYS[count] = struct.Struct(f"<{count}d")
+    return s
+
+
+def _bad_slot(presence: int, mask: int) -> str:
+    for i, (name, _) in enumerate(_PACKED_SLOTS):
+        if (mask >> (2 * i)) & 1:
+            return name
+    return "?"
+
+
+def decode_step_packed(body: bytes) -> Message | FrameError:
+    """Decode the body of a STEP_PACKED frame into a STEP message, or the reason it is rejected."""
+    size = _PACKED_HEAD.size
+    if len(body) < size:
+        return FrameError("malformed", f"STEP_PACKED body of {len(body)} bytes is shorter than its {size}-byte head")
+    head = _PACKED_HEAD.unpack_from(body)
+    version, reserved, n, n_lr, presence, tail_len = head[:6]
+    if version != STEP_PACKED_VERSION:
+        return FrameError("unsupported_version",
+                          f"STEP_PACKED layout version {version} is not supported (speak {STEP_PACKED_VERSION})")
+    if reserved or presence & ~_SLOT_BITS:
+        return FrameError("malformed", f"STEP_PACKED reserved bits set (byte {reserved}, presence {presence:#x})")
+    bitmap_len = (n + 7) >> 3
+    expected = size + 8 * n + bitmap_len + 8 * n_lr + tail_len
+    if len(body) != expected:
+        return FrameError("malformed", f"STEP_PACKED declares {n} group norms, {n_lr} lr values and a "
+                                       f"{tail_len}-byte tail ({expected} bytes) but the body has {len(body)}")
+    lo = presence & _LO
+    hi = (presence >> 1) & _LO
+    if lo & hi & _NOT_BOOL:
+        return FrameError("malformed", f"STEP_PACKED presence code 3 for non-bool field {_bad_slot(presence, lo & hi & _NOT_BOOL)}")
+    if lo & ~hi & _NOT_NULLABLE:
+        return SchemaError(f"STEP.{_bad_slot(presence, lo & ~hi & _NOT_NULLABLE)} must not be null")
+    ggn_code = (presence >> 12) & 3
+    lr_code = (presence >> 16) & 3
+    if (n and ggn_code != 2) or (n_lr and lr_code != 2):
+        return FrameError("malformed", "STEP_PACKED declares list values for a list it marks absent or null")
+    pos = size
+    ggn = list(_array(n).unpack_from(body, pos)) if n else []
+    pos += 8 * n
+    if n:
+        bitmap = body[pos:pos + bitmap_len]
+        if any(bitmap):
+            for j in range(n):
+                if bitmap[j >> 3] >> (j & 7) & 1:
+                    ggn[j] = None
+        pos += bitmap_len
+    lr = list(_array(n_lr).unpack_from(body, pos)) if n_lr else []
+    pos += 8 * n_lr
+    names, idxs = _BUILDERS.get(presence) or _builder(presence)
+    values = head + (None, False, True, ggn, lr)
+    payload = dict(zip(names, map(values.__getitem__, idxs)))
+    if not tail_len:
+        missing = ~(lo | hi) & _REQUIRED
+        if missing:
+            return SchemaError(f"STEP.{_bad_slot(presence, missing)} is required")
+        return Message(MessageType.STEP, payload)
+    raw = body[pos:]
+    try:
+        tail = _loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return FrameError("malformed", f"STEP_PACKED tail is not valid UTF-8 JSON: {exc}")
+    if not isinstance(tail, dict):
+        return FrameError("malformed", f"STEP_PACKED tail must be a JSON object, got {type(tail).__name__}")
+    if b"\\ud" in raw or b"\\uD" in raw:
+        tail = valid_text(tail)
+    clash = [k for k in tail if k in payload]
+    if clash:
+        return FrameError("malformed", f"STEP_PACKED tail repeats packed field {clash[0]!r}")
+    payload.update(tail)
+    try:
+        unknown = validate_payload(MessageType.STEP, payload)
+    except SchemaError as exc:
+        return exc
+    return Message(MessageType.STEP, payload, unknown)
 
 
 @dataclass(frozen=True)
