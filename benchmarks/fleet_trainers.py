@@ -104,6 +104,7 @@ def hello_payload(spec: RankSpec, deep_stats_every: int) -> dict[str, Any]:
         "torch_version": "fleet-benchmark", "deep_stats_every": deep_stats_every, "dropped_total": 0,
         "model_family": "fleet-gpt", "target": None,  # issue 11: no convergence target
         "monitor_errors": {},  # issue 8: a healthy monitor
+        "step_encoding": "json",  # the fleet simulator sends JSON STEPs (its pre-encoded template)
         "optimizer": {"kind": "AdamW", "implementation": "fused", "betas": [0.9, 0.95], "eps": 1e-8,
                       "weight_decay": 0.1, "amsgrad": False, "param_groups": list(GROUPS), "device": "cuda"},
         # issue 12: the configuration as adamwatch.optimizer_config.capture_config writes it (the

@@ -60,6 +60,10 @@ _not_traced = torch.compiler.disable
 _GUARDS = ("auto", "off", "sync")
 
 
+# Environment switch for MonitorConfig.step_encoding ("packed" or "json").
+STEP_ENCODING_ENV = "ADAMWATCH_STEP_ENCODING"
+
+
 @dataclass
 class MonitorConfig:
     """Everything ``watch`` accepts besides the objects it attaches to.
@@ -108,6 +112,9 @@ class MonitorConfig:
             parameters and Adam state (adamwatch.fingerprint) is sent, so the
             sidecar and the AdamwatchReplicaDivergence alert can compare
             data-parallel replicas; 0 disables.
+        step_encoding: how STEP summaries travel: "packed" (the compact binary
+            STEP_PACKED, default) or "json" (for a sidecar older than
+            STEP_PACKED); None: ``$ADAMWATCH_STEP_ENCODING``, else "packed".
     """
 
     endpoint: str | None = None
@@ -138,6 +145,11 @@ class MonitorConfig:
     # On-device spike guard (adamwatch.spike_guard): None/False (off), "clip", "skip",
     # a dict of SpikeGuardConfig fields or a SpikeGuardConfig.
     spike_guard: Any = None
+    step_encoding: str | None = None
+
+    def resolved_step_encoding(self) -> str:
+        """The STEP encoding in force: the field, else $ADAMWATCH_STEP_ENCODING, else "packed"."""
+        return self.step_encoding or os.environ.get(STEP_ENCODING_ENV) or "packed"
 
     def validate(self) -> None:
         if self.guard not in _GUARDS:
@@ -187,6 +199,9 @@ class MonitorConfig:
         if not isinstance(self.footprint_interval, (int, float)) or not self.footprint_interval > 0:
             raise ValueError(f"footprint_interval must be seconds > 0, got {self.footprint_interval!r}")
         SpikeGuardConfig.coerce(self.spike_guard)  # raises naming the bad spike_guard field
+        if self.resolved_step_encoding() not in wire.STEP_ENCODINGS:
+            raise ValueError(f"step_encoding (or ${STEP_ENCODING_ENV}) must be one of {wire.STEP_ENCODINGS}, "
+                             f"got {self.resolved_step_encoding()!r}")
 
 
 def _distributed_rank_world() -> tuple[int | None, int | None]:
@@ -219,6 +234,7 @@ class Monitor:
         self.scheduler = scheduler
         self.checkpointer = checkpointer
         self.config = config
+        self._step_encoding = config.resolved_step_encoding()  # fixed for the session: HELLO announces it
         self._info = describe_optimizer(optimizer)  # also rejects what is not a torch optimizer
         self._fused = is_fused(optimizer)
         self._group_names = group_names(optimizer)
@@ -868,6 +884,7 @@ class Monitor:
             "model_family": self.config.model_family,
             "target": dict(self.config.target) if self.config.target else None,
             "monitor_errors": dict(self.errors_by_where),
+            "step_encoding": self._step_encoding,
         }
 
     def _summaries(self, timeout: float) -> list[dict[str, Any]]:
@@ -893,11 +910,12 @@ class Monitor:
         return payloads
 
     def _poll_summaries(self, timeout: float) -> list[bytes]:
+        encode_step = wire.encode_step_packed if self._step_encoding == "packed" else self._encode_json_step
         try:
             frames = []
             for p in self._summaries(timeout):
                 fp = p.pop("fingerprint", None)
-                frames.append(wire.encode_frame(wire.MessageType.STEP, p))
+                frames.append(encode_step(p))
                 if fp is not None:
                     frames.append(wire.encode_frame(wire.MessageType.FINGERPRINT,
                                                     {"step": p["step"], "fingerprint": fp}))
@@ -920,6 +938,10 @@ class Monitor:
         except Exception:
             self._report_error("evaluation_footprint")
         return frames
+
+    @staticmethod
+    def _encode_json_step(payload: dict[str, Any]) -> bytes:
+        return wire.encode_frame(wire.MessageType.STEP, payload)
 
     def _side_frames(self) -> list[bytes]:
         """EVAL frames of recorded evaluations, and a FOOTPRINT every ``footprint_interval`` seconds."""
@@ -1226,7 +1248,7 @@ def watch(
         **options: further MonitorConfig fields (sample_size, max_queued, world_size, seed,
             lr_floor, lr_recovery_steps, command_interval, target (e.g. ``{"eval_loss": 1.6}``),
             model_family, footprint_interval, report_exits, cross_rank, local_grads, fingerprint_every,
-            spike_guard).
+            spike_guard, step_encoding).
             ``spike_guard="clip"`` / ``"skip"`` (or an :class:`adamwatch.spike_guard.SpikeGuardConfig`)
             turns on the on-device spike guard; off by default.
 

@@ -189,6 +189,8 @@ SCHEMAS: dict[MessageType, dict[str, Field]] = {
         "secret": _f("str", required=False),
         # failures inside the monitor so far this session, {where: count} (as MONITOR_ERRORS)
         "monitor_errors": _f("dict", required=False),
+        # how this trainer sends its STEPs: one of STEP_ENCODINGS (absent from older trainers: "json")
+        "step_encoding": _f("str", required=False),
     },
     MessageType.STEP: {
         "step": _f("int"),  # optimizer step index as the trainer counts it (1-based)

@@ -16,12 +16,15 @@ from ..trainer.test_monitor import IMPLEMENTATIONS, KINDS, batch, make_model, ma
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_metrics_match_the_training_script(sidecar, kind, impl):
+@pytest.mark.parametrize("encoding", ["packed", "json"])
+def test_metrics_match_the_training_script(sidecar, kind, impl, encoding):
     model = make_model()
     opt = make_optimizer(model, kind, impl)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
-    job = f"it-{kind}-{impl}"
-    with adamwatch.watch(opt, scheduler=sched, endpoint=sidecar.endpoint, job=job, rank=0) as monitor:
+    job = f"it-{kind}-{impl}-{encoding}"
+    with adamwatch.watch(opt, scheduler=sched, endpoint=sidecar.endpoint, job=job, rank=0,
+                         step_encoding=encoding) as monitor:
+        assert monitor._hello()["step_encoding"] == encoding
         for i in range(5):
             x, y = batch(i)
             loss = torch.nn.functional.mse_loss(model(x), y)
