@@ -556,7 +556,10 @@ def valid_text(value: Any) -> Any:
 #     4       2     L: number of lr values (uint16)
 #     6       4     presence word: 2 bits per slot of _PACKED_SLOTS, slot i at bits 2i..2i+1:
 #                   0 absent (or carried in the tail), 1 null, 2 a value (False for a bool),
-#                   3 True (bools only)
+#                   3 True (bools only). Slots 0..14: step, time, duration_s, loss,
+#                   loss_nonfinite, grad_norm, group_grad_norms, grad_nonfinite, lr, skipped,
+#                   samples, tokens, clip_max_norm, clip_coefficient, skip_reason (null
+#                   only: a reason's text travels in the tail)
 #     10      4     T: bytes of the JSON tail (uint32)
 #     14      8     step (int64)
 #     22      8     time (float64)
@@ -592,6 +595,7 @@ _PACKED_SLOTS: tuple[tuple[str, str], ...] = (
     ("loss_nonfinite", "bool"), ("grad_norm", "float"), ("group_grad_norms", "list"),
     ("grad_nonfinite", "bool"), ("lr", "list"), ("skipped", "bool"), ("samples", "int"),
     ("tokens", "int"), ("clip_max_norm", "float"), ("clip_coefficient", "float"),
+    ("skip_reason", "null"),
 )
 _PACKED_NAMES = frozenset(name for name, _ in _PACKED_SLOTS)
 # slot -> position of its value in the unpacked head tuple (scalars only)
@@ -607,6 +611,7 @@ def _slot_mask(pred) -> int:
 
 _STEP_SCHEMA = SCHEMAS[MessageType.STEP]
 _NOT_BOOL = _slot_mask(lambda n, k: k != "bool")
+_ONLY_NULL = _slot_mask(lambda n, k: k == "null")
 _NOT_NULLABLE = _slot_mask(lambda n, k: not _STEP_SCHEMA[n].nullable)
 _REQUIRED = _slot_mask(lambda n, k: _STEP_SCHEMA[n].required)
 _MAX_LIST = 0xFFFF
@@ -649,6 +654,9 @@ def encode_step_packed(payload: Mapping[str, Any]) -> bytes:
                 continue
             head[_HEAD_INDEX[name]] = value
             code = 2
+        elif kind == "null":
+            tail[name] = value
+            continue
         elif kind == "bool":
             if type(value) is not bool:
                 tail[name] = value
@@ -749,6 +757,8 @@ def decode_step_packed(body: bytes) -> Message | FrameError:
     hi = (presence >> 1) & _LO
     if lo & hi & _NOT_BOOL:
         return FrameError("malformed", f"STEP_PACKED presence code 3 for non-bool field {_bad_slot(presence, lo & hi & _NOT_BOOL)}")
+    if hi & _ONLY_NULL:
+        return FrameError("malformed", "STEP_PACKED skip_reason may only be marked null (its text travels in the tail)")
     if lo & ~hi & _NOT_NULLABLE:
         return SchemaError(f"STEP.{_bad_slot(presence, lo & ~hi & _NOT_NULLABLE)} must not be null")
     ggn_code = (presence >> 12) & 3
@@ -787,12 +797,25 @@ def decode_step_packed(body: bytes) -> Message | FrameError:
     clash = [k for k in tail if k in payload]
     if clash:
         return FrameError("malformed", f"STEP_PACKED tail repeats packed field {clash[0]!r}")
+    # The packed slots are of their schema kind by construction: only the
+    # tail's fields, and required fields neither packed nor in the tail, need checking.
+    unknown = []
+    for name, value in tail.items():
+        spec = _STEP_SCHEMA.get(name)
+        if spec is None:
+            unknown.append(name)
+        elif value is None:
+            if not spec.nullable:
+                return SchemaError(f"STEP.{name} must not be null")
+        elif not _check(spec.kind, value):
+            return SchemaError(f"STEP.{name} must be {spec.kind}, got {type(value).__name__}")
+    missing = ~(lo | hi) & _REQUIRED
+    if missing:
+        for i, (name, _) in enumerate(_PACKED_SLOTS):
+            if (missing >> (2 * i)) & 1 and name not in tail:
+                return SchemaError(f"STEP.{name} is required")
     payload.update(tail)
-    try:
-        unknown = validate_payload(MessageType.STEP, payload)
-    except SchemaError as exc:
-        return exc
-    return Message(MessageType.STEP, payload, unknown)
+    return Message(MessageType.STEP, payload, tuple(unknown))
 
 
 @dataclass(frozen=True)

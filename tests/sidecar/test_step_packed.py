@@ -90,18 +90,17 @@ def test_packed_round_trip_gives_the_json_payload(payload: dict) -> None:
 
 
 def test_typical_step_is_all_binary_and_smaller_than_json() -> None:
-    payload = step_payload(7, samples=32, tokens=4096)
-    payload["skip_reason"] = None  # a null that only the tail can carry
-    frame = wire.encode_step_packed({k: v for k, v in payload.items() if k != "skip_reason"})
+    payload = step_payload(7, samples=32, tokens=4096)  # skip_reason None: a presence code, no tail
+    frame = wire.encode_step_packed(payload)
     assert len(frame) == wire.HEADER.size + HEAD + 2 * 8 + 1 + 2 * 8  # no JSON tail at all
-    assert len(wire.encode_step_packed(payload)) < len(wire.encode_frame(M.STEP, payload))
+    assert len(frame) < len(wire.encode_frame(M.STEP, payload))
+    with_reason = wire.encode_step_packed(step_payload(7, skipped=True, skip_reason="nonfinite_grad"))
+    assert decode_one(with_reason).payload["skip_reason"] == "nonfinite_grad"
 
 
 def _plain(step: int = 3, **extra) -> dict:
     """A STEP payload that packs without a JSON tail."""
-    payload = step_payload(step, **extra)
-    del payload["skip_reason"]
-    return payload
+    return step_payload(step, **extra)
 
 
 def _body(payload: dict | None = None) -> bytearray:
@@ -126,7 +125,9 @@ BAD = {
     "fewer lr than sent": (_with(_body(), 4, "<H", 1), "malformed", "1 lr values"),
     "tail longer than body": (_with(_body(), 10, "<I", 50), "malformed", "50-byte tail"),
     "extra byte": (_body() + b"\0", "malformed", "but the body has"),
-    "presence beyond the slots": (_with(_body(), 6, "<I", 0xF0000000), "malformed", "reserved bits"),
+    "presence beyond the slots": (_with(_body(), 6, "<I", 0xC0000000), "malformed", "reserved bits"),
+    "skip_reason with a value code": (_with(_body(), 6, "<I", (struct.unpack_from("<I", _body(), 6)[0] & ~(3 << 28)) | (2 << 28)),
+                                      "malformed", "skip_reason may only be marked null"),
     "code 3 for a float": (_with(_body(), 6, "<I", struct.unpack_from("<I", _body(), 6)[0] | (3 << 2)),
                           "malformed", "non-bool field time"),
     "null step": (_with(_body(), 6, "<I", (struct.unpack_from("<I", _body(), 6)[0] & ~3) | 1),
