@@ -49,7 +49,7 @@ def _step(step: int, deep: bool) -> dict:
     payload = {
         "step": step, "time": 1.7e9 + step * 0.1, "duration_s": 0.1, "loss": 2.0 + 1.0 / step,
         "loss_nonfinite": False, "grad_norm": 1.25, "group_grad_norms": [0.5, 0.75, 0.25, 0.125],
-        "grad_nonfinite": False, "grad_nonfinite_tensors": 0, "lr": [3e-4, 3e-4, 3e-4, 3e-4],
+        "grad_nonfinite": False, "lr": [3e-4, 3e-4, 3e-4, 3e-4],
         "skipped": False, "skip_reason": None, "samples": 32, "tokens": 32768,
     }
     if deep:

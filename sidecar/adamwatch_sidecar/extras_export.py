@@ -74,7 +74,7 @@ class StepExtrasExporter:
         if message.type is not wire.MessageType.STEP:
             return
         extras = message.payload.get("extras")
-        if isinstance(extras, Mapping) and extras:
+        if extras and isinstance(extras, Mapping):  # None first: the ABC check is not free
             self._export(key, extras)
 
     def _export(self, key: TrainerKey, extras: Mapping[str, Any]) -> None:

@@ -58,6 +58,8 @@ class NanOriginTracker:
             return
         payload = message.payload
         extras: dict[str, Any] = payload.get("extras") or {}
+        if not extras:
+            return  # most STEPs: no extras at all
         if not any(f"nonfinite_origin_{s}" in extras for s in ORIGIN_SOURCES):
             return
         if key not in self._seen:

@@ -179,7 +179,8 @@ def attach_policy(sidecar: Any, raw_policy: Any, *, audit: AuditLog | None = Non
         audit = getattr(remediation, "audit", None)
     service = OptimizerPolicyService(parse_policy(raw_policy), send_command=sidecar.ingest.send_command,
                                      metrics=sidecar.state, audit=audit)
-    sidecar.state.add_listener(service.on_message)
+    # HELLO and CONFIG only: the ingest hot path (STEP) skips it
+    sidecar.state.add_listener(service.on_message, types=(wire.MessageType.HELLO, wire.MessageType.CONFIG))
     if remediation is not None and hasattr(remediation, "status_extensions"):
         remediation.status_extensions["optimizer_configs"] = service.status
     sidecar.optimizer_policy = service

@@ -34,7 +34,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 from adamwatch import wire
 
@@ -394,18 +394,28 @@ class RunState:
         self._trainers: dict[TrainerKey, _Trainer] = {}
         self._globals: dict[str, dict[tuple[str, ...], float]] = {}
         self._listeners: list[Listener] = []
+        self._listener_types: list[frozenset[wire.MessageType] | None] = []  # parallel to _listeners
+        self._by_type: dict[wire.MessageType, list[Listener]] = {}  # message type -> the listeners it reaches
 
     # ------------------------------------------------------------------ listeners
-    def add_listener(self, fn: Listener) -> None:
+    def add_listener(self, fn: Listener, types: Iterable[wire.MessageType] | None = None) -> None:
         """Call ``fn(key, message)`` after each accepted message, ``fn(key, None)`` on disconnect.
 
         Args:
             fn: runs on the ingest loop thread; exceptions are logged and ignored.
+            types: only messages of these types reach ``fn`` (disconnects always do);
+                None: every message. A listener with nothing to do for a STEP says so
+                here, so the ingest hot path does not call it tens of thousands of times a second.
         """
         self._listeners.append(fn)
+        wanted = None if types is None else frozenset(types)
+        self._listener_types.append(wanted)
+        self._by_type = {t: [f for f, w in zip(self._listeners, self._listener_types) if w is None or t in w]
+                         for t in wire.MessageType}
 
     def _notify(self, key: TrainerKey, message: wire.Message | None) -> None:
-        for fn in self._listeners:
+        listeners = self._listeners if message is None else self._by_type.get(message.type, self._listeners)
+        for fn in listeners:
             try:
                 fn(key, message)
             except Exception:

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from adamwatch import wire
+
 from .convergence import ConvergenceTracker, parse_convergence_config
 from .evaluation import EvaluationExporter
 from .footprint import FootprintExporter
@@ -67,7 +69,8 @@ def attach_run_tracking(sidecar: Any, convergence: Mapping[str, Any] | None = No
         footprint=FootprintExporter(state),
     )
     # run_end reads the convergence state at a GOODBYE: convergence goes first.
-    for listener in (tracking.evaluation, tracking.convergence, tracking.run_end, tracking.footprint):
+    for listener in (tracking.evaluation, tracking.convergence, tracking.run_end):
         state.add_listener(listener.on_message)
+    state.add_listener(tracking.footprint.on_message, types=(wire.MessageType.FOOTPRINT,))  # nothing to do for a STEP
     sidecar.add_ticker(tracking.on_tick)
     return tracking

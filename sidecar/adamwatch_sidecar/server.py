@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from adamwatch import wire
 from prometheus_client import CollectorRegistry
 
 from .admission import Admission, read_secret
@@ -98,7 +99,7 @@ class Sidecar:
         # Replica fingerprints of the ranks this sidecar sees (the audit log is
         # attached with remediation, see cli).
         self.replica_check = ReplicaCheck(self.state)
-        self.state.add_listener(self.replica_check.on_message)
+        self.state.add_listener(self.replica_check.on_message, types=(wire.MessageType.FINGERPRINT,))
         # Spike guard and GradScaler extras of each STEP -> their metrics.
         self.step_extras = StepExtrasExporter(self.state)
         self.state.add_listener(self.step_extras.on_message)

@@ -91,6 +91,8 @@ class Incident:
 
 
 def _finite(value: Any) -> bool:
+    if type(value) is float:  # the usual case, checked first (ingest hot path)
+        return math.isfinite(value)
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -312,7 +314,8 @@ class StallDetector:
 
 def _guard_mode(payload: Mapping[str, Any]) -> str | None:
     """The mode in which the trainer's spike guard acted on this STEP, or None."""
-    return guard_activation(payload.get("extras"))
+    extras = payload.get("extras")
+    return None if extras is None else guard_activation(extras)
 
 
 class SpikeGuardStreakDetector:
@@ -338,7 +341,7 @@ class SpikeGuardStreakDetector:
             activation of the same streak), else None.
         """
         extras = payload.get("extras")
-        if not isinstance(extras, Mapping) or not any(f"spike_guard_{m}" in extras for m in ("clip", "skip")):
+        if not extras or not isinstance(extras, Mapping) or not any(f"spike_guard_{m}" in extras for m in ("clip", "skip")):
             return None
         mode = _guard_mode(payload)
         if mode is None:
