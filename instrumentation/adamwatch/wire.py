@@ -28,7 +28,7 @@ import enum
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -693,13 +693,34 @@ def encode_step_packed(payload: Mapping[str, Any]) -> bytes:
     return HEADER.pack(MAGIC, PROTOCOL_VERSION, int(MessageType.STEP_PACKED), len(body)) + body
 
 
-# presence word -> (names, indexes into head + extras): how to build the payload dict
-_BUILDERS: dict[int, tuple[tuple[str, ...], tuple[int, ...]]] = {}
+# presence word -> how to read it, computed once per distinct word (a trainer
+# sends one or two): (names, indexes into head + extras, the rejection it
+# implies or None, the required slots it leaves absent)
+_PresencePlan = tuple[tuple[str, ...], tuple[int, ...], Optional[tuple[str, str]], int]
+_PLANS: dict[int, _PresencePlan] = {}
 _X_NONE, _X_FALSE, _X_TRUE, _X_GGN, _X_LR = range(15, 20)
 _ARRAYS: dict[int, struct.Struct] = {}
 
 
-def _builder(presence: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+def _first_slot(mask: int) -> str:
+    for i, (name, _) in enumerate(_PACKED_SLOTS):
+        if (mask >> (2 * i)) & 1:
+            return name
+    return "?"
+
+
+def _plan(presence: int) -> _PresencePlan:
+    lo = presence & _LO
+    hi = (presence >> 1) & _LO
+    error: tuple[str, str] | None = None
+    if presence & ~_SLOT_BITS:
+        error = ("malformed", f"STEP_PACKED presence word has reserved bits set ({presence:#x})")
+    elif lo & hi & _NOT_BOOL:
+        error = ("malformed", f"STEP_PACKED presence code 3 for non-bool field {_first_slot(lo & hi & _NOT_BOOL)}")
+    elif hi & _ONLY_NULL:
+        error = ("malformed", "STEP_PACKED skip_reason may only be marked null (its text travels in the tail)")
+    elif lo & ~hi & _NOT_NULLABLE:
+        error = ("schema", f"STEP.{_first_slot(lo & ~hi & _NOT_NULLABLE)} must not be null")
     names, idxs = [], []
     for i, (name, kind) in enumerate(_PACKED_SLOTS):
         code = (presence >> (2 * i)) & 3
@@ -713,11 +734,11 @@ def _builder(presence: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
         elif kind == "list":
             idxs.append(_X_GGN if name == "group_grad_norms" else _X_LR)
         else:
-            idxs.append(_HEAD_INDEX[name])
-    if len(_BUILDERS) >= 256:  # a hostile peer could try every combination
-        _BUILDERS.clear()
-    built = _BUILDERS[presence] = (tuple(names), tuple(idxs))
-    return built
+            idxs.append(_HEAD_INDEX.get(name, _X_NONE))
+    if len(_PLANS) >= 256:  # a hostile peer could try every combination
+        _PLANS.clear()
+    plan = _PLANS[presence] = (tuple(names), tuple(idxs), error, ~(lo | hi) & _REQUIRED)
+    return plan
 
 
 def _array(count: int) -> struct.Struct:
@@ -729,11 +750,7 @@ def _array(count: int) -> struct.Struct:
     return s
 
 
-def _bad_slot(presence: int, mask: int) -> str:
-    for i, (name, _) in enumerate(_PACKED_SLOTS):
-        if (mask >> (2 * i)) & 1:
-            return name
-    return "?"
+_GGN_CODE_SHIFT, _LR_CODE_SHIFT = 12, 16  # slots 6 and 8
 
 
 def decode_step_packed(body: bytes) -> Message | FrameError:
@@ -746,44 +763,40 @@ def decode_step_packed(body: bytes) -> Message | FrameError:
     if version != STEP_PACKED_VERSION:
         return FrameError("unsupported_version",
                           f"STEP_PACKED layout version {version} is not supported (speak {STEP_PACKED_VERSION})")
-    if reserved or presence & ~_SLOT_BITS:
-        return FrameError("malformed", f"STEP_PACKED reserved bits set (byte {reserved}, presence {presence:#x})")
+    if reserved:
+        return FrameError("malformed", f"STEP_PACKED reserved byte is {reserved}, not 0")
     bitmap_len = (n + 7) >> 3
     expected = size + 8 * n + bitmap_len + 8 * n_lr + tail_len
     if len(body) != expected:
         return FrameError("malformed", f"STEP_PACKED declares {n} group norms, {n_lr} lr values and a "
                                        f"{tail_len}-byte tail ({expected} bytes) but the body has {len(body)}")
-    lo = presence & _LO
-    hi = (presence >> 1) & _LO
-    if lo & hi & _NOT_BOOL:
-        return FrameError("malformed", f"STEP_PACKED presence code 3 for non-bool field {_bad_slot(presence, lo & hi & _NOT_BOOL)}")
-    if hi & _ONLY_NULL:
-        return FrameError("malformed", "STEP_PACKED skip_reason may only be marked null (its text travels in the tail)")
-    if lo & ~hi & _NOT_NULLABLE:
-        return SchemaError(f"STEP.{_bad_slot(presence, lo & ~hi & _NOT_NULLABLE)} must not be null")
-    ggn_code = (presence >> 12) & 3
-    lr_code = (presence >> 16) & 3
-    if (n and ggn_code != 2) or (n_lr and lr_code != 2):
+    names, idxs, error, missing = _PLANS.get(presence) or _plan(presence)
+    if error is not None:
+        reason, text = error
+        return SchemaError(text) if reason == "schema" else FrameError(reason, text)
+    if (n and (presence >> _GGN_CODE_SHIFT) & 3 != 2) or (n_lr and (presence >> _LR_CODE_SHIFT) & 3 != 2):
         return FrameError("malformed", "STEP_PACKED declares list values for a list it marks absent or null")
     pos = size
-    ggn = list(_array(n).unpack_from(body, pos)) if n else []
-    pos += 8 * n
     if n:
-        bitmap = body[pos:pos + bitmap_len]
-        if any(bitmap):
+        ggn = list(_array(n).unpack_from(body, pos))
+        pos += 8 * n
+        if body.count(0, pos, pos + bitmap_len) != bitmap_len:  # some group norm is null
             for j in range(n):
-                if bitmap[j >> 3] >> (j & 7) & 1:
+                if body[pos + (j >> 3)] >> (j & 7) & 1:
                     ggn[j] = None
         pos += bitmap_len
-    lr = list(_array(n_lr).unpack_from(body, pos)) if n_lr else []
-    pos += 8 * n_lr
-    names, idxs = _BUILDERS.get(presence) or _builder(presence)
+    else:
+        ggn = []
+    if n_lr:
+        lr = list(_array(n_lr).unpack_from(body, pos))
+        pos += 8 * n_lr
+    else:
+        lr = []
     values = head + (None, False, True, ggn, lr)
     payload = dict(zip(names, map(values.__getitem__, idxs)))
     if not tail_len:
-        missing = ~(lo | hi) & _REQUIRED
         if missing:
-            return SchemaError(f"STEP.{_bad_slot(presence, missing)} is required")
+            return SchemaError(f"STEP.{_first_slot(missing)} is required")
         return Message(MessageType.STEP, payload)
     raw = body[pos:]
     try:
@@ -809,7 +822,6 @@ def decode_step_packed(body: bytes) -> Message | FrameError:
                 return SchemaError(f"STEP.{name} must not be null")
         elif not _check(spec.kind, value):
             return SchemaError(f"STEP.{name} must be {spec.kind}, got {type(value).__name__}")
-    missing = ~(lo | hi) & _REQUIRED
     if missing:
         for i, (name, _) in enumerate(_PACKED_SLOTS):
             if (missing >> (2 * i)) & 1 and name not in tail:
