@@ -191,11 +191,16 @@ class SpikeDetector:
         if not _finite(value):
             return None
         value = float(value)
-        window = self.threshold()
-        if window is None:
+        # threshold() inlined (same arithmetic, same result): this runs for every STEP
+        params = self.params
+        n = len(self._values)
+        if n < params.min_samples:
             self._push(value)
             return None
-        mean, std, threshold = window
+        s1 = self._s1
+        mean = self._shift + s1 / n
+        std = math.sqrt(max(self._s2 - s1 * s1 / n, 0.0) / (n - 1))
+        threshold = mean + params.k * max(std, params.min_std_ratio * abs(mean))
         if value > threshold:
             self.streak += 1
             return {
