@@ -1,16 +1,22 @@
-"""Sidecar benchmark: ingest rate on one core and /metrics render time with 64 ranks.
+"""Sidecar benchmark: ingest rate on one core (packed and JSON STEPs, 64/256/1,024 ranks) and /metrics render time.
 
-    .venv/bin/python benchmarks/sidecar_throughput.py            # about 20 s
+    .venv/bin/python benchmarks/sidecar_throughput.py            # about a minute
 
-1. Starts a real ``adamwatch-sidecar`` process pinned to one core (where the OS
-   lets us), fed by a separate process over the Unix socket, several connections,
-   as fast as it can. The rate is summaries accepted per second: the time from
-   the first frame sent until ``adamwatch_steps_total`` (summed over trainers, read
-   from /metrics) reaches the number sent.
-2. Connects 64 ranks with 4 param groups and deep statistics, then times 20
+1. Ingest: for each STEP encoding (STEP_PACKED, JSON) and rank count (64, 256,
+   1,024), a fresh ``adamwatch-sidecar`` process pinned to one core (where the OS
+   lets us) is fed by a separate process holding one connection per rank, as a
+   fleet of trainers would. Every frame is distinct (each rank its own steps,
+   noisy loss and norms, deep statistics every 10th step), encoded before the
+   clock starts. The rate is summaries / (time from the first frame sent until
+   the last one is applied); /metrics is read only after the feeder has written
+   everything (the sidecar then has at most the sockets' buffers left), so
+   scrapes do not compete with the ingest. Also shown: the sidecar's own CPU
+   seconds per summary (from /proc). Each cell: min / median / max over
+   ``--repeats`` runs (distinct jobs, distinct frames).
+2. Render: connects 64 ranks with 4 param groups and deep statistics, then times 20
    GETs of /metrics (wall time seen by the client) and reports the median.
 
-Targets: >= 50,000 summaries/s; render <= 25 ms.
+Targets: >= 50,000 summaries/s at 64 ranks and >= 30,000 at 1,024 ranks; render <= 25 ms.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import random
 import re
+import selectors
 import shutil
 import socket
 import statistics
@@ -31,14 +39,16 @@ import urllib.request
 
 from adamwatch import wire
 
-TARGET_RATE = 50_000
+TARGET_RATE = 50_000  # at 64 ranks
+TARGET_RATE_1024 = 30_000  # at 1,024 ranks
+ENCODINGS = ("packed", "json")
 TARGET_RENDER_MS = 25.0
 GROUPS = ["embeddings", "decay", "no_decay", "head"]
 
 
-def _hello(job: str, rank: int) -> dict:
+def _hello(job: str, rank: int, world_size: int = 64) -> dict:
     return {
-        "job": job, "rank": rank, "world_size": 64, "host": "bench", "pid": os.getpid(), "session": f"{job}-{rank}",
+        "job": job, "rank": rank, "world_size": world_size, "host": "bench", "pid": os.getpid(), "session": f"{job}-{rank}",
         "adamwatch_version": "bench", "torch_version": "bench",
         "optimizer": {"kind": "AdamW", "implementation": "fused", "betas": [0.9, 0.95], "eps": 1e-8,
                       "weight_decay": 0.1, "amsgrad": False, "param_groups": GROUPS, "device": "cuda"},
@@ -68,25 +78,56 @@ def _connect(endpoint: str) -> socket.socket:
     return socket.create_connection((ep.host, ep.port))
 
 
-def _feed(endpoint: str, connections: int, per_connection: int, core: int | None, started, done) -> None:
-    """Feeder process: HELLO on each connection, then STEP frames as fast as the socket takes them."""
+def _rank_frames(job: str, rank: int, steps: int, encoding: str) -> bytes:
+    """``steps`` distinct STEP frames of one rank, as its trainer would send them."""
+    rng = random.Random(f"{job}/{rank}")
+    encode = wire.encode_step_packed if encoding == "packed" else (
+        lambda p: wire.encode_frame(wire.MessageType.STEP, p))
+    frames = []
+    for step in range(1, steps + 1):
+        payload = _step(step, step % 10 == 0)
+        payload["time"] = 1.7e9 + rank * 1e-3 + step * 0.1 + rng.random() * 1e-3
+        payload["duration_s"] = 0.1 + rng.random() * 1e-3
+        payload["loss"] = 2.5 - 1e-4 * step + rng.gauss(0.0, 0.01)
+        payload["grad_norm"] = 1.0 + rng.gauss(0.0, 0.02)
+        payload["group_grad_norms"] = [0.5 * payload["grad_norm"] + rng.random() * 1e-3 for _ in GROUPS]
+        frames.append(encode(payload))
+    return b"".join(frames)
+
+
+def _feed(endpoint: str, job: str, ranks: int, steps: int, encoding: str, core: int | None,
+          ready, go, sent, done) -> None:
+    """Feeder process: one connection per rank, HELLO, then that rank's STEPs as fast as the sockets take them."""
     if core is not None:
         try:
             os.sched_setaffinity(0, {core})
         except (AttributeError, OSError):
             pass
-    socks = [_connect(endpoint) for _ in range(connections)]
-    for rank, sock in enumerate(socks):
-        sock.sendall(wire.encode_frame(wire.MessageType.HELLO, _hello("ingest", rank)))
-    # one pre-encoded batch of 1000 steps (deep statistics every 10th), sent repeatedly
-    batch = b"".join(wire.encode_frame(wire.MessageType.STEP, _step(i, i % 10 == 0)) for i in range(1, 1001))
-    batches = per_connection // 1000
-    started.set()
-    threads = [threading.Thread(target=lambda s=s: [s.sendall(batch) for _ in range(batches)]) for s in socks]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    data = [memoryview(_rank_frames(job, rank, steps, encoding)) for rank in range(ranks)]
+    socks = []
+    for rank in range(ranks):
+        sock = _connect(endpoint)
+        sock.sendall(wire.encode_frame(wire.MessageType.HELLO, _hello(job, rank, ranks)))
+        socks.append(sock)
+    ready.set()
+    go.wait(120)
+    selector = selectors.DefaultSelector()
+    offsets = {}
+    for sock, view in zip(socks, data):
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_WRITE, view)
+        offsets[sock] = 0
+    while offsets:
+        for key, _ in selector.select(timeout=5):
+            sock, view = key.fileobj, key.data
+            try:
+                offsets[sock] += sock.send(view[offsets[sock]:offsets[sock] + 65536])
+            except BlockingIOError:
+                continue
+            if offsets[sock] >= len(view):
+                selector.unregister(sock)
+                del offsets[sock]
+    sent.set()
     done.wait(120)  # keep the connections open until the sidecar has read everything
     for s in socks:
         s.close()
@@ -97,19 +138,31 @@ def _scrape(url: str) -> str:
         return resp.read().decode()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def _steps_total(text: str, job: str) -> float:
     pattern = re.compile(r'^adamwatch_steps_total\{job="' + re.escape(job) + r'",rank="\d+"\} (\S+)$', re.M)
     return sum(float(v) for v in pattern.findall(text))
 
 
-def _start_sidecar(endpoint: str, core: int | None, config: str | None) -> tuple[subprocess.Popen, str]:
+def _start_sidecar(endpoint: str, core: int | None, config: str | None,
+                   extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     def pin() -> None:
         if core is not None:
             os.sched_setaffinity(0, {core})
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "adamwatch_sidecar.cli", "serve", "--listen", endpoint,
-         "--metrics-address", "127.0.0.1:0", "--log-level", "INFO", *(["--config", config] if config else [])],
+         "--metrics-address", "127.0.0.1:0", "--log-level", "INFO", *(["--config", config] if config else []),
+         *extra],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, preexec_fn=pin,
     )
     assert proc.stderr is not None
@@ -131,11 +184,78 @@ def _start_sidecar(endpoint: str, core: int | None, config: str | None) -> tuple
     return proc, url
 
 
+def _ingest_once(endpoint: str, url: str, pid: int, job: str, ranks: int, steps: int, encoding: str,
+                 feeder_core: int | None) -> tuple[float, float]:
+    """One measured run: (summaries per second, sidecar CPU microseconds per summary)."""
+    total = ranks * steps
+    ctx = multiprocessing.get_context("spawn")
+    ready, go, sent, done = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Event()
+    feeder = ctx.Process(target=_feed, args=(endpoint, job, ranks, steps, encoding, feeder_core, ready, go, sent, done))
+    feeder.start()
+    try:
+        if not ready.wait(120):
+            raise SystemExit("the feeder did not start")
+        # every HELLO applied before the clock starts (a scrape here is outside the measurement)
+        deadline = time.monotonic() + 60
+        while _hellos(_scrape(url), job) < ranks:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the sidecar did not admit {ranks} ranks")
+            time.sleep(0.05)
+        cpu0 = _cpu_seconds(pid)
+        t0 = time.perf_counter()
+        go.set()
+        if not sent.wait(300):
+            raise SystemExit("the feeder did not finish sending")
+        while True:  # the sockets' buffers are all that is left: poll
+            seen = _steps_total(_scrape(url), job)
+            if seen >= total:
+                break
+            if time.perf_counter() - t0 > 300:
+                raise SystemExit(f"only {seen:.0f} of {total} summaries arrived")
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - t0
+        cpu = _cpu_seconds(pid) - cpu0
+    finally:
+        done.set()
+        feeder.join(30)
+        if feeder.is_alive():
+            feeder.kill()
+    return total / elapsed, cpu / total * 1e6
+
+
+def _hellos(text: str, job: str) -> int:
+    return len(re.findall(r'^adamwatch_trainer_connected\{job="' + re.escape(job) + r'",rank="\d+"\} 1', text, re.M))
+
+
+def _render(endpoint: str, url: str, ranks: int, scrapes: int) -> tuple[float, int, int]:
+    """64 ranks, 4 param groups, deep statistics: median /metrics wall time (ms), lines, bytes."""
+    socks = []
+    for rank in range(ranks):
+        s = _connect(endpoint)
+        s.sendall(wire.encode_frame(wire.MessageType.HELLO, _hello("render", rank))
+                  + wire.encode_frame(wire.MessageType.STEP, _step(10, True)))
+        socks.append(s)
+    deadline = time.monotonic() + 30
+    while _steps_total(_scrape(url), "render") < ranks and time.monotonic() < deadline:
+        time.sleep(0.05)
+    times, size, lines = [], 0, 0
+    for _ in range(scrapes):
+        start = time.perf_counter()
+        text = _scrape(url)
+        times.append(time.perf_counter() - start)
+        size, lines = len(text), text.count("\n")
+    for s in socks:
+        s.close()
+    return statistics.median(times) * 1000, lines, size
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--summaries", type=int, default=400_000, help="STEP frames to send (multiple of 1000 x connections)")
-    parser.add_argument("--connections", type=int, default=4)
-    parser.add_argument("--ranks", type=int, default=64, help="ranks connected for the render measurement")
+    parser.add_argument("--summaries", type=int, default=60_000, help="STEP frames per run (split over the ranks)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[64, 256, 1024], help="rank counts to measure")
+    parser.add_argument("--encodings", nargs="+", choices=ENCODINGS, default=list(ENCODINGS))
+    parser.add_argument("--repeats", type=int, default=3, help="runs per cell (min/median/max)")
+    parser.add_argument("--render-ranks", type=int, default=64, help="ranks connected for the render measurement")
     parser.add_argument("--scrapes", type=int, default=20)
     parser.add_argument("--config", help="sidecar config file (e.g. to compare with remediation disabled)")
     args = parser.parse_args(argv)
@@ -143,67 +263,53 @@ def main(argv: list[str] | None = None) -> int:
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     sidecar_core = cores[-1] if cores else None
     feeder_core = cores[0] if len(cores) > 1 else None
-    folder = tempfile.mkdtemp(prefix="aw-bench-", dir="/tmp")
-    endpoint = f"unix://{folder}/adamwatch.sock"
-    proc, url = _start_sidecar(endpoint, sidecar_core, args.config)
-    try:
-        per_connection = max(1000, args.summaries // args.connections // 1000 * 1000)
-        total = per_connection * args.connections
-        ctx = multiprocessing.get_context("spawn")
-        started, done = ctx.Event(), ctx.Event()
-        feeder = ctx.Process(target=_feed, args=(endpoint, args.connections, per_connection, feeder_core, started, done))
-        feeder.start()
-        if not started.wait(60):
-            raise SystemExit("the feeder did not start")
-        t0 = time.perf_counter()
-        while True:
-            seen = _steps_total(_scrape(url), "ingest")
-            if seen >= total:
-                break
-            if time.perf_counter() - t0 > 60:
-                raise SystemExit(f"only {seen:.0f} of {total} summaries arrived within 60 s")
-            time.sleep(0.05)
-        elapsed = time.perf_counter() - t0
-        done.set()
-        feeder.join(30)
-        rate = total / elapsed
-
-        # 64 ranks, 4 param groups, deep statistics: the render measurement
-        socks = []
-        for rank in range(args.ranks):
-            s = _connect(endpoint)
-            s.sendall(wire.encode_frame(wire.MessageType.HELLO, _hello("render", rank))
-                      + wire.encode_frame(wire.MessageType.STEP, _step(10, True)))
-            socks.append(s)
-        deadline = time.monotonic() + 30
-        while _steps_total(_scrape(url), "render") < args.ranks and time.monotonic() < deadline:
-            time.sleep(0.05)
-        times, size, lines = [], 0, 0
-        for _ in range(args.scrapes):
-            start = time.perf_counter()
-            text = _scrape(url)
-            times.append(time.perf_counter() - start)
-            size, lines = len(text), text.count("\n")
-        for s in socks:
-            s.close()
-        render_ms = statistics.median(times) * 1000
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        shutil.rmtree(folder, ignore_errors=True)
+    results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    render = None
+    for encoding in args.encodings:
+        for ranks in args.ranks:
+            folder = tempfile.mkdtemp(prefix="aw-bench-", dir="/tmp")
+            endpoint = f"unix://{folder}/adamwatch.sock"
+            proc, url = _start_sidecar(endpoint, sidecar_core, args.config,
+                                       ("--max-trainers", str(ranks * (args.repeats + 1) + 64)))
+            try:
+                steps = max(1, args.summaries // ranks)
+                results[(encoding, ranks)] = [
+                    _ingest_once(endpoint, url, proc.pid, f"ingest-{encoding}-{ranks}-{r}", ranks, steps, encoding,
+                                 feeder_core)
+                    for r in range(args.repeats)]
+                if render is None:
+                    render = _render(endpoint, url, args.render_ranks, args.scrapes)
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                shutil.rmtree(folder, ignore_errors=True)
 
     print(f"config: {args.config or 'defaults (remediation as shipped)'}; load average {os.getloadavg()[0]:.1f}")
     pinned = f"pinned to core {sidecar_core}" if sidecar_core is not None else "not pinned"
-    print(f"sidecar {pinned}; feeder in a separate process ({args.connections} connections)"
-          + (f" on core {feeder_core}" if feeder_core is not None else ""))
-    print(f"ingest: {total} summaries in {elapsed:.2f} s = {rate:,.0f} summaries/s "
-          f"(target >= {TARGET_RATE:,}) {'OK' if rate >= TARGET_RATE else 'BELOW TARGET'}")
-    print(f"/metrics with {args.ranks} ranks x {len(GROUPS)} param groups (deep statistics): "
-          f"median {render_ms:.1f} ms over {args.scrapes} scrapes, {lines} lines, {size / 1024:.0f} KiB "
-          f"(target <= {TARGET_RENDER_MS:.0f} ms) {'OK' if render_ms <= TARGET_RENDER_MS else 'ABOVE TARGET'}")
+    print(f"sidecar {pinned}; feeder in a separate process, one connection per rank"
+          + (f", on core {feeder_core}" if feeder_core is not None else ""))
+    print(f"ingest, summaries/s (min / median / max of {args.repeats}), ~{args.summaries:,} distinct summaries per run; "
+          "sidecar CPU us/summary (median):")
+    print(f"  {'encoding':<9}{'ranks':>6}  {'min':>9} {'median':>9} {'max':>9}  {'cpu us':>7}  target")
+    medians = {}
+    for (encoding, ranks), runs in results.items():
+        rates = sorted(r for r, _ in runs)
+        med = medians[(encoding, ranks)] = statistics.median(rates)
+        cpu = statistics.median(c for _, c in runs)
+        target = TARGET_RATE if ranks <= 64 else TARGET_RATE_1024 if ranks >= 1024 else None
+        verdict = "" if target is None else f">= {target:,} {'OK' if med >= target else 'BELOW'}"
+        print(f"  {encoding:<9}{ranks:>6}  {rates[0]:>9,.0f} {med:>9,.0f} {rates[-1]:>9,.0f}  {cpu:>7.1f}  {verdict}")
+    for ranks in args.ranks:
+        if ("packed", ranks) in medians and ("json", ranks) in medians:
+            print(f"  packed / json at {ranks} ranks: {medians[('packed', ranks)] / medians[('json', ranks)]:.2f}x")
+    if render is not None:
+        render_ms, lines, size = render
+        print(f"/metrics with {args.render_ranks} ranks x {len(GROUPS)} param groups (deep statistics): "
+              f"median {render_ms:.1f} ms over {args.scrapes} scrapes, {lines} lines, {size / 1024:.0f} KiB "
+              f"(target <= {TARGET_RENDER_MS:.0f} ms) {'OK' if render_ms <= TARGET_RENDER_MS else 'ABOVE TARGET'}")
     return 0
 
 
