@@ -22,6 +22,7 @@ Targets: >= 50,000 summaries/s at 64 ranks and >= 30,000 at 1,024 ranks; render 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import random
@@ -92,6 +93,8 @@ def _rank_frames(job: str, rank: int, steps: int, encoding: str) -> bytes:
         payload["grad_norm"] = 1.0 + rng.gauss(0.0, 0.02)
         payload["group_grad_norms"] = [0.5 * payload["grad_norm"] + rng.random() * 1e-3 for _ in GROUPS]
         frames.append(encode(payload))
+    # GOODBYE last: once the sidecar shows this rank finished, all its STEPs were applied
+    frames.append(wire.encode_frame(wire.MessageType.GOODBYE, {"reason": "bench", "step": steps, "exit_reason": "clean"}))
     return b"".join(frames)
 
 
@@ -206,21 +209,31 @@ def _ingest_once(endpoint: str, url: str, pid: int, job: str, ranks: int, steps:
         go.set()
         if not sent.wait(300):
             raise SystemExit("the feeder did not finish sending")
-        while True:  # the sockets' buffers are all that is left: poll
-            seen = _steps_total(_scrape(url), job)
-            if seen >= total:
+        while True:  # the sockets' buffers are all that is left: poll the (cheap) trainer list
+            finished = _finished(url, job)
+            if finished >= ranks:
                 break
             if time.perf_counter() - t0 > 300:
-                raise SystemExit(f"only {seen:.0f} of {total} summaries arrived")
+                raise SystemExit(f"only {finished} of {ranks} ranks finished")
             time.sleep(0.02)
         elapsed = time.perf_counter() - t0
         cpu = _cpu_seconds(pid) - cpu0
+        seen = _steps_total(_scrape(url), job)  # outside the measurement: check nothing was lost
+        if seen != total:
+            raise SystemExit(f"{seen:.0f} of {total} summaries were counted")
     finally:
         done.set()
         feeder.join(30)
         if feeder.is_alive():
             feeder.kill()
     return total / elapsed, cpu / total * 1e6
+
+
+def _finished(url: str, job: str) -> int:
+    """Ranks of ``job`` whose GOODBYE (their last frame) the sidecar has applied."""
+    with urllib.request.urlopen(f"{url}/api/v1/trainers?job={job}&rank=0", timeout=10) as resp:
+        listing = json.load(resp)
+    return sum(1 for t in listing["trainers"] if t.get("job") == job and t.get("finished"))
 
 
 def _hellos(text: str, job: str) -> int:
@@ -270,15 +283,14 @@ def main(argv: list[str] | None = None) -> int:
             folder = tempfile.mkdtemp(prefix="aw-bench-", dir="/tmp")
             endpoint = f"unix://{folder}/adamwatch.sock"
             proc, url = _start_sidecar(endpoint, sidecar_core, args.config,
-                                       ("--max-trainers", str(ranks * (args.repeats + 1) + 64)))
+                                       ("--max-trainers", str(ranks * (args.repeats + 1) + 64),
+                                        "--retention-seconds", "1"))
             try:
                 steps = max(1, args.summaries // ranks)
                 results[(encoding, ranks)] = [
                     _ingest_once(endpoint, url, proc.pid, f"ingest-{encoding}-{ranks}-{r}", ranks, steps, encoding,
                                  feeder_core)
                     for r in range(args.repeats)]
-                if render is None:
-                    render = _render(endpoint, url, args.render_ranks, args.scrapes)
             finally:
                 proc.terminate()
                 try:
@@ -286,6 +298,19 @@ def main(argv: list[str] | None = None) -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                 shutil.rmtree(folder, ignore_errors=True)
+
+    folder = tempfile.mkdtemp(prefix="aw-bench-", dir="/tmp")
+    endpoint = f"unix://{folder}/adamwatch.sock"
+    proc, url = _start_sidecar(endpoint, sidecar_core, args.config)
+    try:  # a fresh sidecar: only the render ranks
+        render = _render(endpoint, url, args.render_ranks, args.scrapes)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(folder, ignore_errors=True)
 
     print(f"config: {args.config or 'defaults (remediation as shipped)'}; load average {os.getloadavg()[0]:.1f}")
     pinned = f"pinned to core {sidecar_core}" if sidecar_core is not None else "not pinned"
