@@ -8,9 +8,9 @@
    fleet of trainers would. Every frame is distinct (each rank its own steps,
    noisy loss and norms, deep statistics every 10th step), encoded before the
    clock starts. The rate is summaries / (time from the first frame sent until
-   the last one is applied); /metrics is read only after the feeder has written
-   everything (the sidecar then has at most the sockets' buffers left), so
-   scrapes do not compete with the ingest. Also shown: the sidecar's own CPU
+   the last one is applied: each rank's connection ends with a GOODBYE and an
+   EOF, and the sidecar closes it once it has applied everything before). Nothing
+   scrapes or polls the sidecar while it ingests. Also shown: the sidecar's own CPU
    seconds per summary (from /proc). Each cell: min / median / max over
    ``--repeats`` runs (distinct jobs, distinct frames).
 2. Render: connects 64 ranks with 4 param groups and deep statistics, then times 20
@@ -120,16 +120,31 @@ def _feed(endpoint: str, job: str, ranks: int, steps: int, encoding: str, core: 
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_WRITE, view)
         offsets[sock] = 0
-    while offsets:
-        for key, _ in selector.select(timeout=5):
+    open_socks = len(socks)
+    while open_socks:
+        for key, events in selector.select(timeout=5):
             sock, view = key.fileobj, key.data
-            try:
-                offsets[sock] += sock.send(view[offsets[sock]:offsets[sock] + 65536])
-            except BlockingIOError:
+            if sock in offsets:
+                try:
+                    offsets[sock] += sock.send(view[offsets[sock]:offsets[sock] + 65536])
+                except BlockingIOError:
+                    continue
+                if offsets[sock] >= len(view):
+                    # all sent: the sidecar closes its side once it has applied
+                    # every frame before our EOF, which recv() then sees
+                    del offsets[sock]
+                    sock.shutdown(socket.SHUT_WR)
+                    selector.modify(sock, selectors.EVENT_READ, view)
                 continue
-            if offsets[sock] >= len(view):
+            try:
+                if not sock.recv(65536):
+                    selector.unregister(sock)
+                    open_socks -= 1
+            except BlockingIOError:
+                pass
+            except OSError:
                 selector.unregister(sock)
-                del offsets[sock]
+                open_socks -= 1
     sent.set()
     done.wait(120)  # keep the connections open until the sidecar has read everything
     for s in socks:
@@ -207,19 +222,13 @@ def _ingest_once(endpoint: str, url: str, pid: int, job: str, ranks: int, steps:
         cpu0 = _cpu_seconds(pid)
         t0 = time.perf_counter()
         go.set()
+        # the feeder says when the sidecar has closed every connection (after applying all its frames)
         if not sent.wait(300):
-            raise SystemExit("the feeder did not finish sending")
-        while True:  # the sockets' buffers are all that is left: poll the (cheap) trainer list
-            finished = _finished(url, job)
-            if finished >= ranks:
-                break
-            if time.perf_counter() - t0 > 300:
-                raise SystemExit(f"only {finished} of {ranks} ranks finished")
-            time.sleep(0.02)
+            raise SystemExit("the sidecar did not take every frame within 300 s")
         elapsed = time.perf_counter() - t0
         cpu = _cpu_seconds(pid) - cpu0
         seen = _steps_total(_scrape(url), job)  # outside the measurement: check nothing was lost
-        if seen != total:
+        if seen != total or _finished(url, job) != ranks:
             raise SystemExit(f"{seen:.0f} of {total} summaries were counted")
     finally:
         done.set()
@@ -284,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             endpoint = f"unix://{folder}/adamwatch.sock"
             proc, url = _start_sidecar(endpoint, sidecar_core, args.config,
                                        ("--max-trainers", str(ranks * (args.repeats + 1) + 64),
-                                        "--retention-seconds", "1"))
+                                        "--retention-seconds", "60"))
             try:
                 steps = max(1, args.summaries // ranks)
                 results[(encoding, ranks)] = [
