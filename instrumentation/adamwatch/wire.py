@@ -625,6 +625,12 @@ def _float_list(value: Any, nulls: bool) -> bool:
     return all(type(v) is float for v in value)
 
 
+_MISSING = object()
+# (shift, name, kind, head index) per slot, for the encoder's loop
+_ENCODE_SLOTS = tuple((2 * i, name, kind, _HEAD_INDEX.get(name, -1)) for i, (name, kind) in enumerate(_PACKED_SLOTS))
+_FLOAT, _INT = float, int
+
+
 def encode_step_packed(payload: Mapping[str, Any]) -> bytes:
     """Serialise a STEP payload into a STEP_PACKED frame (header included).
 
@@ -636,45 +642,42 @@ def encode_step_packed(payload: Mapping[str, Any]) -> bytes:
     ggn: list = []
     lr: list = []
     tail: dict[str, Any] = {}
-    for i, (name, kind) in enumerate(_PACKED_SLOTS):
-        if name not in payload:
+    get = payload.get
+    for shift, name, kind, index in _ENCODE_SLOTS:
+        value = get(name, _MISSING)
+        if value is _MISSING:
             continue
-        value = payload[name]
         if value is None:
-            code = 1
-        elif kind == "float":
-            if type(value) is not float:
-                tail[name] = value
-                continue
-            head[_HEAD_INDEX[name]] = value
-            code = 2
-        elif kind == "int":
-            if type(value) is not int or not _INT_MIN <= value <= _INT_MAX:
-                tail[name] = value
-                continue
-            head[_HEAD_INDEX[name]] = value
-            code = 2
-        elif kind == "null":
-            tail[name] = value
+            presence |= 1 << shift
             continue
+        vtype = type(value)
+        if kind == "float":
+            if vtype is _FLOAT:
+                head[index] = value
+                presence |= 2 << shift
+                continue
         elif kind == "bool":
-            if type(value) is not bool:
-                tail[name] = value
+            if vtype is bool:
+                presence |= (3 if value else 2) << shift
                 continue
-            code = 3 if value else 2
-        else:
-            if not _float_list(value, nulls=name == "group_grad_norms"):
-                tail[name] = value
+        elif kind == "int":
+            if vtype is _INT and _INT_MIN <= value <= _INT_MAX:
+                head[index] = value
+                presence |= 2 << shift
                 continue
-            if name == "lr":
-                lr = value
-            else:
-                ggn = value
-            code = 2
-        presence |= code << (2 * i)
-    for name, value in payload.items():
-        if name not in _PACKED_NAMES:
-            tail[name] = value
+        elif kind == "list":
+            if _float_list(value, nulls=name == "group_grad_norms"):
+                if name == "lr":
+                    lr = value
+                else:
+                    ggn = value
+                presence |= 2 << shift
+                continue
+        tail[name] = value  # not exactly representable in the layout (or a skip reason's text)
+    if len(payload) > len(tail) + (presence & _LO | (presence >> 1) & _LO).bit_count():
+        for name, value in payload.items():
+            if name not in _PACKED_NAMES:
+                tail[name] = value
     n = len(ggn)
     bitmap = bytearray((n + 7) // 8)
     if None in ggn:
@@ -688,8 +691,7 @@ def encode_step_packed(payload: Mapping[str, Any]) -> bytes:
         ggn = values
     tail_bytes = _dumps(tail).encode("utf-8") if tail else b""
     head[2], head[3], head[4], head[5] = n, len(lr), presence, len(tail_bytes)
-    body = b"".join((_PACKED_HEAD.pack(*head), struct.pack(f"<{n}d", *ggn), bitmap,
-                     struct.pack(f"<{len(lr)}d", *lr), tail_bytes))
+    body = b"".join((_PACKED_HEAD.pack(*head), _array(n).pack(*ggn), bitmap, _array(len(lr)).pack(*lr), tail_bytes))
     return HEADER.pack(MAGIC, PROTOCOL_VERSION, int(MessageType.STEP_PACKED), len(body)) + body
 
 
