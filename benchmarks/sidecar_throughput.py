@@ -1,6 +1,6 @@
 """Sidecar benchmark: ingest rate on one core (packed and JSON STEPs, 64/256/1,024 ranks) and /metrics render time.
 
-    .venv/bin/python benchmarks/sidecar_throughput.py            # about a minute
+    .venv/bin/python benchmarks/sidecar_throughput.py            # about 80 s
 
 1. Ingest: for each STEP encoding (STEP_PACKED, JSON) and rank count (64, 256,
    1,024), a fresh ``adamwatch-sidecar`` process pinned to one core (where the OS

@@ -303,3 +303,17 @@ def test_negative_steps_and_non_finite_timestamps_are_refused_and_never_exported
     assert state.value("adamwatch_optimizer_step", labels) is None
     assert state.value("adamwatch_last_step_timestamp_seconds", labels) is None
     assert state.value("adamwatch_steps_total", labels) == 0
+
+
+def test_a_listener_for_some_message_types_gets_only_those_and_the_disconnect(state: RunState) -> None:
+    everything, footprints_only = [], []
+    state.add_listener(lambda key, message: everything.append(message and message.type))
+    state.add_listener(lambda key, message: footprints_only.append(message and message.type),
+                       types=(M.FOOTPRINT, M.GOODBYE))
+    key = state.hello("c1", hello_payload())
+    state.apply(key, msg(M.STEP, step_payload(1)))
+    state.apply(key, msg(M.FOOTPRINT, {"time": 1.0, "param_bytes": {"float32": 4}, "optimizer_state_bytes": {}}))
+    state.apply(key, msg(M.GOODBYE, {"reason": "done", "step": 1}))
+    state.disconnect(key, "c1")
+    assert everything == [M.HELLO, M.STEP, M.FOOTPRINT, M.GOODBYE, None]
+    assert footprints_only == [M.FOOTPRINT, M.GOODBYE, None]
