@@ -162,11 +162,16 @@ class RunStateCollector:
                     append(f"{spec.name}_sum{text} {format_value(total)}\n")
                 continue
             name = spec.name
+            get = cache.get
             for labels, value in samples:
-                text = cache.get((name, labels))
+                text = get((name, labels))
                 if text is None:
                     text = cache[(name, labels)] = _label_set(names, labels)
-                append(f"{name}{text} {format_value(value)}\n")
+                # fast path: a finite float is written as repr (format_value's answer)
+                if type(value) is float and value - value == 0.0:
+                    append(f"{name}{text} {value!r}\n")
+                else:
+                    append(f"{name}{text} {format_value(value)}\n")
         return "".join(parts).encode("utf-8")
 
 

@@ -850,7 +850,14 @@ class RunState:
         pairs = [(_RENDERERS.get(spec.name), spec.name, samples) for spec, samples in zip(specs, lists)]
         failed: list[tuple[TrainerKey, str]] = []
         with self._lock:
-            for t in self._trainers.values():
+            trainers = list(self._trainers.values())
+        # The lock is taken trainer by trainer, not for the whole copy: with
+        # 1,024 ranks the copy takes tens of ms and ingest must keep applying
+        # steps meanwhile (issue 15). Each trainer's series stay consistent.
+        for t in trainers:
+            with self._lock:
+                if self._trainers.get(t.key) is not t:
+                    continue  # expired or replaced since the list was taken
                 marks = list(map(len, lists))  # where this trainer's samples begin, to roll back
                 try:
                     # Trainer by trainer, so that a bug rendering one trainer's
@@ -868,6 +875,7 @@ class RunState:
                     for samples, mark in zip(lists, marks):
                         del samples[mark:]
                     failed.append((t.key, f"{type(exc).__name__}: {exc}"[:200]))
+        with self._lock:
             if failed:
                 errors = self._globals.setdefault("adamwatch_sidecar_render_errors_total", {})
                 errors[()] = errors.get((), 0.0) + len(failed)
