@@ -21,6 +21,7 @@ paths parse back to identical families.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from typing import Any, Iterator
@@ -85,10 +86,10 @@ class RunStateCollector:
     def __init__(self, state: RunState):
         self.state = state
         self._label_text: dict[tuple[str, tuple[str, ...]], str] = {}
-        self._headers: dict[str, bytes] = {}
+        self._headers: dict[str, str] = {}
         self._known: dict[Any, tuple[Any, int]] = {}  # RunState.snapshot_by_trainer's versions
-        # render_incremental: trainer key -> {family index: (samples, their lines as bytes)}
-        self._by_trainer: dict[Any, dict[int, tuple[list, bytes]]] = {}
+        # render_incremental: trainer key -> {family index: (samples, their lines)}
+        self._by_trainer: dict[Any, dict[int, tuple[list, str]]] = {}
 
     # ------------------------------------------------------------------ prometheus_client
     def describe(self) -> Iterator[Metric]:
@@ -196,14 +197,25 @@ class RunStateCollector:
         cannot be written is left out and counted in
         ``adamwatch_sidecar_render_errors_total``.
         """
+        # The copy allocates ~100 objects per trainer; a full collection of the
+        # sidecar's heap in the middle would cost more than the render itself.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._render_incremental()
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _render_incremental(self) -> bytes:
         known = self._known
         specs, trainers, globs = self.state.snapshot_by_trainer(known)
         cache = self._label_text
         if len(cache) > self._CACHE_LIMIT:
             cache.clear()
         old = self._by_trainer
-        new: dict[Any, dict[int, tuple[list, bytes]]] = {}
-        per_family: list[list[bytes]] = [[] for _ in specs]
+        new: dict[Any, dict[int, tuple[list, str]]] = {}
+        per_family: list[list[str]] = [[] for _ in specs]
         bad: list = []
         for key, families in trainers:
             if families is None:  # unchanged since the last scrape: its bytes as they were
@@ -215,7 +227,7 @@ class RunStateCollector:
                 continue
             before = old.get(key) or {}
             try:
-                written: dict[int, tuple[list, bytes]] = {}
+                written: dict[int, tuple[list, str]] = {}
                 for i, samples in families:
                     hit = before.get(i)
                     if hit is not None and hit[0] == samples:
@@ -223,7 +235,7 @@ class RunStateCollector:
                     else:
                         parts: list[str] = []
                         self._body(specs[i], samples, parts)
-                        written[i] = (samples, "".join(parts).encode("utf-8"))
+                        written[i] = (samples, "".join(parts))
             except Exception:
                 bad.append(key)
                 known.pop(key, None)
@@ -235,23 +247,32 @@ class RunStateCollector:
         if len(known) > len(new):
             for key in [k for k in known if k not in new]:
                 del known[key]  # expired or failed
-        out: list[bytes] = []
+        out: list[str] = []
         for spec, chunks, glob in zip(specs, per_family, globs):
-            out.append(self._headers.get(spec.name) or self._headers.setdefault(spec.name, _header(spec).encode()))
+            out.append(self._headers.get(spec.name) or self._headers.setdefault(spec.name, _header(spec)))
             out.extend(chunks)
             if glob:
                 for sample in glob:
                     try:
                         parts = []
                         self._body(spec, [sample], parts)
-                        out.append("".join(parts).encode("utf-8"))
+                        out.append("".join(parts))
                     except Exception:
                         bad.append(None)
         if bad:
             self.state.count_render_errors(len(bad))
             log.warning("/metrics: left out the series of %d trainer(s) that could not be rendered: %.200s",
                         len(bad), sorted(map(str, bad)))
-        return b"".join(out)
+        try:
+            return "".join(out).encode("utf-8")
+        except UnicodeError:
+            # text that is not UTF-8 (cannot come from the wire): the slow path finds its trainer
+            self._by_trainer, self._known = {}, {}
+            snapshot = self.state.snapshot()
+            bad = _unrenderable(snapshot)
+            self.state.count_render_errors(max(1, len({k for k in bad if k is not None})))
+            return self._render([(spec, [s for s in samples if _trainer_of(spec, s[0]) not in bad
+                                         and _renders(spec, s)]) for spec, samples in snapshot])
 
 
 def _header(spec: MetricSpec) -> str:

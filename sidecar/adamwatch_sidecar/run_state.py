@@ -923,8 +923,8 @@ class RunState:
         out: list[tuple[TrainerKey, list[tuple[int, list]]]] = []
         with self._lock:
             trainers = list(self._trainers.values())
+        lists: list[list] = [[] for _ in pairs]
         for t in trainers:
-            lists: list[list] = [[] for _ in pairs]
             with self._lock:
                 if self._trainers.get(t.key) is not t:
                     continue  # expired or replaced since the list was taken
@@ -948,8 +948,15 @@ class RunState:
                     if known is not None:
                         known.pop(t.key, None)
                     failed.append((t.key, f"{type(exc).__name__}: {exc}"[:200]))
+                    for samples in lists:
+                        samples.clear()
                     continue
-            out.append((t.key, [(i, samples) for i, samples in enumerate(lists) if samples]))
+            families = []
+            for i, samples in enumerate(lists):
+                if samples:  # hand this list over, start a fresh one (no allocation for empty families)
+                    families.append((i, samples))
+                    lists[i] = []
+            out.append((t.key, families))
         globs: list[list] = []
         with self._lock:
             if failed:
