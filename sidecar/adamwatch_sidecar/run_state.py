@@ -285,6 +285,11 @@ class _Trainer:
     # MONITOR_ERRORS: cumulative {where: count} per session (summed on export, never going down)
     monitor_errors_by_session: dict[str, dict[str, int]] = field(default_factory=dict)
     hello_time: float | None = None  # sidecar clock at the latest HELLO
+    # bumped by every RunState method that may change this trainer: the /metrics
+    # renderer re-renders a trainer only when it moved (snapshot_by_trainer)
+    version: int = 0
+    # group label + quantile label tuples, built once (the /metrics renderer compares them by identity)
+    quantile_labels: dict[int, tuple[tuple[str, ...], ...]] = field(default_factory=dict)  # group index ->
 
     def group_label(self, index: int) -> tuple[str, str, str]:
         labels = self.group_labels
@@ -447,9 +452,11 @@ class RunState:
             trainer = self._trainers.get(key)
             if trainer is None:
                 trainer = self._trainers[key] = _Trainer(key, (key.job, str(key.rank)))
+            trainer.version += 1
             if trainer.groups != groups:
                 trainer.groups = groups
                 trainer.group_labels = []
+                trainer.quantile_labels = {}
             trainer.hello = payload
             trainer.info_labels = _info_labels(trainer.base, payload)
             trainer.conn_id = conn_id
@@ -489,6 +496,7 @@ class RunState:
                 trainer = self._trainers.get(key)
                 if trainer is None:
                     raise wire.FrameError("unexpected", f"STEP for unknown trainer {key}")
+                trainer.version += 1
                 self._apply_step(trainer, payload)
         elif mtype is wire.MessageType.DROPPED:
             with self._lock:
@@ -541,6 +549,7 @@ class RunState:
         trainer = self._trainers.get(key)
         if trainer is None:
             raise wire.FrameError("unexpected", f"message for unknown trainer {key}")
+        trainer.version += 1  # callers change it
         return trainer
 
     @staticmethod
@@ -651,6 +660,7 @@ class RunState:
             trainer = self._trainers.get(key)
             if trainer is None or trainer.conn_id != conn_id or not trainer.connected:
                 return False
+            trainer.version += 1
             trainer.connected = False
             trainer.conn_id = None
             trainer.disconnected_at = self._clock()
@@ -761,6 +771,7 @@ class RunState:
             # A component may record something for a trainer we have not heard
             # from (e.g. an alert for an expired one): keep it for the retention time.
             trainer = self._trainers[key] = _Trainer(key, (key.job, str(key.rank)), disconnected_at=self._clock())
+        trainer.version += 1  # callers change it
         return trainer
 
     def inc(self, key: TrainerKey, metric_name: str, labels: dict[str, Any], amount: float = 1.0) -> None:
@@ -826,6 +837,7 @@ class RunState:
         with self._lock:
             trainer = self._trainers.get(as_key(key))
             if trainer is not None and metric_name in trainer.custom:
+                trainer.version += 1
                 trainer.custom[metric_name].pop(trainer.base + values, None)
 
     def value(self, metric_name: str, labels: dict[str, Any]) -> float | None:
@@ -860,7 +872,14 @@ class RunState:
         pairs = [(_RENDERERS.get(spec.name), spec.name, samples) for spec, samples in zip(specs, lists)]
         failed: list[tuple[TrainerKey, str]] = []
         with self._lock:
-            for t in self._trainers.values():
+            trainers = list(self._trainers.values())
+        # The lock is taken trainer by trainer, not for the whole copy: with
+        # 1,024 ranks the copy takes tens of ms and ingest must keep applying
+        # steps meanwhile (issue 15). Each trainer's series stay consistent.
+        for t in trainers:
+            with self._lock:
+                if self._trainers.get(t.key) is not t:
+                    continue  # expired or replaced since the list was taken
                 marks = list(map(len, lists))  # where this trainer's samples begin, to roll back
                 try:
                     # Trainer by trainer, so that a bug rendering one trainer's
@@ -878,6 +897,7 @@ class RunState:
                     for samples, mark in zip(lists, marks):
                         del samples[mark:]
                     failed.append((t.key, f"{type(exc).__name__}: {exc}"[:200]))
+        with self._lock:
             if failed:
                 errors = self._globals.setdefault("adamwatch_sidecar_render_errors_total", {})
                 errors[()] = errors.get((), 0.0) + len(failed)
@@ -889,6 +909,76 @@ class RunState:
             _render_log.warning("trainer job=%.64r rank=%s: its series could not be rendered (%s) and are left "
                                 "out of this scrape", key.job, key.rank, error)
         return list(zip(specs, lists))
+
+    def snapshot_by_trainer(self, known: dict | None = None) -> tuple[list[MetricSpec], list[tuple[TrainerKey, list[tuple[int, list]]]],
+                                           list[list[tuple[tuple[str, ...], Any]]]]:
+        """Every series, grouped by trainer, for the incremental /metrics renderer.
+
+        Same samples as :meth:`snapshot`; the lock is held one trainer at a time.
+
+        Args:
+            known: the caller's ``{key: (trainer, version)}`` from its last call,
+                updated here; a trainer unchanged since then comes back as
+                ``(key, None)`` without being copied again.
+
+        Returns:
+            ``(specs, trainers, globals)``: ``specs`` is METRICS; ``trainers`` is
+            ``[(key, [(index into specs, [(label values, value), ...]), ...]), ...]``
+            with only the non-empty families, in the order :meth:`snapshot` writes
+            them; ``globals[i]`` holds the sidecar-wide samples of ``specs[i]``.
+        """
+        specs = list(METRICS)
+        pairs = [(_RENDERERS.get(spec.name), spec.name) for spec in specs]
+        failed: list[tuple[TrainerKey, str]] = []
+        out: list[tuple[TrainerKey, list[tuple[int, list]]]] = []
+        with self._lock:
+            trainers = list(self._trainers.values())
+        lists: list[list] = [[] for _ in pairs]
+        for t in trainers:
+            with self._lock:
+                if self._trainers.get(t.key) is not t:
+                    continue  # expired or replaced since the list was taken
+                seen = known.get(t.key) if known is not None else None
+                if seen is not None and seen[0] is t and seen[1] == t.version:
+                    out.append((t.key, None))  # unchanged since the caller's last copy
+                    continue
+                if known is not None:
+                    known[t.key] = (t, t.version)
+                try:
+                    hello = t.hello is not None
+                    custom = t.custom
+                    for (render, name), samples in zip(pairs, lists):
+                        if hello and render is not None:
+                            render(t, samples)
+                        if custom:
+                            series = custom.get(name)
+                            if series:
+                                samples.extend(series.items())
+                except Exception as exc:
+                    if known is not None:
+                        known.pop(t.key, None)
+                    failed.append((t.key, f"{type(exc).__name__}: {exc}"[:200]))
+                    for samples in lists:
+                        samples.clear()
+                    continue
+            families = []
+            for i, samples in enumerate(lists):
+                if samples:  # hand this list over, start a fresh one (no allocation for empty families)
+                    families.append((i, samples))
+                    lists[i] = []
+            out.append((t.key, families))
+        globs: list[list] = []
+        with self._lock:
+            if failed:
+                errors = self._globals.setdefault("adamwatch_sidecar_render_errors_total", {})
+                errors[()] = errors.get((), 0.0) + len(failed)
+            for _, name in pairs:
+                glob = self._globals.get(name)
+                globs.append(list(glob.items()) if glob else [])
+        for key, error in failed:
+            _render_log.warning("trainer job=%.64r rank=%s: its series could not be rendered (%s) and are left "
+                                "out of this scrape", key.job, key.rank, error)
+        return specs, out, globs
 
     def count_render_errors(self, n: int = 1) -> None:
         """Count trainers whose series were left out of a scrape (see the collector)."""
@@ -967,10 +1057,13 @@ def _deep_quantiles(field_name: str) -> Callable[[_Trainer, list], None]:
             values = entry.get(field_name)
             if values is None:
                 continue
-            labels = t.group_label(i)
-            for q, v in zip(_QUANTILE_LABELS, values):
+            full = t.quantile_labels.get(i)
+            if full is None:
+                labels = t.group_label(i)
+                full = t.quantile_labels[i] = tuple(labels + (q,) for q in _QUANTILE_LABELS)
+            for labels, v in zip(full, values):
                 if v is not None:
-                    out.append((labels + (q,), v))
+                    out.append((labels, v))
 
     return render
 

@@ -148,3 +148,47 @@ def test_a_trainer_that_cannot_be_rendered_costs_its_series_only_and_is_counted(
     assert series(values, "adamwatch_steps_total", job=job, rank=2) is None
     assert series(values, "adamwatch_frames_rejected_total", reason="bad_magic") == 3
     assert state.value("adamwatch_sidecar_render_errors_total", {}) == 2
+
+
+def _full_render(state: RunState) -> bytes:
+    # the renderer before issue 15: one snapshot of everything, every line formatted
+    return RunStateCollector(state)._render(state.snapshot())
+
+
+def _samples(body: bytes) -> set:
+    return {(s.name, tuple(sorted(s.labels.items())), repr(s.value))
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
+def test_incremental_render_equals_the_full_render_as_the_state_changes() -> None:
+    """Bytes cached per trainer must never go stale: compare after each kind of change."""
+    M = wire.MessageType
+    state = populated_state(ranks=3, groups=2)
+    collector = RunStateCollector(state)
+    keys = state.keys()
+
+    def check() -> None:
+        incremental = collector.render_text()
+        full = _full_render(state)
+        assert incremental == full
+        assert _samples(incremental) == _samples(full)
+
+    check()
+    check()  # nothing changed: every trainer's bytes reused
+    state.apply(keys[0], wire.Message(M.STEP, step_payload(40, loss=0.25)))
+    check()
+    state.inc(keys[1], "adamwatch_remediations_total", {"action": "reduce_lr", "outcome": "applied"})
+    check()
+    state.remove_series(keys[1], "adamwatch_remediations_total", {"action": "reduce_lr", "outcome": "applied"})
+    check()
+    state.apply(keys[2], wire.Message(M.CHECKPOINT, {"event": "saved", "step": 41, "time": 1.8e9}))
+    check()
+    state.hello(99, hello_payload(job=keys[2].job, rank=keys[2].rank, groups=["renamed", "other"]))
+    check()
+    state.disconnect(keys[2], 99)
+    check()
+    state.inc_global("adamwatch_frames_rejected_total", {"reason": "bad_magic"}, 1)
+    check()
+    state.expire(now=1e12)
+    check()
+    assert b"adamwatch_steps_total{" in _full_render(populated_state(ranks=1))
