@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.distributed.rank_processes import run_ranks
+
 from .conftest import SidecarProcess
 
 WORKER = Path(__file__).with_name("_fingerprint_worker.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -34,32 +33,15 @@ def sidecar_with_audit(workdir):
     proc.stop()
 
 
-def run_ranks(workdir: str, endpoint: str, perturb_rank: int, world: int = 2) -> list[dict]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(rank), str(world), workdir, endpoint, str(perturb_rank)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for rank in range(world)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=120)[0])
-    finally:
-        for proc in procs:  # a hung collective fails the test instead of hanging CI
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-    for rank, (proc, out) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} exited {proc.returncode}:\n{out[-3000:]}"
-    return [{(int(k) if k.isdigit() else k): v for k, v in json.loads(Path(workdir, f"rank{r}.json").read_text()).items()}
-            for r in range(world)]
+def run_fingerprint_ranks(workdir: str, endpoint: str, perturb_rank: int, world: int = 2) -> list[dict]:
+    results = run_ranks(Path(workdir), world, WORKER, endpoint, str(perturb_rank), timeout=120)
+    return [{(int(k) if k.isdigit() else k): v for k, v in r.items()} for r in results]
 
 
 @pytest.mark.slow
 def test_one_ulp_on_one_replica_is_detected_through_a_real_sidecar(sidecar_with_audit, workdir):
     sidecar = sidecar_with_audit
-    truth = run_ranks(workdir, sidecar.endpoint, perturb_rank=1)
+    truth = run_fingerprint_ranks(workdir, sidecar.endpoint, perturb_rank=1)
     # Identical replicas, identical fingerprints; one ulp later, different ones.
     assert truth[0]["weights_equal"] is False
     assert truth[0][5] == truth[1][5]
@@ -81,7 +63,7 @@ def test_one_ulp_on_one_replica_is_detected_through_a_real_sidecar(sidecar_with_
 
 @pytest.mark.slow
 def test_replicas_that_agree_are_never_flagged(sidecar, workdir):
-    truth = run_ranks(workdir, sidecar.endpoint, perturb_rank=-1)
+    truth = run_fingerprint_ranks(workdir, sidecar.endpoint, perturb_rank=-1)
     assert truth[0] == truth[1]
     assert truth[0]["weights_equal"] is True
     for rank in (0, 1):

@@ -124,7 +124,9 @@ def test_the_page_follows_a_real_run_through_an_incident_and_its_repair(sidecar,
         actions = [(x["action"], x["outcome"]) for x in audit if x["event"] == "outcome"]
         assert ("reduce_lr", "applied") in actions and ("restore_checkpoint", "applied") in actions, actions
         # The page re-renders its panels twice a second: read them in one script, not element by element.
-        shown = driver.execute_script(TIMELINE_AND_PANELS)
+        # The trainer panel follows /api/v1/trainers, polled every second: wait (bounded) for the goodbye.
+        shown = wait_for(lambda: (s := driver.execute_script(TIMELINE_AND_PANELS))["trainer"].count("finished")
+                         and s, timeout=5, what="the trainer panel to show the goodbye")
         detection = next(x for x in audit if x["event"] == "detection" and x["detector"] == "loss_spike")
         incident = [i for i in shown["incidents"]
                     if i["detector"] == "loss_spike" and f"step {detection['step']} " in i["text"]]

@@ -3,10 +3,6 @@ received, what the STEP frames say, no host reads, and the same decision on 2 gl
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +10,7 @@ import torch
 
 import adamwatch
 from adamwatch.spike_guard import SpikeGuardConfig
+from tests.distributed.rank_processes import run_ranks
 
 from .test_monitor import IMPLEMENTATIONS, batch, make_model, make_optimizer
 from .test_no_host_sync import count_step_reads
@@ -148,28 +145,12 @@ def test_grad_scaler_scale_and_zero_share_reach_the_step_frames(sink):
 
 
 WORKER = Path(__file__).with_name("_spike_guard_dist_worker.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["clip", "skip"])
 def test_two_gloo_ranks_take_the_same_decisions(tmp_path, mode):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "instrumentation"), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank), "2", str(tmp_path), mode],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for rank in range(2)]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=120)[0])
-    finally:
-        for proc in procs:  # a hung collective fails the test instead of hanging CI
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-    for rank, (proc, out) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} exited {proc.returncode}:\n{out[-3000:]}"
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    r0, r1 = run_ranks(tmp_path, 2, WORKER, mode, timeout=120)
     assert r0["skips"] == r1["skips"]
     assert r0["norms"] == pytest.approx(r1["norms"], rel=1e-6)
     assert r0["params"] == r1["params"]  # bit-identical replicas
