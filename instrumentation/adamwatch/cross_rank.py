@@ -51,6 +51,7 @@ __all__ = ["CrossRankReduction", "ORIGIN_EXTRAS"]
 log = logging.getLogger(__name__)
 
 _LAYOUTS = ("auto", SHARDED, REPLICATED)
+_WIRE_DTYPE = torch.float64  # the per-step payload's dtype on every rank
 
 #: extras each step carries (STEP frame ``extras``): this rank's own flags before the
 #: reduction, and the lowest rank (-1: none) whose loss or gradients were non-finite
@@ -114,6 +115,9 @@ class CrossRankReduction:
         self._index: torch.Tensor | None = None
         #: reductions launched (per-step and deep)
         self.reductions = 0
+        #: steps this rank entered the collective with a "failed" payload
+        self.failed_steps = 0
+        self._device: torch.device | None = None  # the statistics' device, from the last payload
         log.info(
             "adamwatch: cross-rank reduction over %d ranks (%s%s)", self.world,
             SHARDED if self.sharded else REPLICATED,
@@ -122,7 +126,60 @@ class CrossRankReduction:
 
     # ------------------------------------------------------------------ per step
     def on_summary(self, ctx: Any) -> None:
-        """Replace ``ctx.group_norm_sq`` and ``ctx.nonfinite`` with their cross-rank values; add origin extras."""
+        """Replace ``ctx.group_norm_sq`` and ``ctx.nonfinite`` with their cross-rank values; add origin extras.
+
+        The all-reduce is unconditional (issue 9): when this rank fails to build
+        its payload, it still enters the collective with a payload whose last
+        slot says "this rank failed", so the other ranks never wait forever.
+        Every rank then sees the failure (the ``cross_rank_failed_ranks`` extra),
+        exports NaN for the cross-rank norms instead of a partial sum, takes no
+        skip decision from the invalid numbers, and the failing rank raises
+        after the collective (a counted monitor error, ``where="extension"``).
+        """
+        try:
+            packed, finish = self._build_payload(ctx)
+        except Exception as exc:
+            self._enter_failed(ctx)
+            raise RuntimeError(f"cross-rank payload failed on rank {self.rank}: {exc!r}") from exc
+        work = dist.all_reduce(packed, group=self.group, async_op=True)
+        self.reductions += 1
+        # NCCL: the current stream waits, the host does not. gloo/CPU: returns when reduced.
+        work.wait()
+        finish(packed)
+
+    def enter_failed(self) -> None:
+        """This rank's summary failed before :meth:`on_summary`: enter the step's collectives anyway.
+
+        Called by the Monitor (same collectives as a healthy step: the payload,
+        then the skip agreement when later extensions are registered).
+        """
+        self._enter_failed(None)
+
+    def _payload_size(self) -> int:
+        groups = len(self.optimizer.param_groups) if self.sharded else 0
+        return groups + 1 + 2 * self.world + 1
+
+    def _payload_place(self, ctx: Any) -> tuple[torch.device, torch.dtype]:
+        sq = getattr(ctx, "group_norm_sq", None) if ctx is not None else None
+        if isinstance(sq, torch.Tensor):
+            return sq.device, _WIRE_DTYPE
+        if self._device is not None:
+            return self._device, _WIRE_DTYPE
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                return local_tensor(p).device, _WIRE_DTYPE
+        return torch.device("cpu"), _WIRE_DTYPE
+
+    def _enter_failed(self, ctx: Any) -> None:
+        device, dtype = self._payload_place(ctx)
+        packed = torch.zeros(self._payload_size(), dtype=dtype, device=device)
+        packed[-1] = 1.0  # scalar fill: no host-to-device copy
+        work = dist.all_reduce(packed, group=self.group, async_op=True)
+        self.reductions += 1
+        work.wait()
+        self.failed_steps += 1
+
+    def _build_payload(self, ctx: Any) -> tuple[torch.Tensor, Any]:
         sq = ctx.group_norm_sq
         device, dtype = sq.device, sq.dtype
         if self._replicated:
@@ -138,18 +195,29 @@ class CrossRankReduction:
         world = self.world
         basis, index = self._constants(device, dtype)
         origins = torch.stack([loss_bad, before]).to(dtype) @ basis  # this rank's one-hot slots
-        parts = ([sq.reshape(-1)] if self.sharded else []) + [nonfinite.to(dtype).reshape(1), origins]
-        packed = torch.cat(parts)
-        work = dist.all_reduce(packed, group=self.group, async_op=True)
-        self.reductions += 1
-        # NCCL: the current stream waits, the host does not. gloo/CPU: returns when reduced.
-        work.wait()
-        groups = sq.numel() if self.sharded else 0
+        failed = torch.zeros(1, dtype=dtype, device=device)
+        parts = ([sq.reshape(-1)] if self.sharded else []) + [nonfinite.to(dtype).reshape(1), origins, failed]
+        # One dtype for the collective whatever the statistics' dtype, so a
+        # failed rank's payload (built without them) always matches.
+        packed = torch.cat(parts).to(_WIRE_DTYPE)
+        self._device = device
+        return packed, lambda reduced: self._apply(ctx, reduced.to(dtype), loss_bad, before)
+
+    def _apply(self, ctx: Any, packed: torch.Tensor, loss_bad: torch.Tensor, before: torch.Tensor) -> None:
+        world = self.world
+        _, index = self._constants(packed.device, packed.dtype)
+        failed_ranks = packed[-1]
+        any_failed = failed_ranks > 0
+        groups = len(self.optimizer.param_groups) if self.sharded else 0
         if self.sharded:
-            ctx.group_norm_sq = packed[:groups]
+            # A failed rank's shard is missing from the sum: NaN, never a partial norm.
+            ctx.group_norm_sq = torch.where(any_failed, torch.full_like(packed[:groups], float("nan")), packed[:groups])
             # Reported on every rank, even where this rank's shard of a group is empty.
             ctx.groups_reported = self._trainable_groups
-        ctx.nonfinite = packed[groups] > 0
+        # No skip decided from invalid numbers: this rank's own verdict stands then.
+        ctx.nonfinite = torch.where(any_failed, ctx.nonfinite.to(packed.device).reshape(()), packed[groups] > 0)
+        ctx.add_extra("cross_rank_failed_ranks", failed_ranks.to(torch.float32))
+        packed = packed[:-1]
         origin_any = (packed[groups + 1: groups + 1 + world] + packed[groups + 1 + world:]) > 0
         first = torch.where(origin_any, index, torch.full_like(index, world)).min()
         first = torch.where(first >= world, torch.full_like(first, -1), first)

@@ -268,6 +268,7 @@ class Monitor:
         # summarize_step(): the step is summarised (True) until its post-step hook;
         # once an adapter drives the moment, the pre-step hook leaves it to it.
         self._summarized = False
+        self._extensions_ran = False  # this step's extensions (and cross-rank collectives) were entered
         self._explicit = False
         self._guard_flag: torch.Tensor | None = None
         # Clipping seen this step (adamwatch.grad_clip): pre-clip per-group sums of
@@ -612,6 +613,7 @@ class Monitor:
     def _summarize(self, optimizer: torch.optim.Optimizer, guard: bool = True) -> None:
         """The summary moment: per-step vector on the device, extensions, guard."""
         self._summarized = True
+        self._extensions_ran = False
         try:
             grad_scale = getattr(optimizer, "grad_scale", None)
             found_inf = getattr(optimizer, "found_inf", None)
@@ -654,8 +656,30 @@ class Monitor:
         except Exception:
             self._pending = None
             self._report_error("pre_step_summary")
+            self._enter_cross_rank_failed()
+
+    def _enter_cross_rank_failed(self) -> None:
+        """The summary failed on this rank before the cross-rank collectives: enter them anyway.
+
+        The other ranks are (or will be) inside the same all-reduces; a rank
+        that skips them hangs every other rank forever (issue 9). Its payload
+        says "failed", so the others export NaN rather than a partial sum.
+        """
+        if self._cross_rank is None or self._extensions_ran:
+            return
+        try:
+            self._cross_rank.enter_failed()
+            if len(self._extensions) > 1:
+                flag = torch.zeros(1, dtype=torch.float32, device=self._cross_rank._payload_place(None)[0])  # agree_on_skip's dtype
+                work = torch.distributed.all_reduce(
+                    flag, op=torch.distributed.ReduceOp.MAX, group=self._cross_rank.group, async_op=True)
+                self._cross_rank.reductions += 1
+                work.wait()
+        except Exception:
+            self._report_error("extension")
 
     def _run_extensions(self, ctx: StepContext) -> None:
+        self._extensions_ran = True
         for extension in self._extensions:
             try:
                 extension.on_summary(ctx)

@@ -69,6 +69,7 @@ def test_norms_equal_the_frameworks_and_a_nan_on_one_rank_is_every_ranks_decisio
             "nonfinite_origin_loss": float(rank == 1),
             "nonfinite_origin_grad": float(rank == 1),
             "nonfinite_origin_first_rank": 1.0,
+            "cross_rank_failed_ranks": 0.0,  # no rank's monitor failed (issue 9)
         }
         quiet = [r["extras"]["nonfinite_origin_first_rank"] for r in result["records"] if r["step"] != NAN_STEP]
         assert quiet == [-1.0] * (STEPS - 1)
@@ -98,6 +99,7 @@ def test_without_the_communication_check_only_the_loss_names_the_origin(tmp_path
         assert result["records"][NAN_STEP - 1]["extras"] == {
             "nonfinite_origin_loss": float(rank == 1),
             "nonfinite_origin_first_rank": 1.0,
+            "cross_rank_failed_ranks": 0.0,  # no rank's monitor failed (issue 9)
         }
 
 

@@ -1,0 +1,88 @@
+"""One rank of the cross-rank failure test (issue 9): rank 1's cross-rank payload raises at step 5.
+
+argv: rank world_size workdir mode   (mode: "extension" breaks the cross-rank extension,
+"summary" breaks the summary before the extensions run)
+Each rank writes workdir/rank<R>.json: steps finished, its monitor errors, the failed extra seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import adamwatch
+
+STEPS = 12
+FAIL_AT = 5
+
+
+class Recorder:
+    def __init__(self):
+        self.failed: list[torch.Tensor] = []
+
+    def on_summary(self, ctx) -> None:
+        self.failed.append(torch.as_tensor(dict(ctx.extras).get("cross_rank_failed_ranks", -1.0)).clone())
+
+
+def main() -> None:
+    rank, world, workdir, mode = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", init_method=f"file://{workdir / 'rendezvous'}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=600))  # longer than the test's bound: a hang is a hang
+    torch.manual_seed(0)
+    model = DistributedDataParallel(torch.nn.Linear(4, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    monitor = adamwatch.watch(opt, endpoint=None, job="cross-fail", deep_stats_every=0)
+    recorder = Recorder()
+    monitor.add_step_extension(recorder)
+    assert monitor._cross_rank is not None
+    state = {"step": 0}
+    if rank == 1 and mode == "extension":
+        original = monitor._cross_rank._loss_nonfinite
+
+        def broken(ctx, device):
+            if state["step"] == FAIL_AT:
+                raise ValueError("injected failure in the cross-rank extension")
+            return original(ctx, device)
+
+        monitor._cross_rank._loss_nonfinite = broken
+    if rank == 1 and mode == "summary":
+        original_per_step = monitor._stats.per_step
+
+        def broken_per_step(*args, **kwargs):
+            if state["step"] == FAIL_AT:
+                raise ValueError("injected failure in the summary")
+            return original_per_step(*args, **kwargs)
+
+        monitor._stats.per_step = broken_per_step
+    finished = 0
+    for step in range(STEPS):
+        state["step"] = step
+        x = torch.randn(8, 4)
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        monitor.observe_loss(loss)
+        opt.step()
+        opt.zero_grad()
+        finished += 1
+    errors = dict(monitor.errors_by_where)
+    monitor.close()
+    (workdir / f"rank{rank}.json").write_text(json.dumps({
+        "finished": finished,
+        "failed_extra": [float(f) for f in recorder.failed],
+        "failed_steps": monitor._cross_rank.failed_steps,
+        "errors": errors,
+    }))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Issue 9: a monitor failure on one rank never hangs the others in the cross-rank all-reduce.
+
+Two gloo processes under DDP; on rank 1 the monitor fails at step 5 (inside the
+cross-rank extension before its collective, or in the summary before the
+extensions run). Today's code (before the fix) left rank 0 waiting forever in
+the all-reduce; the test bounds the run and checks both ranks finish every step,
+the failure is counted on the failing rank, and every rank sees it in the step's
+``cross_rank_failed_ranks`` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("_cross_rank_failure_worker.py")
+STEPS, FAIL_AT = 12, 5
+
+
+@pytest.mark.parametrize("mode", ["extension", "summary"])
+def test_one_rank_failing_does_not_hang_the_others(tmp_path, mode):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank), "2", str(tmp_path), mode],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for rank in range(2)]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=90)[0])
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        pytest.fail(f"ranks hung after rank 1's monitor failed ({mode})")
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r, result in enumerate(ranks):
+        assert result["finished"] == STEPS
+    assert ranks[1]["failed_steps"] == 1
+    assert ranks[0]["failed_steps"] == 0
+    where = "extension" if mode == "extension" else "pre_step_summary"
+    assert ranks[1]["errors"].get(where) == 1, ranks[1]["errors"]
+    if mode == "extension":
+        # Rank 0 saw rank 1's failure at that step, and only then.
+        assert ranks[0]["failed_extra"][FAIL_AT] == 1.0
+        assert [f for i, f in enumerate(ranks[0]["failed_extra"]) if i != FAIL_AT] == [0.0] * (STEPS - 1)

@@ -1,0 +1,43 @@
+"""Issue 10 leftover: a trainer's step counter going backwards within one session (a restart of
+its loop, a restore) never shows up as a decreasing counter on a real sidecar's /metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+from adamwatch import wire
+from .sidecar_testlib import SidecarProcess, hello_payload, parse_metrics, step_payload, wait_for
+
+M = wire.MessageType
+
+
+@pytest.fixture
+def car():
+    sidecar = SidecarProcess(["serve", "--metrics-address", "127.0.0.1:0"], None).wait_ready()
+    try:
+        yield sidecar
+    finally:
+        sidecar.terminate()
+
+
+def _counters(text_values: dict) -> dict:
+    return {key: value for key, value in text_values.items() if key[0].endswith("_total")}
+
+
+def test_steps_going_backwards_never_decrease_a_counter(car) -> None:
+    t = car.trainer()
+    t.send(M.HELLO, hello_payload(job="back", rank=0))
+    for step in range(1, 11):
+        t.send(M.STEP, step_payload(step))
+    wait_for(lambda: car.metrics().get(("adamwatch_steps_total", frozenset({("job", "back"), ("rank", "0")}))) == 10,
+             what="ten steps")
+    first = _counters(car.metrics())
+    for step in range(1, 6):  # the loop restarted its counter: steps 1..5 again, same session
+        t.send(M.STEP, step_payload(step))
+    wait_for(lambda: car.metrics().get(("adamwatch_steps_total", frozenset({("job", "back"), ("rank", "0")}))) == 15,
+             what="five more steps counted")
+    second = _counters(car.metrics())
+    decreased = {key: (first[key], second.get(key)) for key in first
+                 if second.get(key) is not None and second[key] < first[key]}
+    assert not decreased, decreased
+    t.close()
