@@ -27,6 +27,60 @@ __all__ = ["StreamClient"]
 log = logging.getLogger("adamwatch.client")
 
 _SEND_CHUNK = 256 * 1024
+# The longest the thread sleeps when nothing is due: a safety net only; every
+# source of work wakes it (a summary, a control frame, the socket, a deadline).
+_IDLE_SLEEP = 30.0
+# Control frames (ACK, CHECKPOINT, GOODBYE, ...) kept while they wait to be sent.
+MAX_CONTROL_FRAMES = 1024
+
+
+class Wakeup:
+    """Wakes the client thread from any thread: a pipe it selects on together with its socket.
+
+    ``set`` costs one flag check when a wake-up is already pending (the usual
+    case on the step path while the thread batches) and one non-blocking
+    ``write`` of a byte otherwise. The thread calls ``clear`` *before* it looks
+    for work: a ``set`` that lands after ``clear`` writes a byte (the next
+    sleep returns at once); one that lands before it is seen by that look.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._pending = False
+        self.wakeups = 0  # times a set() actually wrote (for tests and benchmarks)
+
+    def fileno(self) -> int:
+        return self._read
+
+    def set(self) -> None:
+        if self._pending:
+            return
+        self._pending = True
+        self.wakeups += 1
+        try:
+            os.write(self._write, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe already holds bytes (or is closed): the thread wakes anyway
+
+    def clear(self) -> None:
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        self._pending = False
+
+    def close(self) -> None:
+        # A closed pipe's descriptors may be reused by other files: from now on
+        # set() must never write, so it sees a wake-up forever pending.
+        self._pending = True
+        for fd in (self._read, self._write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 class StreamClient:
@@ -37,12 +91,15 @@ class StreamClient:
         hello: returns the HELLO payload (called on every connection; the
             client fills in ``dropped_total``).
         on_command: called on the client thread with each COMMAND payload.
-        poll: called on the client thread every loop turn; returns frames
-            (already encoded) to send. The monitor uses it to turn finished
-            summary vectors into STEP frames off the step path.
+        poll: called on the client thread every loop turn (never blocks);
+            returns frames (already encoded) to send. The monitor uses it to
+            turn finished summary vectors into STEP frames off the step path.
+            Whoever produces work for it calls :meth:`wake`.
+        next_due: returns the monotonic time at which ``poll`` has something
+            due without being woken (e.g. a periodic report), or None.
         max_queued: summaries kept while disconnected; older ones are dropped.
         backoff: (first, max) seconds between connection attempts.
-        wait: how long one loop turn waits inside ``poll`` for new work.
+        wait: how long the thread pauses after an unexpected error in its loop.
         batch_interval: returns how long to pause between turns (0: send each
             summary as soon as it is ready).
         secret_file: file holding the sidecar's shared secret, sent in every
@@ -56,7 +113,8 @@ class StreamClient:
         hello: Callable[[], dict[str, Any]],
         *,
         on_command: Callable[[dict[str, Any]], None] | None = None,
-        poll: Callable[[float], list[bytes]] | None = None,
+        poll: Callable[[], list[bytes]] | None = None,
+        next_due: Callable[[], float | None] | None = None,
         max_queued: int = 4096,
         backoff: tuple[float, float] = (0.05, 1.0),
         wait: float = 0.05,
@@ -71,6 +129,12 @@ class StreamClient:
         self._hello = hello
         self._on_command = on_command
         self._poll = poll
+        self._next_due = next_due
+        self._wakeup = Wakeup()
+        # Turns of the thread's loop: with nothing to send it sleeps, so this
+        # stays flat on an idle trainer (tests count it).
+        self.turns = 0
+        self.control_dropped = 0
         self._wait = wait
         self._batch_interval = batch_interval
         self._backoff = backoff
@@ -78,7 +142,9 @@ class StreamClient:
         self._max_queued = max_queued
         # Control frames (ACK, CHECKPOINT, GOODBYE) are few and must not be
         # pushed out by a flood of summaries.
-        self._control: collections.deque[bytes] = collections.deque(maxlen=1024)
+        # Bounded: beyond it a frame is refused and counted (control_dropped,
+        # reported through on_error), never silently pushed out.
+        self._control: collections.deque[bytes] = collections.deque()
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._partial = b""
@@ -123,9 +189,24 @@ class StreamClient:
             self._queue.append(frame)
 
     def send_control(self, frame: bytes) -> None:
-        """Queue a control frame (sent before pending summaries)."""
+        """Queue a control frame (sent before pending summaries) and wake the thread.
+
+        At most ``MAX_CONTROL_FRAMES`` wait; a frame beyond them is dropped and
+        counted (``control_dropped``, and ``on_error("control_queue_full")``).
+        """
         with self._lock:
-            self._control.append(frame)
+            full = len(self._control) >= MAX_CONTROL_FRAMES
+            if full:
+                self.control_dropped += 1
+            else:
+                self._control.append(frame)
+        if full and self._on_error is not None:
+            self._on_error("control_queue_full")
+        self._wakeup.set()
+
+    def wake(self) -> None:
+        """New work for ``poll`` (a summary, an evaluation): the thread runs a turn soon."""
+        self._wakeup.set()
 
     def count_dropped(self, n: int) -> None:
         """Summaries lost before they reached the client (e.g. the transfer pool was full)."""
@@ -137,8 +218,10 @@ class StreamClient:
         if goodbye is not None:
             self.send_control(wire.encode_frame(wire.MessageType.GOODBYE, goodbye))
         self._drain.set()
+        self._wakeup.set()
         self._thread.join(timeout) if self._thread.is_alive() else None
         self._stop.set()
+        self._wakeup.set()
         if self._thread.is_alive():
             self._thread.join(1.0)
         self._disconnect(quiet=True)
@@ -146,17 +229,21 @@ class StreamClient:
             # Whatever could not be delivered by now never will be.
             self.dropped_total += len(self._queue)
             self._queue.clear()
+        if not self._thread.is_alive():
+            self._wakeup.close()
 
     # ------------------------------------------------------------ client thread
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                self.turns += 1
                 # Read before polling: once close() has been called, this turn's
                 # poll sees every summary submitted before it.
                 draining = self._drain.is_set()
                 if self._sock is None:
                     self._maybe_connect()
-                frames = self._poll(0 if draining else self._wait) if self._poll else self._stop.wait(self._wait) and []
+                self._wakeup.clear()  # before looking for work (see Wakeup)
+                frames = self._poll() if self._poll else ()
                 for frame in frames or ():
                     self.send(frame)
                 if self._sock is not None:
@@ -173,6 +260,8 @@ class StreamClient:
                     # finished meanwhile. Each wake-up takes the GIL from the
                     # training thread, so fewer of them cost the trainer less.
                     self._drain.wait(interval)
+                if not draining and not self._stop.is_set():
+                    self._sleep()
             except Exception:  # the client must never die: log and carry on
                 if self._on_error is not None:
                     self._on_error("client_loop")
@@ -180,6 +269,31 @@ class StreamClient:
                     log.exception("adamwatch: client loop error (continuing)")
                 self._disconnect(quiet=True)
                 time.sleep(self._wait)
+
+    def _sleep(self) -> None:
+        """Sleep until there is something to do: a wake-up, the socket, or a deadline.
+
+        No timer ticks while idle: an idle trainer's client thread never takes
+        the GIL from the training thread.
+        """
+        now = time.monotonic()
+        deadline = now + _IDLE_SLEEP
+        sock = self._sock
+        if sock is None:
+            deadline = min(deadline, self._next_attempt)
+        elif self._next_due is not None:
+            due = self._next_due()
+            if due is not None:
+                deadline = min(deadline, due)
+        readable: list[Any] = [self._wakeup]
+        writable: list[Any] = []
+        if sock is not None:
+            readable.append(sock)  # a COMMAND, or the sidecar closing
+            if self._partial:
+                writable.append(sock)  # a slow sidecar: resume when its buffer drains
+        timeout = max(0.0, deadline - now)
+        if timeout:
+            select.select(readable, writable, [], timeout)
 
     def _all_sent(self) -> bool:
         with self._lock:

@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -293,6 +294,7 @@ class Monitor:
         self._errors_sent = 0  # self.errors when the sidecar was last told
         self._closed = False
         self._actions: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self.commands_refused = 0  # sidecar commands refused because too many were pending
         self._evals = EvalRecorder()
         self._next_footprint = 0.0  # monotonic time of the next FOOTPRINT (background thread)
         self._exit: dict[str, Any] = {"exit_reason": "clean"}
@@ -317,10 +319,13 @@ class Monitor:
                 self._hello,
                 on_command=self._on_command,
                 poll=self._poll_summaries,
+                next_due=self._next_side_frame_due,
                 max_queued=config.max_queued,
                 batch_interval=self._batch_interval,
                 on_error=self._report_error,
             )
+            # Each submitted summary wakes the client thread; between steps it sleeps.
+            self._transfer.on_submit = self._client.wake
         else:
             log.warning("adamwatch: no endpoint (set %s): step summaries are not streamed", wire.ENDPOINT_ENV)
             self._reader = threading.Thread(target=self._drain_without_client, name="adamwatch-reader", daemon=True)
@@ -483,6 +488,8 @@ class Monitor:
         """
         validate_eval_metrics(metrics)
         self._evals.observe(self.step if step is None else int(step), metrics, time.time())
+        if self._client is not None:
+            self._client.wake()
 
     def close(self, timeout: float = 2.0, *, exit_reason: str = "clean", exception: str | None = None,
               signal: str | None = None) -> None:
@@ -519,6 +526,11 @@ class Monitor:
                 # Broadcast but never reached a step boundary: say so to the sidecar.
                 if self.rank == 0:
                     self._ack(ActionResult(action, "rejected", None, "the monitor closed before its step boundary"))
+        # Commands that never reached a step boundary: answered, not lost.
+        for action in self._deferred + self._take_actions(1 << 30):
+            if action.source == "sidecar":
+                self._ack(ActionResult(action, "rejected", None, "the monitor closed before its step boundary"))
+        self._deferred = []
         self._transfer.wake()
         if self._client is not None:
             if self._goodbye_sent:
@@ -574,8 +586,13 @@ class Monitor:
             first = where not in self.errors_by_where
             self.errors_by_where[where] = self.errors_by_where.get(where, 0) + 1
         if first:
-            log.exception("adamwatch: %s failed; training continues (further %s errors are counted, not logged)",
-                          where, where)
+            # With a traceback when a failure is being handled; a refusal counted
+            # outside an except block (a full queue) has none to show.
+            log.error("adamwatch: %s failed; training continues (further %s errors are counted, not logged)",
+                      where, where, exc_info=sys.exc_info()[0] is not None)
+        client = getattr(self, "_client", None)
+        if client is not None:
+            client.wake()  # the counts go out in the thread's next turn
 
     def _errors_frame(self) -> bytes | None:
         """A MONITOR_ERRORS frame when the counts changed since the last one."""
@@ -933,11 +950,11 @@ class Monitor:
             self._note_health(payload)
         return payloads
 
-    def _poll_summaries(self, timeout: float) -> list[bytes]:
+    def _poll_summaries(self) -> list[bytes]:
         encode_step = wire.encode_step_packed if self._step_encoding == "packed" else self._encode_json_step
         try:
             frames = []
-            for p in self._summaries(timeout):
+            for p in self._summaries(0):
                 fp = p.pop("fingerprint", None)
                 frames.append(encode_step(p))
                 if fp is not None:
@@ -967,6 +984,10 @@ class Monitor:
     def _encode_json_step(payload: dict[str, Any]) -> bytes:
         return wire.encode_frame(wire.MessageType.STEP, payload)
 
+    def _next_side_frame_due(self) -> float | None:
+        """When the client thread must run a turn without being woken: the next FOOTPRINT."""
+        return self._next_footprint
+
     def _side_frames(self) -> list[bytes]:
         """EVAL frames of recorded evaluations, and a FOOTPRINT every ``footprint_interval`` seconds."""
         frames = [wire.encode_frame(wire.MessageType.EVAL, p) for p in self._evals.drain()]
@@ -982,7 +1003,7 @@ class Monitor:
     def _drain_without_client(self) -> None:
         while not self._closed or not self._transfer.idle:
             try:
-                self._summaries(0.1)
+                self._summaries(5.0)  # close() wakes it; no ticks while idle
                 self._evals.discard()  # nowhere to send them
             except Exception:
                 self._report_error("summary_reader")
@@ -1118,10 +1139,25 @@ class Monitor:
             log.warning("adamwatch: the optimizer configuration violates policy: %s", payload.get("reason"))
         self._verdict_event.set()
 
+    # A sidecar that floods commands must not slow the training loop: at most
+    # this many wait for a step boundary (more are refused, acknowledged as
+    # such and counted), and at most _MAX_ACTIONS_PER_BOUNDARY of them are
+    # applied at one boundary (the rest at the next ones, in order).
+    _MAX_PENDING_COMMANDS = 64
+    _MAX_ACTIONS_PER_BOUNDARY = 16
+
     def _on_command(self, payload: dict[str, Any]) -> None:
         """A COMMAND from the sidecar (client thread): queue it for the next step boundary."""
         if payload.get("action") == "policy_verdict":
             self._on_policy_verdict(payload)
+            return
+        if self._actions.qsize() >= self._MAX_PENDING_COMMANDS:
+            self.commands_refused += 1
+            self._report_error("command_queue_full")
+            refused = Action(str(payload.get("action")), {}, source="sidecar", reason=payload.get("reason"))
+            refused.id = payload["id"]
+            self._ack(ActionResult(refused, "rejected", None,
+                                   f"{self._MAX_PENDING_COMMANDS} commands already wait for a step boundary"))
             return
         if payload.get("action") == "stop":
             log.warning("adamwatch: the sidecar asks this run to stop at the next step boundary: %s",
@@ -1183,14 +1219,20 @@ class Monitor:
         step's gradients belong to the parameters it would replace.
         """
         try:
-            while not self._actions.empty():
-                action = self._actions.get_nowait()
+            for action in self._take_actions(self._MAX_ACTIONS_PER_BOUNDARY):
                 if action.kind == "restore_checkpoint":
                     self._deferred.append(action)
                     continue
                 self._ack(self._remediator.apply(self._remediator.resolve(action), self.step))
         except Exception:
             self._report_error("remediation")
+
+    def _take_actions(self, limit: int) -> list[Action]:
+        """Up to ``limit`` queued actions, oldest first (the usual step has none: no exception raised)."""
+        taken: list[Action] = []
+        while len(taken) < limit and not self._actions.empty():
+            taken.append(self._actions.get_nowait())
+        return taken
 
     def _apply_actions(self) -> None:
         """Apply pending actions in the post-step hook: between two steps, never inside one.
@@ -1199,8 +1241,7 @@ class Monitor:
         every rank applies the same list at the same step, or replicas diverge.
         """
         local, self._deferred = self._deferred, []
-        while not self._actions.empty():  # the usual step has none: no exception raised per step
-            local.append(self._actions.get_nowait())
+        local.extend(self._take_actions(self._MAX_ACTIONS_PER_BOUNDARY))
         local.extend(self._remediator.pending_actions())
         if self._coordinator is None:
             if not local:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import queue
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -33,6 +33,8 @@ class SummaryTransfer:
         self.device = device
         self.capacity = capacity
         self.dropped = 0
+        # Called after each accepted submit (the client thread's wake-up).
+        self.on_submit: Callable[[], None] | None = None
         self._pending: "queue.SimpleQueue[tuple[Any, ...]]" = queue.SimpleQueue()
         self._async = device.type == "cuda"
         self._free: collections.deque[torch.Tensor] = collections.deque()
@@ -61,6 +63,8 @@ class SummaryTransfer:
             # be the current device.
             event.record(torch.cuda.current_stream(vector.device))
             self._pending.put((buffer, n, event, layout))
+            if self.on_submit is not None:
+                self.on_submit()
             return True
         if self._submitted - self._collected >= self.capacity:
             self.dropped += 1
@@ -68,6 +72,8 @@ class SummaryTransfer:
         # CPU kernels run synchronously: the vector is final already.
         self._submitted += 1
         self._pending.put((vector, vector.numel(), None, layout))
+        if self.on_submit is not None:
+            self.on_submit()
         return True
 
     def wake(self) -> None:
@@ -78,7 +84,7 @@ class SummaryTransfer:
         """Wait up to ``timeout`` for summaries; return every one that is ready, oldest first."""
         items = []
         try:
-            first = self._pending.get(timeout=timeout)
+            first = self._pending.get(timeout=timeout) if timeout > 0 else self._pending.get_nowait()
         except queue.Empty:
             return items
         batch = [first]

@@ -1,0 +1,120 @@
+"""The client thread sleeps when there is nothing to send, and a flooding sidecar cannot slow training.
+
+Issue 15 ("a quiet client"): an idle trainer's client thread must not wake on a
+timer and take the GIL from the training thread. Issue 10 (finding 11): the
+commands applied per step are bounded and overflowing control frames (ACKs) are
+counted, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from adamwatch import wire
+import adamwatch
+from adamwatch.client import MAX_CONTROL_FRAMES, StreamClient, Wakeup
+
+from .test_monitor_actions import train
+from .test_monitor import make_model, make_optimizer
+
+
+def test_wakeup_is_seen_by_select_once_and_never_written_after_close():
+    import select
+
+    w = Wakeup()
+    assert select.select([w], [], [], 0)[0] == []
+    w.set()
+    w.set()  # already pending: no second write
+    assert w.wakeups == 1
+    assert select.select([w], [], [], 0)[0] == [w]
+    w.clear()
+    assert select.select([w], [], [], 0)[0] == []
+    w.set()
+    assert w.wakeups == 2
+    w.close()
+    w.set()  # must not write into a descriptor number another file may now hold
+    assert w.wakeups == 2
+
+
+def test_an_idle_trainer_client_does_not_tick(sink):
+    model = make_model()
+    opt = make_optimizer(model)
+    with adamwatch.watch(opt, endpoint=sink.endpoint) as monitor:
+        train(model, opt, None, monitor, 3)
+        sink.wait_for(lambda: len(sink.steps()) == 3)
+        time.sleep(0.2)  # let the turn that sent them finish
+        client = monitor._client
+        before = client.turns
+        time.sleep(1.0)
+        idle_turns = client.turns - before
+        # A step still reaches the sidecar at once after the idle second.
+        train(model, opt, None, monitor, 1, start=3)
+        sink.wait_for(lambda: len(sink.steps()) == 4, timeout=2.0)
+    # The old loop woke every 50 ms: 20 turns in this second.
+    assert idle_turns <= 1, idle_turns
+
+
+def test_a_command_wakes_an_idle_client(sink):
+    model = make_model()
+    opt = make_optimizer(model)
+    with adamwatch.watch(opt, endpoint=sink.endpoint) as monitor:
+        train(model, opt, None, monitor, 2)
+        sink.wait_for(lambda: len(sink.steps()) == 2)
+        time.sleep(0.3)
+        turns = monitor._client.turns
+        sink.send_command({"id": "c1", "action": "reduce_lr", "args": {"factor": 0.5}, "reason": "t", "step": 2})
+        # Read without any step: the socket, not a timer or a summary, woke the thread.
+        deadline = time.monotonic() + 2.0
+        while monitor._actions.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not monitor._actions.empty()
+        assert monitor._client.turns - turns <= 2
+        train(model, opt, None, monitor, 1, start=2)
+        sink.wait_for(lambda: sink.of_type(wire.MessageType.ACK), timeout=2.0)
+    assert sink.of_type(wire.MessageType.ACK)[0]["outcome"] == "applied"
+    assert monitor.lr_scale == 0.5
+
+
+def test_control_frames_beyond_the_bound_are_counted(short_dir):
+    errors: list[str] = []
+    client = StreamClient(f"unix://{os.path.join(short_dir, 'nobody.sock')}", lambda: {}, on_error=errors.append)
+    frame = wire.encode_frame(wire.MessageType.DROPPED, {"dropped_total": 1})
+    for _ in range(MAX_CONTROL_FRAMES + 76):
+        client.send_control(frame)
+    assert client.control_dropped == 76
+    assert errors == ["control_queue_full"] * 76
+    assert len(client._control) == MAX_CONTROL_FRAMES
+
+
+def test_a_command_flood_is_bounded_per_step_and_every_command_is_answered(sink):
+    """5,000 valid commands from a hostile sidecar: at most 64 wait, at most 32 apply per step, all answered."""
+    from adamwatch.monitor import Monitor
+
+    n = 5000
+    model = make_model()
+    opt = make_optimizer(model)
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0) as monitor:
+        train(model, opt, None, monitor, 1)
+        sink.wait_for(lambda: sink.steps())
+        flood = b"".join(
+            wire.encode_frame(wire.MessageType.COMMAND,
+                              {"id": f"f{i}", "action": "reduce_lr", "args": {"factor": 0.999}, "reason": "flood"},
+                              validate=True)
+            for i in range(n))
+        sink.connections[-1].sendall(flood)
+        deadline = time.monotonic() + 20
+        while monitor.commands_refused + monitor._actions.qsize() < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert monitor._actions.qsize() == Monitor._MAX_PENDING_COMMANDS
+        assert monitor.commands_refused == n - Monitor._MAX_PENDING_COMMANDS
+        train(model, opt, None, monitor, 3, start=1)
+        steps_applied_at = [a["step"] for a in sink.of_type(wire.MessageType.ACK) if a["outcome"] == "applied"]
+    sink.wait_for(lambda: sink.of_type(wire.MessageType.GOODBYE), timeout=10)
+    acks = sink.of_type(wire.MessageType.ACK)
+    per_step = {s: steps_applied_at.count(s) for s in set(steps_applied_at)}
+    assert per_step and max(per_step.values()) <= 2 * Monitor._MAX_ACTIONS_PER_BOUNDARY, per_step
+    # Every command is answered (applied, refused, or closed before its boundary) or its answer is counted.
+    assert len(acks) + monitor._client.control_dropped == n
+    assert monitor.errors_by_where["command_queue_full"] == n - Monitor._MAX_PENDING_COMMANDS
+    assert monitor.errors_by_where.get("control_queue_full", 0) == monitor._client.control_dropped
