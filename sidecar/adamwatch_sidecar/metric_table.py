@@ -76,6 +76,9 @@ METRICS: tuple[MetricSpec, ...] = (
                T + ("param_group",)),
     MetricSpec("adamwatch_optimizer_step", "gauge", "", "Optimizer step index the trainer reached.", T),
     MetricSpec("adamwatch_steps_total", "counter", "", "Optimizer steps reported by the trainer.", T),
+    MetricSpec("adamwatch_step_rewinds_total", "counter", "",
+               "Times the reported optimizer step went backwards within one trainer session (a checkpoint "
+               "restore, a loop restarting its counter); adamwatch_optimizer_step is not monotonic across them.", T),
     MetricSpec("adamwatch_nonfinite_steps_total", "counter", "",
                "Steps whose loss (source=\"loss\") or gradients (source=\"grad\") held NaN or Inf "
                "(GradScaler overflows count as skipped steps, not here).",

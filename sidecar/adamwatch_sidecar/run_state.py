@@ -130,6 +130,7 @@ MESSAGE_METRICS: frozenset[str] = frozenset(
         "adamwatch_learning_rate",
         "adamwatch_optimizer_step",
         "adamwatch_steps_total",
+        "adamwatch_step_rewinds_total",
         "adamwatch_nonfinite_steps_total",
         "adamwatch_skipped_steps_total",
         "adamwatch_step_duration_seconds",
@@ -257,6 +258,11 @@ class _Trainer:
     lr: list[float] = field(default_factory=list)
     step: int | None = None
     steps_total: int = 0
+    # The newest step of the current session, and how often a session's step
+    # went backwards (a restore, a loop restarting its counter): the step gauge
+    # is not monotonic across those, and this counter says so.
+    session_step: int | None = None
+    step_rewinds: int = 0
     nonfinite_loss: int = 0
     nonfinite_grad: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
@@ -463,6 +469,8 @@ class RunState:
             trainer.connected = True
             trainer.disconnected_at = None
             trainer.goodbye = None
+            if trainer.session != payload["session"]:
+                trainer.session_step = None  # a new run of the script starts its own count
             trainer.session = payload["session"]
             trainer.hello_time = self._clock()
             self._note_dropped(trainer, payload.get("dropped_total"))
@@ -605,6 +613,10 @@ class RunState:
         if p["lr"]:
             t.lr = p["lr"]
         step = p["step"]
+        last = t.session_step
+        if last is not None and step < last:
+            t.step_rewinds += 1
+        t.session_step = step
         t.step = step
         t.steps_total += 1
         if loss_nonfinite:
@@ -1015,6 +1027,10 @@ def _r_steps_total(t: _Trainer, out: list) -> None:
     out.append((t.base, float(t.steps_total)))
 
 
+def _r_step_rewinds(t: _Trainer, out: list) -> None:
+    out.append((t.base, float(t.step_rewinds)))
+
+
 def _r_nonfinite(t: _Trainer, out: list) -> None:
     out.append((t.base + ("loss",), float(t.nonfinite_loss)))
     out.append((t.base + ("grad",), float(t.nonfinite_grad)))
@@ -1176,6 +1192,7 @@ _RENDERERS: dict[str, Callable[[_Trainer, list], None]] = {
     "adamwatch_learning_rate": _r_lr,
     "adamwatch_optimizer_step": _r_step,
     "adamwatch_steps_total": _r_steps_total,
+    "adamwatch_step_rewinds_total": _r_step_rewinds,
     "adamwatch_nonfinite_steps_total": _r_nonfinite,
     "adamwatch_skipped_steps_total": _r_skipped,
     "adamwatch_step_duration_seconds": _r_duration,

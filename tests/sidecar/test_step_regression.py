@@ -40,4 +40,15 @@ def test_steps_going_backwards_never_decrease_a_counter(car) -> None:
     decreased = {key: (first[key], second.get(key)) for key in first
                  if second.get(key) is not None and second[key] < first[key]}
     assert not decreased, decreased
+    labels = frozenset({("job", "back"), ("rank", "0")})
+    # The rewind is counted (the step gauge went from 10 back to 5 once, not on each later step).
+    assert second[("adamwatch_step_rewinds_total", labels)] == 1
+    assert car.metrics()[("adamwatch_optimizer_step", labels)] == 5
     t.close()
+    # A new session (the script restarted) starts its own count: step 1 after step 5 is no rewind.
+    t2 = car.trainer()
+    t2.send(M.HELLO, hello_payload(job="back", rank=0, session="second-run"))
+    t2.send(M.STEP, step_payload(1))
+    wait_for(lambda: car.metrics().get(("adamwatch_steps_total", labels)) == 16, what="the new session's step")
+    assert car.metrics()[("adamwatch_step_rewinds_total", labels)] == 1
+    t2.close()
