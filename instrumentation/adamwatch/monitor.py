@@ -1026,6 +1026,45 @@ class Monitor:
         )
         coordinator = StepCoordinator(interval=self.config.command_interval, resolve=self._remediator.resolve)
         self._coordinator = coordinator if coordinator.active() else None
+        if self._coordinator is not None:
+            self._check_checkpointing_agrees()
+
+    def _check_checkpointing_agrees(self) -> None:
+        """Refuse restores (for the whole run) unless every rank checkpoints the same way.
+
+        A restore is broadcast to every rank and, with a Checkpointer that agrees
+        across ranks, chooses its step in a collective. With a Checkpointer on
+        some ranks only (the common "save on rank 0" pattern), that collective
+        would wait forever for the others; restoring one rank alone would make
+        the replicas differ. One small all-gather at watch() (a collective
+        already, off the step path) finds out; the ladder then escalates past
+        the restore rung instead of hanging.
+        """
+        dist = torch.distributed
+        channel = self._coordinator.channel
+        world = dist.get_world_size(channel)
+        if world < 2:
+            return
+        checkpointer = self.checkpointer
+        if checkpointer is None:
+            mine = 0
+        else:
+            agrees = getattr(checkpointer, "agrees_across_ranks", lambda: False)()
+            mine = 2 if agrees else 1
+        flags = torch.zeros(world, dtype=torch.int64)
+        flags[dist.get_rank(channel)] = mine
+        dist.all_reduce(flags, group=channel)  # gloo, CPU: nothing waits on a device
+        kinds = flags.tolist()
+        if len(set(kinds)) == 1:
+            return
+        names = {0: "no Checkpointer", 1: "a rank-local Checkpointer", 2: "a Checkpointer that agrees across ranks"}
+        shown = "; ".join(f"rank {r}: {names[k]}" for r, k in enumerate(kinds))
+        self._remediator.restore_refusal = (
+            f"restores need the same checkpointing on every rank ({shown}); pass a Checkpointer to watch() "
+            f"on every rank, each saving its own copy")
+        if self.rank == 0:
+            log.warning("adamwatch: checkpoint restores are disabled for this run: %s",
+                        self._remediator.restore_refusal)
 
     def _setup_cross_rank(self) -> Any:
         """Register the cross-rank reduction first (a collective: every rank calls watch())."""

@@ -213,6 +213,10 @@ class Remediator:
         self.keep_lr_cut_on_restore = keep_lr_cut_on_restore
         self.on_stop = on_stop
         self.stop_requested = False
+        # Why restores are refused on this run (set by the Monitor when the
+        # ranks' checkpointing differs, e.g. a Checkpointer on rank 0 only: a
+        # restore agreed over all ranks would wait forever for the others).
+        self.restore_refusal: str | None = None
         self._lock = threading.Lock()
 
     @property
@@ -352,6 +356,8 @@ class Remediator:
             raise _Rejected("before_step: only allowed when step is null")
         if self.checkpointer is None:
             raise _Rejected("checkpointer: none configured, cannot restore")
+        if self.restore_refusal is not None:
+            raise _Rejected(self.restore_refusal)
         scales_before = self.lr_scales
         restored = self.checkpointer.restore(step, before_step=before_step)
         if self.keep_lr_cut_on_restore:
