@@ -248,7 +248,7 @@ def run(args) -> int:
         print(f"{arm.name:<36} {min(ratios):>14.4f} / {statistics.median(ratios):.4f} / {max(ratios):.4f} "
               f"{added:>+13.2f} {min(cpu_ratios):>20.4f} / {statistics.median(cpu_ratios):.4f} / "
               f"{max(cpu_ratios):.4f} {added_cpu:>+12.2f}")
-    # The client threads wake on a timer, so their CPU follows wall time, not steps.
+    # The client threads sleep while their arm is idle (benchmarks/client_cpu.py measures one alone).
     monitors = sum(1 for arm in arms if arm.monitor is not None)
     print(f"CPU of the process's other threads (the {monitors} watched arms' client threads): "
           f"{1000 * other_cpu / loop_seconds / monitors:.2f} ms per second per monitor, "

@@ -65,12 +65,19 @@ class Wakeup:
             pass  # the pipe already holds bytes (or is closed): the thread wakes anyway
 
     def clear(self) -> None:
+        if not self._pending:
+            return  # nothing written since the last clear: no system call
         try:
-            while os.read(self._read, 4096):
-                pass
+            # One read: set() writes one byte per clear (a race can add one more).
+            # Each call that releases the GIL costs a hand-off with the training thread.
+            os.read(self._read, 4096)
         except (BlockingIOError, OSError):
             pass
         self._pending = False
+
+    @property
+    def pending(self) -> bool:
+        return self._pending
 
     def close(self) -> None:
         # A closed pipe's descriptors may be reused by other files: from now on
@@ -234,6 +241,7 @@ class StreamClient:
 
     # ------------------------------------------------------------ client thread
     def _run(self) -> None:
+        commands_waiting = True  # the first turn looks at the socket
         while not self._stop.is_set():
             try:
                 self.turns += 1
@@ -248,20 +256,17 @@ class StreamClient:
                     self.send(frame)
                 if self._sock is not None:
                     self._flush()
-                    self._read_commands()
+                    if commands_waiting or draining:
+                        self._read_commands()
                 if draining and self._all_sent():
                     return
                 if draining and self._sock is None and time.monotonic() < self._next_attempt:
                     # Shutting down with no sidecar: nothing more can be sent.
                     return
-                interval = self._batch_interval() if self._batch_interval else 0.0
-                if interval > 0 and not draining:
-                    # Wake at most every `interval`: one send for all the steps
-                    # finished meanwhile. Each wake-up takes the GIL from the
-                    # training thread, so fewer of them cost the trainer less.
-                    self._drain.wait(interval)
+                commands_waiting = True
                 if not draining and not self._stop.is_set():
-                    self._sleep()
+                    interval = self._batch_interval() if self._batch_interval else 0.0
+                    commands_waiting = self._sleep(interval)
             except Exception:  # the client must never die: log and carry on
                 if self._on_error is not None:
                     self._on_error("client_loop")
@@ -270,12 +275,24 @@ class StreamClient:
                 self._disconnect(quiet=True)
                 time.sleep(self._wait)
 
-    def _sleep(self) -> None:
+    def _sleep(self, pace: float) -> bool:
         """Sleep until there is something to do: a wake-up, the socket, or a deadline.
 
         No timer ticks while idle: an idle trainer's client thread never takes
-        the GIL from the training thread.
+        the GIL from the training thread. With ``pace`` > 0 the thread first
+        waits that long for the socket only (a COMMAND still wakes it at once),
+        so the steps finished meanwhile go out in one send: every wake-up and
+        every system call hands the GIL back and forth with the training
+        thread, so fewer of them cost the trainer less. Returns whether the
+        socket may hold a COMMAND (so a turn without one makes no ``recv``).
         """
+        sock = self._sock
+        if pace > 0:
+            readable, _, _ = select.select([sock] if sock is not None else [], [], [], pace)
+            if readable:
+                return True
+            if self._wakeup.pending or self._drain.is_set():
+                return False  # work arrived while pacing: a turn now, the socket was quiet
         now = time.monotonic()
         deadline = now + _IDLE_SLEEP
         sock = self._sock
@@ -292,8 +309,10 @@ class StreamClient:
             if self._partial:
                 writable.append(sock)  # a slow sidecar: resume when its buffer drains
         timeout = max(0.0, deadline - now)
-        if timeout:
-            select.select(readable, writable, [], timeout)
+        if not timeout:
+            return True
+        ready, _, _ = select.select(readable, writable, [], timeout)
+        return sock is not None and sock in ready
 
     def _all_sent(self) -> bool:
         with self._lock:

@@ -375,7 +375,7 @@ def test_short_steps_are_batched_long_steps_are_streamed_at_once(sink):
     with adamwatch.watch(opt, endpoint=sink.endpoint) as monitor:
         assert monitor._batch_interval() == 0.0  # no step time known yet: stream
         monitor._step_seconds = 0.005  # a 5 ms step: one wake-up per step would cost too much
-        assert monitor._batch_interval() == 0.05
+        assert monitor._batch_interval() == 0.1
         monitor._step_seconds = 0.2
         assert monitor._batch_interval() == 0.0
     with adamwatch.watch(make_optimizer(make_model()), endpoint=sink.endpoint, batch_interval=0.01) as fixed:
