@@ -27,7 +27,7 @@ SYNC = REPO_ROOT / "helm" / "sync_assets.py"
 DEFAULT_RUNBOOKS = "https://github.com/adamwatch/adamwatch/blob/main/alerts/runbooks"
 
 
-def expected_groups(disabled=(), runbook_base=DEFAULT_RUNBOOKS, extra_labels=None) -> list[dict]:
+def expected_groups(disabled=(), runbook_base=DEFAULT_RUNBOOKS, extra_labels=None, objectives=None) -> list[dict]:
     """alerts/adamwatch-rules.yaml with the chart's documented changes applied, in Python."""
     groups = []
     for group in yaml.safe_load(RULES_SOURCE.read_text())["groups"]:
@@ -36,6 +36,11 @@ def expected_groups(disabled=(), runbook_base=DEFAULT_RUNBOOKS, extra_labels=Non
             if rule.get("alert") in disabled:
                 continue
             rule = copy.deepcopy(rule)
+            if rule.get("record") == "adamwatch_slo:objective:ratio":
+                for slo, objective in (objectives or {}).items():
+                    default = f'vector(0.95), "slo", "{slo}"'
+                    assert default in rule["expr"]
+                    rule["expr"] = rule["expr"].replace(default, f'vector({objective}), "slo", "{slo}"')
             if "alert" in rule:
                 if extra_labels:
                     rule["labels"] = {**rule.get("labels", {}), **extra_labels}
@@ -101,8 +106,20 @@ def test_prometheus_rule_should_apply_disabled_alerts_runbook_base_and_extra_lab
         disabled=["AdamwatchLossSpike"],
         runbook_base="https://wiki.example.com/runbooks/adamwatch/",
         extra_labels={"team": "ml-platform"},
+        objectives={"run_success": 0.99},
     )
     assert rule["metadata"]["labels"]["release"] == "kps"
+
+
+def test_slo_objectives_should_set_the_objective_record_and_refuse_values_outside_0_1():
+    groups = one(render({"rules": {"sloObjectives": {"run_success": 0.99, "target_within_budget": 0.9}}}),
+                 "PrometheusRule")["spec"]["groups"]
+    record = next(r for g in groups for r in g["rules"] if r.get("record") == "adamwatch_slo:objective:ratio")
+    assert 'vector(0.99), "slo", "run_success"' in record["expr"]
+    assert 'vector(0.9), "slo", "target_within_budget"' in record["expr"]
+    for bad in (1, 0, 1.5, "high"):
+        with pytest.raises(Exception, match="sloObjectives"):
+            render({"rules": {"sloObjectives": {"run_success": bad}}})
 
 
 def test_disabled_alert_should_be_removed_and_every_other_rule_kept():
