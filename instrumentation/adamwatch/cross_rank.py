@@ -266,6 +266,16 @@ class CrossRankReduction:
         return out
 
     # ------------------------------------------------------------------ deep
+    def failed_deep(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, list[bool]]:
+        """A deep block for a rank whose deep statistics failed: NaN everywhere, every group present.
+
+        Passed to :meth:`reduce_deep` like a real block, so the rank still enters
+        the collective the others entered, and its NaN makes every rank's
+        global norms NaN for that step (a missing number, never a partial one).
+        """
+        groups = len(self.optimizer.param_groups)
+        return torch.full((groups * DEEP_FIELDS_PER_GROUP,), float("nan"), dtype=dtype, device=device), [True] * groups
+
     def reduce_deep(self, deep: torch.Tensor, present: list[bool]) -> tuple[torch.Tensor, list[bool]]:
         """Make the norms of a deep block (update, weight, m, v per group) global.
 

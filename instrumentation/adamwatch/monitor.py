@@ -842,7 +842,16 @@ class Monitor:
         vector, layout = pending
         every = self.config.deep_stats_every
         if every and self.step % every == 0 and skip_reason is None:
-            deep, present = self._stats.deep()
+            try:
+                deep, present = self._stats.deep()
+            except Exception:
+                if self._cross_rank is None:
+                    raise
+                # The other ranks are entering the deep reduction (a collective):
+                # enter it too, with NaN, so that they get NaN norms, not a partial
+                # sum, and nobody waits forever.
+                self._report_error("deep_stats")
+                deep, present = self._cross_rank.failed_deep(vector.device, vector.dtype)
             if self._cross_rank is not None:  # global m, v, update and weight norms under sharding
                 deep, present = self._cross_rank.reduce_deep(deep, present)
             vector = torch.cat([vector, deep])

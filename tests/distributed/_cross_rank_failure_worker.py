@@ -1,7 +1,8 @@
 """One rank of the cross-rank failure test (issue 9): rank 1's cross-rank payload raises at step 5.
 
 argv: rank world_size workdir mode   (mode: "extension" breaks the cross-rank extension,
-"summary" breaks the summary before the extensions run)
+"summary" breaks the summary before the extensions run, "deep" breaks rank 1's deep
+statistics under FSDP2, whose deep norms are reduced across ranks)
 Each rank writes workdir/rank<R>.json: steps finished, its monitor errors, the failed extra seen.
 """
 
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import adamwatch
+from adamwatch.cross_rank import _DEEP_NORMS
 
 STEPS = 12
 FAIL_AT = 5
@@ -37,9 +39,15 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"file://{workdir / 'rendezvous'}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=600))  # longer than the test's bound: a hang is a hang
     torch.manual_seed(0)
-    model = DistributedDataParallel(torch.nn.Linear(4, 1))
+    if mode == "deep":
+        from torch.distributed.fsdp import fully_shard
+
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        fully_shard(model)
+    else:
+        model = DistributedDataParallel(torch.nn.Linear(4, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    monitor = adamwatch.watch(opt, endpoint=None, job="cross-fail", deep_stats_every=0)
+    monitor = adamwatch.watch(opt, endpoint=None, job="cross-fail", deep_stats_every=2 if mode == "deep" else 0)
     recorder = Recorder()
     monitor.add_step_extension(recorder)
     assert monitor._cross_rank is not None
@@ -62,6 +70,26 @@ def main() -> None:
             return original_per_step(*args, **kwargs)
 
         monitor._stats.per_step = broken_per_step
+    deep_norms: list[list] = []  # per deep step: [monitor step, every reduced norm finite?]
+    if mode == "deep":
+        if rank == 1:
+            original_deep = monitor._stats.deep
+
+            def broken_deep(*args, **kwargs):
+                if state["step"] == FAIL_AT:
+                    raise ValueError("injected failure in the deep statistics")
+                return original_deep(*args, **kwargs)
+
+            monitor._stats.deep = broken_deep
+        original_reduce = monitor._cross_rank.reduce_deep
+
+        def recording_reduce(deep, present):
+            out, reported = original_reduce(deep, present)
+            norms = out.reshape(len(reported), -1)[:, _DEEP_NORMS]  # update, weight, m, v: the reduced ones
+            deep_norms.append([monitor.step, bool(torch.isfinite(norms).all())])
+            return out, reported
+
+        monitor._cross_rank.reduce_deep = recording_reduce
     finished = 0
     for step in range(STEPS):
         state["step"] = step
@@ -79,6 +107,7 @@ def main() -> None:
         "failed_extra": [float(f) for f in recorder.failed],
         "failed_steps": monitor._cross_rank.failed_steps,
         "errors": errors,
+        "deep_norms": deep_norms,
     }))
     dist.barrier()
     dist.destroy_process_group()

@@ -22,6 +22,35 @@ WORKER = Path(__file__).with_name("_cross_rank_failure_worker.py")
 STEPS, FAIL_AT = 12, 5
 
 
+def _run(tmp_path, mode) -> list[dict]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank), "2", str(tmp_path), mode],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for rank in range(2)]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=90)[0])
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        pytest.fail(f"ranks hung after rank 1's monitor failed ({mode})")
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_deep_statistics_failing_on_one_sharded_rank_give_nan_everywhere_and_no_hang(tmp_path):
+    """FSDP2: the deep norms are all-reduced; rank 1's deep statistics raise at one deep step."""
+    ranks = _run(tmp_path, "deep")
+    for result in ranks:
+        assert result["finished"] == STEPS
+        # deep steps 2, 4, ..., 12: the one where rank 1 failed (its 6th step) is NaN on both ranks, only it
+        assert [step for step, _ in result["deep_norms"]] == [2, 4, 6, 8, 10, 12]
+        assert [finite for _, finite in result["deep_norms"]] == [True, True, False, True, True, True]
+    assert ranks[1]["errors"] == {"deep_stats": 1} and ranks[0]["errors"] == {}
+
+
 @pytest.mark.parametrize("mode", ["extension", "summary"])
 def test_one_rank_failing_does_not_hang_the_others(tmp_path, mode):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
