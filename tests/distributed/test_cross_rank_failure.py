@@ -53,21 +53,7 @@ def test_deep_statistics_failing_on_one_sharded_rank_give_nan_everywhere_and_no_
 
 @pytest.mark.parametrize("mode", ["extension", "summary"])
 def test_one_rank_failing_does_not_hang_the_others(tmp_path, mode):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank), "2", str(tmp_path), mode],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for rank in range(2)]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=90)[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail(f"ranks hung after rank 1's monitor failed ({mode})")
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = _run(tmp_path, mode)
     for r, result in enumerate(ranks):
         assert result["finished"] == STEPS
     assert ranks[1]["failed_steps"] == 1

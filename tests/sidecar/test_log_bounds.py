@@ -10,19 +10,15 @@ from __future__ import annotations
 import pytest
 
 from adamwatch import wire
-from .sidecar_testlib import SidecarProcess, TrainerSocket, hello_payload, http_get
+from .sidecar_testlib import TrainerSocket, hello_payload, http_get
 
 M = wire.MessageType
 LOG_BUDGET_BYTES = 16 * 1024
 
 
 @pytest.fixture
-def car():
-    sidecar = SidecarProcess(["serve", "--metrics-address", "127.0.0.1:0"], None).wait_ready()
-    try:
-        yield sidecar
-    finally:
-        sidecar.terminate()
+def car(start_sidecar):
+    return start_sidecar()  # a real sidecar process (killed by the fixture)
 
 
 def test_fifty_huge_hellos_log_a_few_kb(car) -> None:

@@ -6,18 +6,14 @@ from __future__ import annotations
 import pytest
 
 from adamwatch import wire
-from .sidecar_testlib import SidecarProcess, hello_payload, parse_metrics, step_payload, wait_for
+from .sidecar_testlib import hello_payload, parse_metrics, step_payload, wait_for
 
 M = wire.MessageType
 
 
 @pytest.fixture
-def car():
-    sidecar = SidecarProcess(["serve", "--metrics-address", "127.0.0.1:0"], None).wait_ready()
-    try:
-        yield sidecar
-    finally:
-        sidecar.terminate()
+def car(start_sidecar):
+    return start_sidecar()  # a real sidecar process (killed by the fixture)
 
 
 def _counters(text_values: dict) -> dict:
