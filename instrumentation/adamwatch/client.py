@@ -194,6 +194,9 @@ class StreamClient:
                 self._queue.popleft()
                 self.dropped_total += 1
             self._queue.append(frame)
+        if threading.get_ident() != self._thread.ident:
+            # From another thread (not the thread's own poll): it may be asleep.
+            self._wakeup.set()
 
     def send_control(self, frame: bytes) -> None:
         """Queue a control frame (sent before pending summaries) and wake the thread.

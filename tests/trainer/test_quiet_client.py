@@ -76,6 +76,21 @@ def test_a_command_wakes_an_idle_client(sink):
     assert monitor.lr_scale == 0.5
 
 
+def test_a_frame_sent_from_another_thread_wakes_a_sleeping_client(sink):
+    """StreamClient.send() from a thread other than the client's (no poll callback) must not wait for a timer."""
+    from tests.sidecar.sidecar_testlib import hello_payload
+
+    client = StreamClient(sink.endpoint, lambda: hello_payload(job="t"))
+    client.start()
+    try:
+        sink.wait_for(lambda: sink.of_type(wire.MessageType.HELLO), timeout=5)
+        time.sleep(0.3)  # the thread has gone to sleep: nothing to send
+        client.send(wire.encode_frame(wire.MessageType.DROPPED, {"dropped_total": 0}))
+        sink.wait_for(lambda: sink.of_type(wire.MessageType.DROPPED), timeout=2)  # the idle sleep is 30 s
+    finally:
+        client.close()
+
+
 def test_control_frames_beyond_the_bound_are_counted(short_dir):
     errors: list[str] = []
     client = StreamClient(f"unix://{os.path.join(short_dir, 'nobody.sock')}", lambda: {}, on_error=errors.append)
@@ -102,16 +117,19 @@ def test_a_command_flood_is_bounded_per_step_and_every_command_is_answered(sink)
                               {"id": f"f{i}", "action": "reduce_lr", "args": {"factor": 0.999}, "reason": "flood"},
                               validate=True)
             for i in range(n))
-        sink.connections[-1].sendall(flood)
+        conn = sink.connections[-1]
+        conn.settimeout(60)  # the sink's 0.2 s read timeout would fail a send that waits for the trainer to read
+        conn.sendall(flood)
+        conn.settimeout(0.2)
         deadline = time.monotonic() + 20
         while monitor.commands_refused + monitor._actions.qsize() < n and time.monotonic() < deadline:
             time.sleep(0.02)
         assert monitor._actions.qsize() == Monitor._MAX_PENDING_COMMANDS
         assert monitor.commands_refused == n - Monitor._MAX_PENDING_COMMANDS
         train(model, opt, None, monitor, 3, start=1)
-        steps_applied_at = [a["step"] for a in sink.of_type(wire.MessageType.ACK) if a["outcome"] == "applied"]
     sink.wait_for(lambda: sink.of_type(wire.MessageType.GOODBYE), timeout=10)
     acks = sink.of_type(wire.MessageType.ACK)
+    steps_applied_at = [a["step"] for a in acks if a["outcome"] == "applied"]
     per_step = {s: steps_applied_at.count(s) for s in set(steps_applied_at)}
     assert per_step and max(per_step.values()) <= 2 * Monitor._MAX_ACTIONS_PER_BOUNDARY, per_step
     # Every command is answered (applied, refused, or closed before its boundary) or its answer is counted.
