@@ -269,6 +269,11 @@ class StepCoordinator:
         self.exchanges += 1
         return received
 
+    def release(self) -> None:
+        """After :meth:`close`: drop the references to process groups (see ``Monitor.close``)."""
+        self._channel = None
+        self.process_group = None
+
     def close(self, timeout: float = 2.0) -> list[Action]:
         """Stop exchanging; wait up to ``timeout`` seconds for the broadcast in flight.
 

@@ -541,6 +541,26 @@ class Monitor:
                 self._say_goodbye(timeout)
         else:
             self._reader.join(timeout)
+        self._release_process_groups()
+
+    def _release_process_groups(self) -> None:
+        """Drop every reference the monitor holds to torch.distributed process groups.
+
+        The Monitor sits in reference cycles (its client calls back into it), so
+        it may be freed only by the garbage collector, possibly during
+        interpreter shutdown. A gloo process group freed then (after the script's
+        ``destroy_process_group()``) aborts the process ("terminate called
+        without an active exception"); without references from here, the groups
+        go when the script destroys them, while Python is fully alive.
+        """
+        self._transfer.on_submit = None
+        if self._cross_rank is not None:
+            self._cross_rank.group = None
+        if self._coordinator is not None:
+            self._coordinator.release()
+        for extension in self._extensions:
+            if hasattr(extension, "process_group"):
+                extension.process_group = None
 
     def __enter__(self) -> "Monitor":
         return self

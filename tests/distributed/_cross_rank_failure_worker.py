@@ -102,12 +102,16 @@ def main() -> None:
         finished += 1
     errors = dict(monitor.errors_by_where)
     monitor.close()
+    # No reference to a process group outlives close(): a cycle could keep the Monitor
+    # alive until interpreter shutdown, and a gloo group freed then aborts the process.
+    released = monitor._cross_rank.group is None and monitor._coordinator._channel is None
     (workdir / f"rank{rank}.json").write_text(json.dumps({
         "finished": finished,
         "failed_extra": [float(f) for f in recorder.failed],
         "failed_steps": monitor._cross_rank.failed_steps,
         "errors": errors,
         "deep_norms": deep_norms,
+        "groups_released": released,
     }))
     dist.barrier()
     dist.destroy_process_group()
