@@ -91,6 +91,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# The default process group, named without holding a reference to it.
+_DEFAULT_GROUP = "default"
+
 # Temporary names start with these, then "<pid>-<hex>": a save's folder, a
 # replaced or pruned folder on its way out, a known-good manifest being rewritten.
 _TMP_PREFIX = ".tmp-"
@@ -969,7 +972,10 @@ class Checkpointer:
             # Blocking collectives are fine here (a restore is off the step path), but
             # they must not go through NCCL's device stream: use gloo on the CPU.
             if str(dist.get_backend()).lower() == "gloo":
-                self._agreement_channel = dist.group.WORLD
+                # Not dist.group.WORLD itself: a Checkpointer kept alive (by a cycle)
+                # until interpreter shutdown must not hold a process group then
+                # (freeing a gloo group during shutdown aborts the process).
+                self._agreement_channel = _DEFAULT_GROUP
             else:
                 self._agreement_channel = dist.new_group(backend="gloo")  # a collective: every rank restores
         return self._agreement_channel
@@ -988,8 +994,9 @@ class Checkpointer:
     def _gather(channel: Any, obj: Any) -> list[Any]:
         import torch.distributed as dist
 
-        out: list[Any] = [None] * dist.get_world_size(channel)
-        dist.all_gather_object(out, obj, group=channel)
+        group = None if channel is _DEFAULT_GROUP else channel
+        out: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(out, obj, group=group)
         return out
 
     def _restore_agreed(self, step: int | None, before_step: int | None, channel: Any
