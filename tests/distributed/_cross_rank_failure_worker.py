@@ -8,6 +8,7 @@ Each rank writes workdir/rank<R>.json: steps finished, its monitor errors, the f
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -119,3 +120,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Objects in reference cycles (a DDP model, say) that hold a gloo process group must be
+    # freed while Python is alive: freed during interpreter shutdown, a gloo group aborts
+    # the process ("terminate called without an active exception", exit -6).
+    gc.collect()

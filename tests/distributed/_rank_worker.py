@@ -11,6 +11,7 @@ Writes workdir/rank<r>.json with the framework's own norms next to what adamwatc
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import sys
@@ -337,3 +338,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Objects in reference cycles (a DDP model, say) that hold a gloo process group must be
+    # freed while Python is alive: freed during interpreter shutdown, a gloo group aborts
+    # the process ("terminate called without an active exception", exit -6).
+    gc.collect()

@@ -3,6 +3,7 @@ rank 1 has no sidecar at all. argv: rank world workdir endpoint. Writes workdir/
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from datetime import timedelta
@@ -31,3 +32,5 @@ monitor.close()
 (workdir / f"rank{rank}.json").write_text(json.dumps({"steps": steps, "stop": monitor.stop_requested,
                                                      "verdict": monitor.policy_verdict}))
 dist.destroy_process_group()
+del monitor, optimizer, ddp
+gc.collect()  # free the cycles holding gloo groups while Python is alive (see the rank workers)

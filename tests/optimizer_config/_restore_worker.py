@@ -12,6 +12,7 @@ Each rank writes workdir/rank<r>.json.
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import sys
@@ -100,3 +101,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Objects in reference cycles (a DDP model, say) that hold a gloo process group must be
+    # freed while Python is alive: freed during interpreter shutdown, a gloo group aborts
+    # the process ("terminate called without an active exception", exit -6).
+    gc.collect()

@@ -8,6 +8,7 @@ Rank 0 writes workdir/result.json with what it compared.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -323,6 +324,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Objects in reference cycles (a DDP model, say) that hold a gloo process group must be
+    # freed while Python is alive: freed during interpreter shutdown, a gloo group aborts
+    # the process ("terminate called without an active exception", exit -6).
+    gc.collect()
     # Results are written and the process group is destroyed. Skip interpreter teardown:
     # torch's gloo threads occasionally abort it ("terminate called without an active
     # exception"; seen about 1 run in 15 on 2 busy cores, with the old blocking coordinator too).
