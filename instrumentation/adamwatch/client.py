@@ -152,6 +152,10 @@ class StreamClient:
         # Bounded: beyond it a frame is refused and counted (control_dropped,
         # reported through on_error), never silently pushed out.
         self._control: collections.deque[bytes] = collections.deque()
+        # The GOODBYE, held back until every summary before it has gone out:
+        # the sidecar judges the run's end (target reached, convergence) when
+        # it reads it, so it must be the connection's last frame.
+        self._farewell: bytes | None = None
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._partial = b""
@@ -224,9 +228,10 @@ class StreamClient:
             self.dropped_total += n
 
     def close(self, timeout: float = 2.0, goodbye: dict[str, Any] | None = None) -> None:
-        """Flush what is queued (up to ``timeout``), say GOODBYE, stop the thread."""
+        """Flush what is queued (up to ``timeout``), say GOODBYE last, stop the thread."""
         if goodbye is not None:
-            self.send_control(wire.encode_frame(wire.MessageType.GOODBYE, goodbye))
+            with self._lock:
+                self._farewell = wire.encode_frame(wire.MessageType.GOODBYE, goodbye)
         self._drain.set()
         self._wakeup.set()
         self._thread.join(timeout) if self._thread.is_alive() else None
@@ -258,7 +263,9 @@ class StreamClient:
                 for frame in frames or ():
                     self.send(frame)
                 if self._sock is not None:
-                    self._flush()
+                    # The GOODBYE only on a draining turn: its poll has seen
+                    # every summary submitted before close().
+                    self._flush(final=draining)
                     if commands_waiting or draining:
                         self._read_commands()
                 if draining and self._all_sent():
@@ -319,7 +326,7 @@ class StreamClient:
 
     def _all_sent(self) -> bool:
         with self._lock:
-            return not self._queue and not self._control and not self._partial
+            return not self._queue and not self._control and not self._partial and self._farewell is None
 
     def _maybe_connect(self) -> None:
         now = time.monotonic()
@@ -394,7 +401,7 @@ class StreamClient:
         if not quiet:
             log.warning("adamwatch: lost the sidecar at %s; reconnecting, summaries are counted as dropped", self.endpoint)
 
-    def _next_chunk(self) -> bytes:
+    def _next_chunk(self, final: bool = False) -> bytes:
         with self._lock:
             if self._partial:
                 chunk, self._partial = self._partial, b""
@@ -414,13 +421,16 @@ class StreamClient:
                 frame = self._queue.popleft()
                 parts.append(frame)
                 size += len(frame)
+            if final and self._farewell is not None and not self._queue and not self._control:
+                parts.append(self._farewell)
+                self._farewell = None
             self.frames_sent += len(parts)
             return b"".join(parts)
 
-    def _flush(self) -> None:
+    def _flush(self, final: bool = False) -> None:
         sock = self._sock
         while sock is not None:
-            chunk = self._next_chunk()
+            chunk = self._next_chunk(final)
             if not chunk:
                 return
             try:
