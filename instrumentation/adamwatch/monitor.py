@@ -44,7 +44,7 @@ from adamwatch.shards import params_are_sharded
 from adamwatch.mixed_precision import GradScalerStats
 from adamwatch.spike_guard import SpikeGuard, SpikeGuardConfig
 from adamwatch.step_extensions import StepContext, StepExtension
-from adamwatch.step_stats import StepLayout, StepStats, decode_step, skip_reason
+from adamwatch.step_stats import SKIP_INDEX, StepLayout, StepStats, decode_step, skip_reason
 from adamwatch.transfer import SummaryTransfer
 from adamwatch.unwrap import unwrap_optimizer
 
@@ -975,7 +975,7 @@ class Monitor:
             if reason is not None:
                 payload["skipped"] = True
             elif payload["skipped"]:
-                reason = skip_reason(values[2], layout)
+                reason = skip_reason(values[SKIP_INDEX], layout)
             payload["skip_reason"] = reason if payload["skipped"] else None
             payloads.append(payload)
             self._note_health(payload)

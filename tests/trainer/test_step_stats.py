@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adamwatch.step_stats import DEEP_FIELDS_PER_GROUP, StepStats
+from adamwatch.step_stats import DEEP_FIELDS_PER_GROUP, TOTAL_INDEX, StepStats
 
 
 def _trained_optimizer(groups: int = 5, amsgrad: bool = False) -> torch.optim.Optimizer:
@@ -60,7 +60,7 @@ def test_group_norms_come_from_one_reduction_and_follow_group_changes():
     vector, _bad, layout = stats.per_step(None)
     assert layout.num_groups == 5
     assert float(vector[3 + 4]) == pytest.approx(28.0)
-    assert float(vector[1]) == pytest.approx(sum(expected) + 28.0)
+    assert float(vector[TOTAL_INDEX]) == pytest.approx(sum(expected) + 28.0)
 
 
 def test_the_sample_does_not_grow_with_the_number_of_groups():
@@ -90,3 +90,39 @@ def test_the_reader_applies_each_groups_lr_float_or_tensor():
     # lr / (sqrt(v_hat) + eps) is at most lr / eps
     assert max(float_lr[0]["effective_lr"]) <= 2e-3 / 1e-8
     assert float_lr[0]["effective_lr"][0] > 0
+
+
+def test_the_cpu_partial_selection_equals_the_full_sort_bit_for_bit(monkeypatch):
+    # On CPU the deep block orders its sample with numpy.partition on just the
+    # ranks the quantiles read; it must give exactly torch.sort's values,
+    # NaN in the data included (both put NaN last).
+    pytest.importorskip("numpy")
+    from adamwatch import step_stats
+
+    monkeypatch.setattr(step_stats, "_SELECTION_MIN_WIDTH_PER_RANK", 1)  # select even on these narrow rows
+    opt = _trained_optimizer()
+    first = opt.param_groups[0]["params"][0]
+    opt.state[first]["exp_avg_sq"].view(-1)[:40] = float("nan")
+    stats = StepStats(opt, sample_size=60)  # groups of unequal size, sampled
+    selected, _ = stats.deep()
+    assert stats._deep_plan.kth, "the CPU path must select, not sort"
+    stats._deep_plan.kth = None
+    sorted_, _ = stats.deep()
+    assert torch.equal(selected.nan_to_num(-7.0), sorted_.nan_to_num(-7.0))
+    assert selected.isnan().any()
+
+
+def test_the_cpu_selection_is_taken_only_where_it_pays():
+    pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(100, 100) for _ in range(2)]
+    opt = torch.optim.AdamW([{"params": list(layer.parameters())} for layer in layers])
+    for layer in layers:
+        layer(torch.randn(4, 100)).square().mean().backward()
+    opt.step()
+    wide, narrow = StepStats(opt, sample_size=4096), StepStats(opt, sample_size=60)
+    wide.deep()
+    narrow.deep()
+    assert wide._deep_plan.padded_shape == (4, 4096)
+    assert wide._deep_plan.kth  # ~20 ranks in rows of 4096: a partial selection
+    assert narrow._deep_plan.kth is None  # ~20 ranks in rows of 60: the sort
