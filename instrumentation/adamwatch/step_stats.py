@@ -6,7 +6,7 @@
 | global and per-group gradient L2 norm | every step | one ``torch._foreach_norm`` over every gradient (flat list built at ``watch()``), squares summed per group in float64 by one matrix-vector product, unscaled by GradScaler's scale |
 | non-finite gradients | every step | derived from the norms (a NaN/Inf anywhere makes the sum of squares non-finite): no second pass |
 | skipped flag | every step | GradScaler's / adamwatch's ``found_inf`` |
-| effective LR and update-size quantiles | every N steps | fixed random coordinate sample per group (bounded in total, see ``group_sample_size``), every group ordered by ONE call: a sort on CUDA, a partial selection of the needed ranks (``numpy.partition``, 3× faster than torch's CPU sort) on CPU |
+| effective LR and update-size quantiles | every N steps | fixed random coordinate sample per group (bounded in total, see ``group_sample_size``), every group ordered by ONE call: a sort, or on CPU with wide sample rows a partial selection of just the ranks read (``numpy.partition``, same values) |
 | update L2 norm, weight norm, m and v norms | every N steps | exact: weights, m and v in one fused norm call (one pass each), the update norm in four foreach passes over chunks (bounded extra memory) |
 | share of coordinates with sqrt(v_hat) <= eps | every N steps | on the sample |
 
@@ -648,9 +648,10 @@ class _DeepPlan:
         # partial selection of those columns (every row) is exact, and faster
         # than a sort while the ranks are few against the row's width (demo
         # model, 4 x 4096: 1.7 -> 1.25 ms per deep(); 64 groups of 256 gain nothing).
-        kth = sorted({i % width for i in gather})
+        self.ranks = sorted({i % width for i in gather})  # columns of the sorted rows that are read
         cpu = torch.device(device).type == "cpu"
-        self.kth = kth if _np is not None and cpu and len(kth) * _SELECTION_MIN_WIDTH_PER_RANK <= width else None
+        wide = len(self.ranks) * _SELECTION_MIN_WIDTH_PER_RANK <= width
+        self.kth = self.ranks if _np is not None and cpu and wide else None
         self.w = torch.tensor(weights, **f32).to(device, non_blocking=True)  # [g x Q]
         self.eps_q = torch.tensor([[e] * len(QUANTILES) for e in group_eps], **f32).to(device, non_blocking=True)
         self.sizes = torch.tensor(sizes, dtype=dtype).to(device, non_blocking=True)
