@@ -178,6 +178,14 @@ class CrossRankReduction:
         self.reductions += 1
         work.wait()
         self.failed_steps += 1
+        if ctx is not None:
+            # This rank's own summary goes on (the caller counts the error): like
+            # every other rank's, it must not pass its shard's sums off as the
+            # global norms, and it names the failure.
+            if self.sharded and isinstance(getattr(ctx, "group_norm_sq", None), torch.Tensor):
+                ctx.group_norm_sq = torch.full_like(ctx.group_norm_sq, float("nan"))
+                ctx.groups_reported = self._trainable_groups
+            ctx.add_extra("cross_rank_failed_ranks", packed[-1].to(torch.float32))
 
     def _build_payload(self, ctx: Any) -> tuple[torch.Tensor, Any]:
         sq = ctx.group_norm_sq

@@ -670,6 +670,7 @@ class Monitor:
                 on_context=self._run_extensions if self._extensions else None,
                 step=self.step + 1,
             )
+            layout.norms_from_every_rank = self._cross_rank is not None and self._cross_rank.sharded
             if guard_fused:
                 # The fused kernel leaves params, m, v and the step count alone
                 # when found_inf is non-zero: a skip with no host sync.
@@ -1040,7 +1041,9 @@ class Monitor:
                 self._report_error("summary_reader")
 
     def _note_health(self, payload: dict[str, Any]) -> None:
-        healthy = not (payload.get("loss_nonfinite") or payload.get("grad_nonfinite") or payload.get("skipped"))
+        healthy = not (payload.get("loss_nonfinite") or payload.get("grad_nonfinite") or payload.get("skipped")
+                       # a step another rank could not summarise is not vouched for
+                       or (payload.get("extras") or {}).get("cross_rank_failed_ranks", 0.0) > 0)
         try:
             self._remediator.note_step(payload["step"], healthy)
             if self.checkpointer is not None:

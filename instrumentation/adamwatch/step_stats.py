@@ -71,6 +71,10 @@ class StepLayout:
     clip_from_norm: bool = False
     # the replica fingerprint is the vector's last value (after the clip element)
     fingerprint: bool = False
+    # the gradient norms are sums over every rank's shard (FSDP): when a rank's
+    # cross-rank payload failed (extra ``cross_rank_failed_ranks``) they are NaN
+    # by construction, and the step's norms are unknown, not non-finite
+    norms_from_every_rank: bool = False
 
     @property
     def step_length(self) -> int:
@@ -804,6 +808,14 @@ def decode_step(values: list[float], layout: StepLayout) -> dict[str, Any]:
         for i, name in enumerate(layout.extra_names):
             extras[name] = values[base + i]
         payload["extras"] = extras
+        if layout.norms_from_every_rank and extras.get("cross_rank_failed_ranks", 0.0) > 0:
+            # A shard is missing from the sums: no norm rather than a NaN that
+            # the sidecar would count, page on and repair as a non-finite
+            # gradient. The failure itself is in the extras and in the failing
+            # rank's monitor errors.
+            payload["grad_norm"] = None
+            payload["group_grad_norms"] = [None] * g
+            payload["grad_nonfinite"] = False
     if layout.clip_max_norm is not None:
         payload["clip_max_norm"] = layout.clip_max_norm
         if layout.clip_from_norm:

@@ -2,7 +2,8 @@
 
 argv: rank world_size workdir mode   (mode: "extension" breaks the cross-rank extension,
 "summary" breaks the summary before the extensions run, "deep" breaks rank 1's deep
-statistics under FSDP2, whose deep norms are reduced across ranks)
+statistics under FSDP2, whose deep norms are reduced across ranks, "sharded" breaks the
+cross-rank extension under FSDP2, whose gradient norms are sums over the ranks' shards)
 Each rank writes workdir/rank<R>.json: steps finished, its monitor errors, the failed extra seen.
 """
 
@@ -40,7 +41,7 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"file://{workdir / 'rendezvous'}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=600))  # longer than the test's bound: a hang is a hang
     torch.manual_seed(0)
-    if mode == "deep":
+    if mode in ("deep", "sharded"):
         from torch.distributed.fsdp import fully_shard
 
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -53,7 +54,7 @@ def main() -> None:
     monitor.add_step_extension(recorder)
     assert monitor._cross_rank is not None
     state = {"step": 0}
-    if rank == 1 and mode == "extension":
+    if rank == 1 and mode in ("extension", "sharded"):
         original = monitor._cross_rank._loss_nonfinite
 
         def broken(ctx, device):
@@ -91,6 +92,17 @@ def main() -> None:
             return out, reported
 
         monitor._cross_rank.reduce_deep = recording_reduce
+    payloads: list[dict] = []  # what each step's STEP says about the gradients
+    original_note = monitor._note_health
+
+    def note(payload):
+        payloads.append({"step": payload["step"], "grad_norm": payload["grad_norm"],
+                         "group_grad_norms": payload["group_grad_norms"],
+                         "grad_nonfinite": payload["grad_nonfinite"],
+                         "failed": (payload.get("extras") or {}).get("cross_rank_failed_ranks")})
+        original_note(payload)
+
+    monitor._note_health = note
     finished = 0
     for step in range(STEPS):
         state["step"] = step
@@ -113,6 +125,7 @@ def main() -> None:
         "errors": errors,
         "deep_norms": deep_norms,
         "groups_released": released,
+        "payloads": payloads,
     }))
     dist.barrier()
     dist.destroy_process_group()

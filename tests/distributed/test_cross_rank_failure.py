@@ -65,3 +65,25 @@ def test_one_rank_failing_does_not_hang_the_others(tmp_path, mode):
         # Rank 0 saw rank 1's failure at that step, and only then.
         assert ranks[0]["failed_extra"][FAIL_AT] == 1.0
         assert [f for i, f in enumerate(ranks[0]["failed_extra"]) if i != FAIL_AT] == [0.0] * (STEPS - 1)
+
+
+def test_a_failed_rank_leaves_sharded_norms_unknown_never_non_finite(tmp_path):
+    """FSDP2: the norms are sums over the ranks' shards, so rank 1's failure leaves them NaN.
+    The STEP must say "no norm" (None), not a non-finite gradient: the sidecar would count it,
+    page on it and repair it (skip, restore) for what was a monitor failure."""
+    ranks = _run(tmp_path, "sharded")
+    failed_step = FAIL_AT + 1  # the monitor counts steps from 1
+    for r, result in enumerate(ranks):
+        steps = {p["step"]: p for p in result["payloads"]}
+        for step, p in steps.items():
+            assert p["grad_nonfinite"] is False, (r, p)
+            if step == failed_step:
+                assert p["grad_norm"] is None and p["group_grad_norms"] == [None], (r, p)
+                assert p["failed"] == 1.0
+            else:
+                assert p["grad_norm"] is not None and p["grad_norm"] > 0, (r, p)
+                assert p["failed"] == 0.0
+        # rank 1's own summary of that step failed (no STEP); rank 0 reports it, unknown
+        assert failed_step in steps or r == 1
+        assert len(steps) >= STEPS - 1
+    assert ranks[1]["errors"].get("extension") == 1, ranks[1]["errors"]
