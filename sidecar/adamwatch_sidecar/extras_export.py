@@ -1,4 +1,4 @@
-"""Export the spike guard's and the GradScaler's per-step extras as metrics.
+"""Export the spike guard's, the GradScaler's and the cross-rank reduction's per-step extras as metrics.
 
 A run-state listener (``sidecar.state.add_listener``): each STEP frame may carry an
 ``extras`` map ``{name: float}`` filled by the trainer's step extensions. This module
@@ -10,6 +10,7 @@ turns the names it knows into metric-table series through the generic store:
 | ``spike_guard_threshold_<signal>`` | ``adamwatch_spike_guard_threshold{signal}`` |
 | ``spike_guard_zscore_<signal>`` | ``adamwatch_spike_guard_zscore{signal}`` |
 | ``grad_scaler_scale`` | ``adamwatch_grad_scaler_scale`` |
+| ``cross_rank_failed_ranks`` (ranks whose payload failed) | ``adamwatch_cross_rank_failed_steps_total`` (+1 when above 0) |
 | ``grad_zero_ratio.<group index>`` | ``adamwatch_grad_zero_ratio{param_group}`` |
 
 Unknown names are ignored (a newer trainer); non-numbers and non-finite gauge values
@@ -91,6 +92,9 @@ class StepExtrasExporter:
                 value = extras.get(f"spike_guard_{kind}_{signal}")
                 if _finite(value):
                     state.set_gauge(key, metric, {"signal": signal}, float(value))
+        failed = extras.get("cross_rank_failed_ranks")
+        if _finite(failed):
+            state.inc(key, "adamwatch_cross_rank_failed_steps_total", {}, 1.0 if failed > 0 else 0.0)
         scale = extras.get("grad_scaler_scale")
         if _finite(scale):
             state.set_gauge(key, "adamwatch_grad_scaler_scale", {}, float(scale))

@@ -272,6 +272,12 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("adamwatch_spike_guard_zscore", "gauge", "",
                "z-score (value - mean) / std of the latest step against the spike guard's statistics, by signal.",
                T + ("signal",)),
+    # --- cross-rank reduction (issue 9): from the STEP frame's extras ----------------------
+    # Present on multi-rank runs; at 0 from the first step, so increase() sees the first failure.
+    MetricSpec("adamwatch_cross_rank_failed_steps_total", "counter", "",
+               "Steps whose cross-rank reduction lacked a rank's payload (the monitor failed on that rank, "
+               "which counts it in adamwatch_monitor_errors_total); under sharding such a step exports no "
+               "gradient norm.", T),
     # --- mixed precision (issue 11 item 5): from the STEP frame's extras -------------------
     # The overflow-skip rate is rate(adamwatch_skipped_steps_total{reason="grad_scaler"}).
     MetricSpec("adamwatch_grad_scaler_scale", "gauge", "",

@@ -73,3 +73,14 @@ def test_a_step_without_extras_exports_nothing():
     state.apply(key, wire.Message(wire.MessageType.STEP, step_payload(1)))
     m = metrics(state)
     assert not [k for k in m if k[0].startswith(("adamwatch_spike_guard", "adamwatch_grad_scaler", "adamwatch_grad_zero"))]
+
+
+def test_cross_rank_failures_are_counted_from_zero():
+    state, key = make()
+    truth = 0
+    for step, failed in enumerate([0.0, 0.0, 1.0, 0.0, 2.0], start=1):
+        truth += failed > 0
+        send(state, key, step, {"cross_rank_failed_ranks": failed})
+        if step == 1:  # the series exists before the first failure
+            assert series(metrics(state), "adamwatch_cross_rank_failed_steps_total", job="gpt", rank="0") == 0
+    assert series(metrics(state), "adamwatch_cross_rank_failed_steps_total", job="gpt", rank="0") == truth == 2
