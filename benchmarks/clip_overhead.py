@@ -27,20 +27,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import adamwatch  # noqa: E402
-from trainer_overhead import BATCH, MODEL, ArithmeticCorpus, GPTConfig, make, start_sidecar  # noqa: E402
+from trainer_overhead import BATCH, MODELS, ArithmeticCorpus, GPTConfig, make, start_sidecar, train_step  # noqa: E402
 
 ARMS = ("bare", "clip", "adamwatch", "adamwatch+clip")
-
-
-def step(model, opt, x, y, monitor, clip: bool) -> None:
-    loss = model(x, y)
-    loss.backward()
-    if monitor is not None:
-        monitor.observe_loss(loss)
-    if clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,12 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = GPTConfig(n_layer=MODEL.n_layer, n_embd=MODEL.n_embd, block_size=MODEL.block_size)
+    cfg = GPTConfig(**MODELS["demo"])
     corpus = ArithmeticCorpus(cfg.block_size, seed=1)
     workdir = tempfile.mkdtemp(prefix="aw-bench-")
-    sidecar, endpoint = start_sidecar(workdir)
+    sidecar, endpoint, _ = start_sidecar(workdir)
     try:
-        arms = {name: make(cfg, "cpu", args.fused) for name in ARMS}
+        arms = {name: make(cfg, impl="fused" if args.fused else "default") for name in ARMS}
         monitors = {name: adamwatch.watch(arms[name][1], endpoint=endpoint, job=f"clip-{i}", deep_stats_every=0)
                     for i, name in enumerate(ARMS) if name.startswith("adamwatch")}
         ratios: dict[str, list[float]] = {name: [] for name in ARMS[1:]}
@@ -67,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in order:
                 model, opt = arms[name]
                 start = time.perf_counter()
-                step(model, opt, x, y, monitors.get(name), clip=name.endswith("clip"))
+                train_step(model, opt, x, y, monitors.get(name), clip=name.endswith("clip"))
                 times[name] = time.perf_counter() - start
             if i >= args.warmup:
                 for name in ARMS[1:]:

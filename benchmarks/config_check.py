@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from trainer_overhead import MODEL, BATCH, make, start_sidecar, train_step  # noqa: E402 (same folder)
+from trainer_overhead import BATCH, MODELS, make, start_sidecar, train_step  # noqa: E402 (same folder)
 
 import adamwatch  # noqa: E402
 from adamwatch.optimizer_config import group_signature  # noqa: E402
@@ -33,13 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = GPTConfig(n_layer=MODEL.n_layer, n_embd=MODEL.n_embd, block_size=MODEL.block_size)
+    cfg = GPTConfig(**MODELS["demo"])
     corpus = ArithmeticCorpus(cfg.block_size, seed=1)
     workdir = tempfile.mkdtemp(prefix="aw-bench-")
-    sidecar, endpoint = start_sidecar(workdir)
+    sidecar, endpoint, _ = start_sidecar(workdir)
     try:
-        checked_model, checked_opt = make(cfg, "cpu", False)
-        plain_model, plain_opt = make(cfg, "cpu", False)
+        checked_model, checked_opt = make(cfg)
+        plain_model, plain_opt = make(cfg)
         ratios, check_ratios = [], []
         with adamwatch.watch(checked_opt, endpoint=endpoint, job="bench-checked", deep_stats_every=0,
                              check_config_every=1) as checked, \
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                 if i >= args.warmup:
                     ratios.append(times["checked"] / times["plain"])
                     check_ratios.append(check / times["plain"])
-        print(f"torch={torch.__version__} threads={torch.get_num_threads()} model=TinyGPT(layers={MODEL.n_layer}, "
-              f"width={MODEL.n_embd}) batch={BATCH} param_groups={len(plain_opt.param_groups)}")
+        print(f"torch={torch.__version__} threads={torch.get_num_threads()} model=TinyGPT(layers={cfg.n_layer}, "
+              f"width={cfg.n_embd}) batch={BATCH} param_groups={len(plain_opt.param_groups)}")
         q1, _, q3 = statistics.quantiles(ratios, n=4)
         print(f"watched with check / watched without   median ratio {statistics.median(ratios):.4f} "
               f"(IQR {q1:.3f}-{q3:.3f}, {len(ratios)} pairs)")

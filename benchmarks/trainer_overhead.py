@@ -97,6 +97,31 @@ def split_groups(model: torch.nn.Module, groups: int) -> list[dict]:
     return [{"params": params[i::groups], "name": f"g{i}"} for i in range(groups)]
 
 
+def make(cfg: GPTConfig, device: str = "cpu", *, groups: int = 2, impl: str = "default",
+         ) -> tuple[TinyGPT, torch.optim.Optimizer]:
+    """One copy of the model and its AdamW, from the same seed: every arm of every benchmark starts alike.
+    ``impl``: torch's default implementation (for-loop on CPU), "foreach" or "fused"."""
+    torch.manual_seed(0)
+    model = TinyGPT(cfg).to(device)
+    extra = {"fused": True} if impl == "fused" else {"foreach": True} if impl == "foreach" else {}
+    return model, torch.optim.AdamW(split_groups(model, groups), lr=3e-4, **extra)
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               monitor=None, *, clip: bool = False, before_update=None) -> None:
+    """One training step as a user writes it: forward, backward, (observe_loss), (clip), update."""
+    loss = model(x, y)
+    loss.backward()
+    if monitor is not None:
+        monitor.observe_loss(loss)
+    if before_update is not None:
+        before_update(loss)
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 class Arm:
     """One copy of the model and optimizer, and what its step does besides training."""
 
@@ -106,12 +131,8 @@ class Arm:
         self.clip = clip
         self.naive = naive
         self.watch = watch
-        torch.manual_seed(0)
-        self.model = TinyGPT(cfg).to(args.device)
+        self.model, self.opt = make(cfg, args.device, groups=args.groups, impl=args.impl)
         self.params = list(self.model.parameters())
-        # torch's default implementation (for-loop on CPU) unless --fused/--foreach
-        impl = {"fused": True} if args.impl == "fused" else {"foreach": True} if args.impl == "foreach" else {}
-        self.opt = torch.optim.AdamW(split_groups(self.model, args.groups), lr=3e-4, **impl)
         self.monitor = None
         self.seconds = 0.0
         self.cpu_seconds = 0.0  # the training thread's CPU time: what other processes' load cannot inflate
@@ -123,19 +144,14 @@ class Arm:
             self.monitor = adamwatch.watch(self.opt, endpoint=endpoint, job=job, **self.watch)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        loss = self.model(x, y)
-        loss.backward()
-        if self.monitor is not None:
-            self.monitor.observe_loss(loss)
-        if self.naive:
-            value = loss.item()
-            grads = [p.grad for p in self.params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads).item()
-            self.sink += math.isfinite(value) + math.isfinite(norm)
-        if self.clip:
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        train_step(self.model, self.opt, x, y, self.monitor, clip=self.clip,
+                   before_update=self._log_naively if self.naive else None)
+
+    def _log_naively(self, loss: torch.Tensor) -> None:
+        value = loss.item()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads).item()
+        self.sink += math.isfinite(value) + math.isfinite(norm)
 
 
 def steps_received(metrics_url: str) -> dict[str, float]:
