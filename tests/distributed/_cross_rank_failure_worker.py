@@ -54,35 +54,26 @@ def main() -> None:
     monitor.add_step_extension(recorder)
     assert monitor._cross_rank is not None
     state = {"step": 0}
+
+    def fail_at_step(owner, name: str, what: str) -> None:
+        """Make ``owner.name`` raise at step FAIL_AT (rank 1 only)."""
+        original = getattr(owner, name)
+
+        def broken(*args, **kwargs):
+            if state["step"] == FAIL_AT:
+                raise ValueError(f"injected failure in {what}")
+            return original(*args, **kwargs)
+
+        setattr(owner, name, broken)
+
     if rank == 1 and mode in ("extension", "sharded"):
-        original = monitor._cross_rank._loss_nonfinite
-
-        def broken(ctx, device):
-            if state["step"] == FAIL_AT:
-                raise ValueError("injected failure in the cross-rank extension")
-            return original(ctx, device)
-
-        monitor._cross_rank._loss_nonfinite = broken
+        fail_at_step(monitor._cross_rank, "_loss_nonfinite", "the cross-rank extension")
     if rank == 1 and mode == "summary":
-        original_per_step = monitor._stats.per_step
-
-        def broken_per_step(*args, **kwargs):
-            if state["step"] == FAIL_AT:
-                raise ValueError("injected failure in the summary")
-            return original_per_step(*args, **kwargs)
-
-        monitor._stats.per_step = broken_per_step
+        fail_at_step(monitor._stats, "per_step", "the summary")
     deep_norms: list[list] = []  # per deep step: [monitor step, every reduced norm finite?]
     if mode == "deep":
         if rank == 1:
-            original_deep = monitor._stats.deep
-
-            def broken_deep(*args, **kwargs):
-                if state["step"] == FAIL_AT:
-                    raise ValueError("injected failure in the deep statistics")
-                return original_deep(*args, **kwargs)
-
-            monitor._stats.deep = broken_deep
+            fail_at_step(monitor._stats, "deep", "the deep statistics")
         original_reduce = monitor._cross_rank.reduce_deep
 
         def recording_reduce(deep, present):
