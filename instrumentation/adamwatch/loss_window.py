@@ -41,6 +41,13 @@ class LossWindow:
             TypeError: naming the type when ``loss`` is neither a tensor nor a number.
             ValueError: when ``scaled_by`` is not a positive finite number.
         """
+        if type(scaled_by) is int and scaled_by == 1 and self.count == 0 and type(loss) is torch.Tensor \
+                and loss.dim() == 0:
+            # The usual call (one unscaled 0-dim loss per step) in as few
+            # operations as possible: it runs right after backward, with cold caches.
+            self._tensor = loss.detach()
+            self._tensors = self.count = 1
+            return
         if isinstance(scaled_by, bool) or not isinstance(scaled_by, (int, float)) or not 0 < scaled_by < float("inf"):
             raise ValueError(f"observe_loss: scaled_by must be a positive number, got {scaled_by!r}")
         if isinstance(loss, torch.Tensor):

@@ -35,16 +35,17 @@ from adamwatch.evaluation import EvalRecorder, validate_eval_metrics
 from adamwatch.exits import ExitReporter, classify_exception
 from adamwatch.footprint import footprint_payload
 from adamwatch.fingerprint import fingerprint
+from adamwatch.folded_vector import FoldedStepVector, append_block
 from adamwatch.loss_window import LossWindow
 from adamwatch.lr_control import LRRecovery
-from adamwatch.optimizer_config import capture_config, config_hash, diff_configs, group_signature
+from adamwatch.optimizer_config import GroupsSnapshot, capture_config, config_hash, diff_configs, group_signature
 from adamwatch.optimizer_info import describe_optimizer, group_names, is_fused
 from adamwatch.remediation import Action, ActionResult, Remediator, SchedulerStepHook, skip_next_scheduler_step
 from adamwatch.shards import params_are_sharded
 from adamwatch.mixed_precision import GradScalerStats
 from adamwatch.spike_guard import SpikeGuard, SpikeGuardConfig
 from adamwatch.step_extensions import StepContext, StepExtension
-from adamwatch.step_stats import SKIP_INDEX, StepLayout, StepStats, decode_step, skip_reason
+from adamwatch.step_stats import SKIP_INDEX, GradNorms, StepLayout, StepStats, decode_step, skip_reason
 from adamwatch.transfer import SummaryTransfer
 from adamwatch.unwrap import unwrap_optimizer
 
@@ -245,6 +246,7 @@ class Monitor:
         self._opt_config = capture_config(optimizer, scheduler, scaler)
         self._opt_config_hash = config_hash(self._opt_config)
         self._opt_signature = group_signature(optimizer)
+        self._groups_snapshot = GroupsSnapshot(optimizer)  # the every-step check's fast answer
         self.config_changes = 0
         self.policy_verdict: dict[str, Any] | None = None
         self._verdict_event = threading.Event()
@@ -274,10 +276,10 @@ class Monitor:
         self._extensions_ran = False  # this step's extensions (and cross-rank collectives) were entered
         self._explicit = False
         self._guard_flag: torch.Tensor | None = None
-        # Clipping seen this step (adamwatch.grad_clip): pre-clip per-group sums of
-        # squares, and (max_norm, coefficient tensor).
+        # Clipping seen this step (adamwatch.grad_clip): the pre-clip norm pass,
+        # and (max_norm, coefficient tensor).
         self._param_ids: frozenset[int] = frozenset()
-        self._clip_sq: torch.Tensor | None = None
+        self._clip_norms: GradNorms | None = None
         # coefficient None: the clip used our own total norm (shared pass), so the
         # coefficient follows from the reported pre-clip norm on the host (no device op)
         self._clip: tuple[float, torch.Tensor | None] | None = None
@@ -285,7 +287,7 @@ class Monitor:
         self._params_sharded = params_are_sharded(p for g in optimizer.param_groups for p in g["params"])
         self._clip_tap = _ClipTap(self)
         self.errors_by_where: dict[str, int] = {}
-        self._pending: tuple[torch.Tensor, StepLayout] | None = None
+        self._pending: tuple[torch.Tensor | FoldedStepVector, StepLayout] | None = None
         self._found_inf_set = False
         self._last_end: float | None = None
         self._samples_next: int | None = None
@@ -304,7 +306,7 @@ class Monitor:
         self._goodbye_sent = False
         self._deferred: list[Action] = []  # restores queued before a step: applied after it
 
-        self._stats = StepStats(optimizer, sample_size=config.sample_size, seed=config.seed)
+        self._stats = StepStats(optimizer, sample_size=config.sample_size, seed=config.seed, fold_on_reader=True)
         self._transfer = SummaryTransfer(self._stats.device, self._stats.max_length, self._stats.dtype)
 
         self._scheduler_skip: SchedulerStepHook | None = None
@@ -666,7 +668,7 @@ class Monitor:
                 found_inf=found_inf if isinstance(found_inf, torch.Tensor) else None,
                 guard=guard_fused,
                 need_flag=guard_sync,
-                group_sq=self._clip_sq,
+                norms=self._clip_norms,
                 on_context=self._run_extensions if self._extensions else None,
                 step=self.step + 1,
             )
@@ -740,7 +742,7 @@ class Monitor:
         Returns None (torch computes the norm itself) when the gradients are not
         exactly ours, not all on the statistics device, or the step is already summarised.
         """
-        if self._closed or self._summarized or self._clip_sq is not None:
+        if self._closed or self._summarized or self._clip_norms is not None:
             return None
         if self._params_sharded:
             return None  # FSDP: our pass sees this rank's shard; the clip needs the global norm (torch's)
@@ -758,9 +760,10 @@ class Monitor:
                 type(g) is not torch.Tensor or g.device != device or g.dtype != dtype for g in grads
             ):
                 return None
-            self._clip_sq = self._stats.group_sq()
-            # torch returns the norm in the gradients' dtype
-            self._clip_total = self._clip_sq.sum().sqrt().to(dtype)
+            self._clip_norms = self._stats.grad_norms()
+            # torch's own formula over the same float32 norms (the clip scales the
+            # gradients exactly as an unwatched clip would), in the gradients' dtype
+            self._clip_total = self._clip_norms.total_norm().to(dtype)
             return self._clip_total
         except Exception:
             self._report_error("clip")
@@ -795,9 +798,9 @@ class Monitor:
             if total_norm is self._clip_total and self._clip is None:
                 self._clip = (float(max_norm), None)  # the norm of our own pass: derived on the host
                 return
-            if not self._summarized and self._clip_sq is None:
+            if not self._summarized and self._clip_norms is None:
                 # The pass the summary would make anyway, taken before clipping.
-                self._clip_sq = self._stats.group_sq()
+                self._clip_norms = self._stats.grad_norms()
             total = total_norm if isinstance(total_norm, torch.Tensor) else torch.tensor(float(total_norm))
             total = self._stats._to_dev(total.detach()).to(self._stats.dtype)
             coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0).reshape(())
@@ -854,7 +857,7 @@ class Monitor:
             # thread: a float assignment is atomic, and a stale value is fine).
             self._step_seconds = duration if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * duration
         pending, self._pending = self._pending, None
-        clip, self._clip, self._clip_sq, self._clip_total = self._clip, None, None, None
+        clip, self._clip, self._clip_norms, self._clip_total = self._clip, None, None, None
         self._loss_window.reset()
         self._summarized = False
         self._guard_flag = None
@@ -875,17 +878,17 @@ class Monitor:
                 deep, present = self._cross_rank.failed_deep(vector.device, vector.dtype)
             if self._cross_rank is not None:  # global m, v, update and weight norms under sharding
                 deep, present = self._cross_rank.reduce_deep(deep, present)
-            vector = torch.cat([vector, deep])
+            vector = append_block(vector, deep)
             layout.deep_groups = present
         if clip is not None:
             layout.clip_max_norm = clip[0]
             if clip[1] is None:
                 layout.clip_from_norm = True
             else:
-                vector = torch.cat([vector, clip[1].reshape(1).to(vector.dtype)])
+                vector = append_block(vector, clip[1])
         if self.config.fingerprint_every and self.step % self.config.fingerprint_every == 0:
             fp = fingerprint(self.optimizer, self._stats.device, self._stats.dtype)
-            vector = torch.cat([vector, fp.reshape(1)])
+            vector = append_block(vector, fp)
             layout.fingerprint = True
         samples = self._samples_next if self._samples_next is not None else self.config.samples_per_step
         tokens = self._tokens_next if self._tokens_next is not None else self.config.tokens_per_step
@@ -914,7 +917,7 @@ class Monitor:
                 try:
                     if self._pending is None:
                         vector, _bad, layout = self._stats.per_step(
-                            self._loss_window.mean(), group_sq=self._clip_sq, step=self.step + 1)
+                            self._loss_window.mean(), norms=self._clip_norms, step=self.step + 1)
                         self._pending = (vector, layout)
                     self._finish_step(skip_reason="grad_scaler")
                 except Exception:
@@ -1132,9 +1135,14 @@ class Monitor:
     def _check_config(self) -> None:
         """At a step boundary: did someone other than adamwatch change the optimizer's configuration?
 
-        Plain dict reads (:func:`group_signature`); only when it differs is the
-        configuration captured again, without reading device tensors.
+        An identity check of the groups' values (:class:`GroupsSnapshot`), then
+        only when something was replaced plain dict reads (:func:`group_signature`);
+        only when that differs is the configuration captured again, without
+        reading device tensors.
         """
+        if self._groups_snapshot.unchanged():
+            return
+        self._groups_snapshot.take()
         signature = group_signature(self.optimizer)
         if signature == self._opt_signature:
             return

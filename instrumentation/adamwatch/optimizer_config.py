@@ -43,6 +43,7 @@ from .optimizer_info import group_names, implementation, optimizer_kind
 
 __all__ = [
     "CONFIG_FORMAT",
+    "GroupsSnapshot",
     "capture_config",
     "config_hash",
     "diff_configs",
@@ -265,6 +266,50 @@ def group_signature(optimizer: torch.optim.Optimizer) -> tuple[Any, ...]:
             items.append((key, value))
         out.append(tuple(items))
     return tuple(out)
+
+
+class GroupsSnapshot:
+    """The param groups' values by identity: "nothing was reassigned" in a few microseconds.
+
+    ``group_signature`` walks and normalises every value; the step path asks
+    every step whether anything changed, and the answer is almost always no.
+    A changed value is a different object (floats, tuples) or, for a list, a
+    list with different elements: this check sees both without normalising,
+    and only when it fails does the caller compute the signature, which stays
+    the arbiter (a value reassigned to an equal one is not a change). The
+    current ``lr`` is skipped here as there (schedulers move it every step).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.take()
+
+    def take(self) -> None:
+        """Remember the groups as they are now."""
+        groups = self.optimizer.param_groups
+        self._groups = groups
+        self._snapshot = []
+        for group in groups:
+            keys = tuple(group)
+            values = tuple(group.values())
+            lists = tuple((i, [id(x) for x in v]) for i, v in enumerate(values) if type(v) is list)
+            self._snapshot.append((group, keys, values, keys.index("lr") if "lr" in group else -1, lists))
+
+    def unchanged(self) -> bool:
+        """True when no group, key or value (other than ``lr``) was replaced since ``take``."""
+        groups = self.optimizer.param_groups
+        if groups is not self._groups or len(groups) != len(self._snapshot):
+            return False
+        for group, (same_group, keys, values, lr_at, lists) in zip(groups, self._snapshot):
+            if group is not same_group or len(group) != len(keys):
+                return False
+            for i, value in enumerate(group.values()):
+                if value is not values[i] and i != lr_at:
+                    return False
+            for i, ids in lists:
+                if [id(x) for x in values[i]] != ids:
+                    return False
+        return True
 
 
 def write_config_file(path: str, optimizer: torch.optim.Optimizer, scheduler: Any = None, scaler: Any = None, *,

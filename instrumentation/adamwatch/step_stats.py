@@ -3,7 +3,7 @@
 | value | when | how |
 | --- | --- | --- |
 | loss, non-finite loss | every step | the tensor given to ``observe_loss`` |
-| global and per-group gradient L2 norm | every step | one ``torch._foreach_norm`` over every gradient (flat list built at ``watch()``), squares summed per group in float64 by one matrix-vector product, unscaled by GradScaler's scale |
+| global and per-group gradient L2 norm | every step | one ``torch._foreach_norm`` over every gradient (flat list built at ``watch()``), squares summed per group in float64 by one masked row sum, unscaled by GradScaler's scale; on the CPU a plain step stops after the norm pass and the reader thread sums (adamwatch.folded_vector) |
 | non-finite gradients | every step | derived from the norms (a NaN/Inf anywhere makes the sum of squares non-finite): no second pass |
 | skipped flag | every step | GradScaler's / adamwatch's ``found_inf`` |
 | effective LR and update-size quantiles | every N steps | fixed random coordinate sample per group (bounded in total, see ``group_sample_size``), every group ordered by ONE call: a sort, or on CPU with wide sample rows a partial selection of just the ranks read (``numpy.partition``, same values) |
@@ -15,7 +15,7 @@ The learning rate is left out of the deep block on the device and applied by
 
 Nothing here reads a tensor on the host: no ``.item()``, ``.cpu()``, ``bool()``.
 The vector is decoded by ``decode_step`` in the background thread after the
-asynchronous copy has landed.
+asynchronous copy has landed (on the CPU: after the reader folded it).
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ try:  # torch does not require numpy; without it the CPU quantiles sort (same va
 except ImportError:  # pragma: no cover - numpy is everywhere torch is used in practice
     _np = None
 
+from adamwatch.folded_vector import FoldedStepVector
 from adamwatch.shards import is_dtensor, local_tensor
 from adamwatch.step_extensions import MAX_EXTRAS, StepContext
 from adamwatch.wire import QUANTILES
 
-__all__ = ["StepLayout", "StepStats", "decode_step", "skip_reason", "DEEP_FIELDS_PER_GROUP", "SKIP_INDEX", "TOTAL_INDEX"]
+__all__ = ["GradNorms", "StepLayout", "StepStats", "decode_step", "skip_reason", "DEEP_FIELDS_PER_GROUP", "SKIP_INDEX", "TOTAL_INDEX"]
 
 # Per-step vector: [loss, total_sq_norm, skip code, group_sq_norm × G, lr tensors...]
 _FIXED = 3
@@ -111,13 +112,62 @@ class _GradLayout:
         self.params = [p for g in groups for p in g["params"]]
         self.owner_list = [i for i, g in enumerate(groups) for _ in g["params"]]
         self.nonempty = [len(g["params"]) > 0 for g in groups]
-        self.owners = _one_hot(self.owner_list, self.num_groups, dtype, device)
+        self.owners = _one_hot(self.owner_list, self.num_groups, torch.bool, device)
         # FSDP2: the grads are DTensors; the sums are over this rank's shard
         # (adamwatch.cross_rank makes them global). Checked once, not per step.
         self.sharded = any(is_dtensor(p) for p in self.params)
 
     def matches(self, groups: list[dict]) -> bool:
         return len(groups) == self.num_groups and _groups_key(groups) == self.key
+
+
+class GradNorms:
+    """One fused norm pass over a step's gradients: float32 per-tensor norms and the group of each.
+
+    Taken once per step, by the summary or just before a clip (adamwatch.grad_clip),
+    and shared by both. The per-group sums of squares and the clip's total norm
+    are derived from it on demand.
+    """
+
+    __slots__ = ("norms", "owner_list", "num_groups", "has_grads", "_owners", "_stats", "_stacked")
+
+    def __init__(self, stats: "StepStats", norms: list[torch.Tensor], owner_list: list[int], num_groups: int,
+                 has_grads: list[bool], owners: torch.Tensor | None):
+        self._stats = stats
+        self.norms = norms
+        self.owner_list = owner_list
+        self.num_groups = num_groups
+        self.has_grads = has_grads
+        self._owners = owners  # the one-hot [groups x grads] mask; built on demand when None
+        self._stacked: torch.Tensor | None = None
+
+    def stacked(self) -> torch.Tensor:
+        """The norms as one float32 tensor on the statistics device (cached)."""
+        if self._stacked is None:
+            self._stacked = torch.stack(self._stats._on_device(self.norms))
+        return self._stacked
+
+    def total_norm(self) -> torch.Tensor:
+        """The global norm exactly as ``clip_grad_norm_`` computes it from these norms (float32)."""
+        return torch.linalg.vector_norm(self.stacked(), 2.0)
+
+    def group_sq(self) -> torch.Tensor:
+        """Per-group sums of squares ([num_groups], float64 on the statistics device: an
+        exploding norm of 1e20 squared stays finite), by one masked row sum."""
+        stats = self._stats
+        if not self.norms:
+            return torch.zeros(self.num_groups, dtype=stats.dtype, device=stats.device)
+        squares = self.stacked().to(stats.dtype).square()
+        if self.num_groups == 1:
+            return squares.sum(0, keepdim=True)
+        if self._owners is None:
+            self._owners = stats._owner_matrix(self.owner_list, self.num_groups)
+        # Each group's squares picked by a one-hot [groups x grads] mask and summed
+        # per row: deterministic (bincount and index_add_ use atomics on CUDA and
+        # refuse to run under torch.use_deterministic_algorithms), and a NaN
+        # gradient makes its own group's norm NaN only (a matrix product with the
+        # one-hot matrix would spread it to every group: 0 x NaN is NaN).
+        return torch.where(self._owners, squares, 0.0).sum(1)
 
 
 class _SamplePlan:
@@ -187,7 +237,8 @@ class StepStats:
         seed: seed of the coordinate sample (fixed so runs are comparable).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, sample_size: int = 4096, seed: int = 0):
+    def __init__(self, optimizer: torch.optim.Optimizer, *, sample_size: int = 4096, seed: int = 0,
+                 fold_on_reader: bool = False):
         self.optimizer = optimizer
         self.sample_size = sample_size
         first = next((p for g in optimizer.param_groups for p in g["params"]), None)
@@ -211,6 +262,9 @@ class StepStats:
         # The per-parameter bookkeeping, done here at watch() time.
         self._layout: _GradLayout | None = None
         self._grad_layout()
+        # On the CPU a plain step's vector is folded by the reader thread
+        # (adamwatch.folded_vector): the step path runs the norm pass only.
+        self.fold_on_reader = fold_on_reader and self.device.type == "cpu" and self._single_device
 
     def _to_dev(self, t: torch.Tensor) -> torch.Tensor:
         t = local_tensor(t)  # a DTensor's own shard: no hidden collective on the step path
@@ -238,41 +292,25 @@ class StepStats:
             layout = self._layout = _GradLayout(groups, self.device, self.dtype)
         return layout
 
-    def grads_by_group(self) -> tuple[list[torch.Tensor], torch.Tensor, int, list[bool]]:
-        """This step's gradients as one flat list, with the group of each.
-
-        Returns:
-            (grads, a one-hot [groups x grads] matrix on the device mapping each
-            grad to its group, number of groups, per group: has at least one grad).
-        """
+    def grad_norms(self) -> GradNorms:
+        """This step's gradients, reduced by one fused norm kernel over every
+        gradient of every group (the flat list was built at ``watch()``)."""
         layout = self._grad_layout()
         grads = [p.grad for p in layout.params]
         if layout.sharded:
             grads = [None if g is None else local_tensor(g) for g in grads]
         present = [g for g in grads if g is not None]
         if len(present) == len(grads):
-            return present, layout.owners, layout.num_groups, layout.nonempty
-        # Some params have no grad this step (frozen, unused): the general path.
-        owners = [o for o, g in zip(layout.owner_list, grads) if g is not None]
-        has_grads = [False] * layout.num_groups
-        for o in owners:
-            has_grads[o] = True
-        return present, self._owner_matrix(owners, layout.num_groups), layout.num_groups, has_grads
-
-    def group_sq_norms(self, grads: list[torch.Tensor], owners: torch.Tensor, num_groups: int) -> torch.Tensor:
-        """Per-group sums of squares of ``grads``: one fused norm kernel over
-        every gradient of every group, then one matrix-vector product (float64: an
-        exploding norm of 1e20 squared stays finite)."""
-        if not grads:
-            return torch.zeros(num_groups, dtype=self.dtype, device=self.device)
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        squares = torch.stack(self._on_device(norms)).to(self.dtype).square()
-        if num_groups == 1:
-            return squares.sum(0, keepdim=True)
-        # A one-hot [groups x grads] matrix times the squares: one deterministic
-        # kernel (bincount and index_add_ use atomics on CUDA and refuse to run
-        # under torch.use_deterministic_algorithms).
-        return torch.mv(owners, squares)
+            owner_list, has_grads, owners = layout.owner_list, layout.nonempty, layout.owners
+        else:
+            # Some params have no grad this step (frozen, unused): the general path.
+            owner_list = [o for o, g in zip(layout.owner_list, grads) if g is not None]
+            has_grads = [False] * layout.num_groups
+            for o in owner_list:
+                has_grads[o] = True
+            owners = None
+        norms = list(torch._foreach_norm(present, 2, dtype=torch.float32)) if present else []
+        return GradNorms(self, norms, owner_list, layout.num_groups, has_grads, owners)
 
     def per_step(
         self,
@@ -282,10 +320,10 @@ class StepStats:
         found_inf: torch.Tensor | None = None,
         guard: bool = False,
         need_flag: bool = False,
-        group_sq: torch.Tensor | None = None,
+        norms: GradNorms | None = None,
         on_context: Callable[[StepContext], None] | None = None,
         step: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, StepLayout]:
+    ) -> tuple[torch.Tensor | FoldedStepVector, torch.Tensor | None, StepLayout]:
         """Reduce the gradients (pre-step: they are about to be applied).
 
         Args:
@@ -295,8 +333,8 @@ class StepStats:
             guard: the non-finite flag (or an extension's skip request) marks the
                 step as skipped (fused guard).
             need_flag: return the skip flag as a device tensor (implied by guard).
-            group_sq: per-group sums of squares taken earlier (before clipping,
-                adamwatch.grad_clip), used instead of a pass over the grads.
+            norms: the norm pass taken earlier (before clipping,
+                adamwatch.grad_clip), used instead of a second pass over the grads.
             on_context: called with the step's StepContext after the local norms
                 (the step extensions); may replace the norms and the flags.
             step: the index of the step being summarised (for the context).
@@ -304,17 +342,23 @@ class StepStats:
         Returns:
             (vector, skip flag as a 1-element bool tensor or None, layout). The
             flag is the non-finite flag OR'ed with the extensions' skip requests.
+            The vector is a tensor, or with ``fold_on_reader`` for a plain step
+            (nothing to decide on the device) a FoldedStepVector.
         """
         need_flag = need_flag or guard
         groups = self.optimizer.param_groups
         # Few, small ops: after backward every dispatch costs ~10 µs of cold
         # caches, and this runs on every step. The per-parameter Python work
         # (which param belongs to which group) was done once, in _GradLayout.
-        grads, owners, num_groups, has_grads = self.grads_by_group()
-        if group_sq is not None:
-            sq = group_sq  # taken just before clipping (adamwatch.grad_clip): no second pass
-        else:
-            sq = self.group_sq_norms(grads, owners, num_groups)
+        if norms is None:
+            norms = self.grad_norms()
+        has_grads = norms.has_grads
+        if (self.fold_on_reader and grad_scale is None and found_inf is None and not need_flag
+                and on_context is None):
+            folded = self._folded(loss, norms, groups)
+            if folded is not None:
+                return folded[0], None, folded[1]
+        sq = norms.group_sq()
         if grad_scale is not None:
             scale = self._to_dev(grad_scale).to(self.dtype)
             sq = sq / (scale * scale)
@@ -355,7 +399,7 @@ class StepStats:
             if ctx is not None and ctx.nonfinite_read:
                 bad = ctx.nonfinite.reshape(1)
             else:
-                bad = ~torch.isfinite(total) if grads or group_sq is not None else self._false
+                bad = ~torch.isfinite(total) if norms.norms else self._false
                 if isinstance(loss, torch.Tensor):
                     bad = bad | ~torch.isfinite(loss_t)
 
@@ -420,6 +464,39 @@ class StepStats:
             layout.meta["skip_code"] = sync_code
         return vector, bad, layout
 
+    def _folded(self, loss: torch.Tensor | float | None, norms: GradNorms,
+                groups: list[dict]) -> tuple[FoldedStepVector, StepLayout] | None:
+        """A plain CPU step: the norms and the loss go to the reader thread as
+        they are (adamwatch.folded_vector). None when the step needs the tensor
+        path (a tensor learning rate, a loss that is not a plain CPU tensor)."""
+        host_loss = None
+        loss_t = None
+        if isinstance(loss, torch.Tensor):
+            if type(loss) is not torch.Tensor or not loss.is_cpu or loss.numel() != 1:
+                return None
+            loss_t = loss.detach() if loss.requires_grad else loss  # LossWindow's is detached
+            if loss_t.dim() != 0:
+                loss_t = loss_t.reshape(())
+        elif loss is not None:
+            host_loss = float(loss)
+        host_lrs: list[float | None] = []
+        for group in groups:
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):
+                return None
+            host_lrs.append(float(lr))
+        stacked = norms.stacked() if norms.norms else None  # (a clip before the step stacked them already)
+        vector = FoldedStepVector(loss_t, stacked, norms.owner_list, norms.num_groups)
+        layout = StepLayout(
+            num_groups=len(groups),
+            has_loss=loss is not None,
+            host_loss=host_loss,
+            group_has_grads=norms.has_grads,
+            host_lrs=host_lrs,
+            tensor_lr_groups=[],
+        )
+        return vector, layout
+
     def _context(self, step: int, groups: list[dict], sq: torch.Tensor, loss_t: torch.Tensor,
                  loss: Any, host_loss: float | None, grad_scale: torch.Tensor | None) -> StepContext:
         params_by_group = [[p for p in g["params"] if p.grad is not None] for g in groups]
@@ -432,22 +509,13 @@ class StepStats:
         return StepContext(self.optimizer, step, params_by_group, grads_by_group, sq, loss_0d,
                            has_loss=loss is not None, grad_scale=grad_scale)
 
-    def group_sq(self) -> torch.Tensor:
-        """Per-group sums of squared gradients as they are now ([num_groups], no sync).
-
-        Taken just before clipping (adamwatch.grad_clip), so the step's summary
-        reports the pre-clip norm without a second pass over the gradients.
-        """
-        grads, owners, num_groups, _ = self.grads_by_group()
-        return self.group_sq_norms(grads, owners, num_groups)
-
     def _owner_matrix(self, owners: list[int], num_groups: int) -> torch.Tensor:
         """One-hot group matrix of a subset of the params, cached: the set of
         params with a grad rarely changes between steps."""
         key = (num_groups, *owners)
         if key != self._owners_key:
             self._owners_key = key
-            self._owners = _one_hot(owners, num_groups, self.dtype, self.device)
+            self._owners = _one_hot(owners, num_groups, torch.bool, self.device)
         return self._owners
 
     # ------------------------------------------------------------------ deep

@@ -11,7 +11,8 @@ import torch
 
 from adamwatch.checkpoint_config import config_differences
 from adamwatch.lr_control import scale_learning_rate
-from adamwatch.optimizer_config import capture_config, config_hash, diff_configs, group_signature, write_config_file
+from adamwatch.optimizer_config import (GroupsSnapshot, capture_config, config_hash, diff_configs, group_signature,
+                                        write_config_file)
 
 SNIPPET = """
 import torch, json
@@ -73,7 +74,10 @@ def test_scheduler_progress_and_adamwatch_cuts_leave_the_fingerprint_alone():
 def test_a_user_edit_changes_the_signature_and_the_diff_names_the_field(edit, expected):
     model, optimizer = build()
     before, signature = capture_config(optimizer), group_signature(optimizer)
+    snapshot = GroupsSnapshot(optimizer)
+    assert snapshot.unchanged()
     edit(optimizer)
+    assert not snapshot.unchanged()  # the every-step fast check sees it too
     assert group_signature(optimizer) != signature
     after = capture_config(optimizer)
     assert config_hash(after) != config_hash(before)
@@ -129,3 +133,22 @@ def test_a_scheduler_stepping_through_its_cycles_keeps_the_fingerprint(make_sche
         assert config_differences({"optimizer_config": first}, optimizer, scheduler, None) == []
     else:
         assert diff_configs(first, capture_config(optimizer, scheduler)) == []
+
+
+def test_the_snapshot_check_ignores_the_schedule_and_sees_in_place_list_edits():
+    model, optimizer = build()
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    snapshot = GroupsSnapshot(optimizer)
+    train(model, optimizer, scheduler, 3)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / 8)
+    assert snapshot.unchanged()  # only lr moved: no signature to compute
+    signature = group_signature(optimizer)
+    optimizer.param_groups[1]["params"].append(torch.nn.Parameter(torch.zeros(2)))  # in place
+    assert not snapshot.unchanged()
+    assert group_signature(optimizer) != signature
+    snapshot.take()
+    assert snapshot.unchanged()
+    signature = group_signature(optimizer)
+    optimizer.param_groups[0]["weight_decay"] = float("0.01")  # the same value, a new object
+    assert not snapshot.unchanged()  # so the signature is computed, and it says: no change
+    assert group_signature(optimizer) == signature
