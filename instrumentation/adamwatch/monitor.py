@@ -279,6 +279,9 @@ class Monitor:
         # Clipping seen this step (adamwatch.grad_clip): the pre-clip norm pass,
         # and (max_norm, coefficient tensor).
         self._param_ids: frozenset[int] = frozenset()
+        self._param_ids_key: tuple | None = None
+        self._clip_params_key: tuple[int, ...] | None = None  # the parameter list last checked for a shared pass
+        self._clip_dtype = torch.float32
         self._clip_norms: GradNorms | None = None
         # coefficient None: the clip used our own total norm (shared pass), so the
         # coefficient follows from the reported pre-clip norm on the host (no device op)
@@ -747,27 +750,56 @@ class Monitor:
         if self._params_sharded:
             return None  # FSDP: our pass sees this rank's shard; the clip needs the global norm (torch's)
         try:
-            grads = [p.grad for p in parameters if p.grad is not None]
-            if not grads:
+            if not parameters:
                 return None
-            mine = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            if len(mine) != len(grads) or {id(g) for g in mine} != {id(g) for g in grads}:
-                return None
-            device, dtype = grads[0].device, grads[0].dtype
-            # Plain tensors only: a sharded gradient (DTensor under FSDP2) has a global
-            # norm our local pass does not give, and the clip must stay torch's then.
-            if device != self._stats.device or any(
-                type(g) is not torch.Tensor or g.device != device or g.dtype != dtype for g in grads
-            ):
-                return None
+            # The same parameter list as a step ago (the usual case) was checked
+            # then: only whether every one has a gradient is new. The full check
+            # runs once per new list, and rejects another optimizer's at once.
+            key = tuple(map(id, parameters))
+            if key != self._clip_params_key:
+                if not self._clip_params_are_ours(parameters):
+                    return None
+                self._clip_params_key = key
+            for p in parameters:
+                if p.grad is None:
+                    return None  # not every gradient of ours: torch's own norm over what is there
             self._clip_norms = self._stats.grad_norms()
             # torch's own formula over the same float32 norms (the clip scales the
             # gradients exactly as an unwatched clip would), in the gradients' dtype
-            self._clip_total = self._clip_norms.total_norm().to(dtype)
+            self._clip_total = self._clip_norms.total_norm().to(self._clip_dtype)
             return self._clip_total
         except Exception:
             self._report_error("clip")
             return None
+
+    def _clip_params_are_ours(self, parameters: list[torch.Tensor]) -> bool:
+        """Exactly this optimizer's parameters, plain tensors of one dtype on the statistics device.
+
+        A gradient has its parameter's type, dtype and device (autograd and the
+        ``.grad`` setter enforce it), so checking the parameters once is enough.
+        Plain tensors only: a sharded one (DTensor under FSDP2) has a global norm
+        our local pass does not give, and the clip must stay torch's then.
+        """
+        ours = self._own_param_ids()
+        if id(parameters[0]) not in ours or len(parameters) != len(ours):
+            return False
+        if {id(p) for p in parameters} != ours:
+            return False
+        dtype = parameters[0].dtype
+        for p in parameters:
+            if type(p) not in (torch.Tensor, torch.nn.Parameter) or p.device != self._stats.device or p.dtype != dtype:
+                return False
+        self._clip_dtype = dtype
+        return True
+
+    def _own_param_ids(self) -> frozenset[int]:
+        """ids of this optimizer's parameters (recomputed when its groups change)."""
+        groups = self.optimizer.param_groups
+        key = tuple((id(g["params"]), len(g["params"])) for g in groups)
+        if key != self._param_ids_key:
+            self._param_ids_key = key
+            self._param_ids = frozenset(id(p) for g in groups for p in g["params"])
+        return self._param_ids
 
     def _user_clip_coefficient(self) -> torch.Tensor | None:
         """The factor the user's clip_grad_norm_ applied to this step's gradients (a
@@ -791,10 +823,8 @@ class Monitor:
             first = next((p for p in parameters if getattr(p, "grad", None) is not None), None)
             if first is None:
                 return
-            if id(first) not in self._param_ids:
-                self._param_ids = frozenset(id(p) for g in self.optimizer.param_groups for p in g["params"])
-                if id(first) not in self._param_ids:
-                    return  # another optimizer's parameters
+            if id(first) not in self._param_ids and id(first) not in self._own_param_ids():
+                return  # another optimizer's parameters
             if total_norm is self._clip_total and self._clip is None:
                 self._clip = (float(max_norm), None)  # the norm of our own pass: derived on the host
                 return

@@ -357,6 +357,31 @@ def test_clipping_and_watching_share_one_pass_over_the_gradients(sink, monkeypat
     assert sink.steps()[0]["clip_coefficient"] == pytest.approx(1.0 / (expected + 1e-6), rel=1e-5)
 
 
+def test_a_watched_clip_scales_the_gradients_bit_for_bit_as_torch_does(sink):
+    """The shared pass hands clip_grad_norm_ torch's own total norm (float32, from the
+    same per-tensor norms): a watched run is clipped exactly like an unwatched one."""
+    clipped = []
+    for watched in (False, True):
+        model = make_model()
+        opt = make_optimizer(model)
+        monitor = adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0) if watched else None
+        try:
+            for seed in range(3):
+                loss_of(model, seed, scale=50.0).backward()
+                total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                grads = [p.grad.clone() for p in model.parameters()]
+                opt.step()
+                opt.zero_grad()
+            clipped.append((total, grads, [p.detach().clone() for p in model.parameters()]))
+        finally:
+            if monitor is not None:
+                monitor.close()
+    (bare_total, bare_grads, bare_params), (total, grads, params) = clipped
+    assert torch.equal(bare_total, total)
+    assert all(torch.equal(a, b) for a, b in zip(bare_grads, grads))
+    assert all(torch.equal(a, b) for a, b in zip(bare_params, params))
+
+
 def test_a_clipped_step_adds_no_host_reads(sink):
     bare_model, model = make_model(), make_model()
     bare_opt, opt = make_optimizer(bare_model, "AdamW", "fused"), make_optimizer(model, "AdamW", "fused")
