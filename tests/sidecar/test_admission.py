@@ -251,10 +251,12 @@ def test_a_lone_surrogate_in_any_label_never_breaks_metrics(sidecars, open_dir) 
         assert status == 200, text
         return parse_metrics(text.decode("utf-8"))
 
+    # The bystander's HELLO comes on its own connection: it may be read after the
+    # surrogate's STEP, so wait for both (a check right after the first raced it).
     values = wait_for(lambda: (v := scraped()) and series(v, "adamwatch_steps_total", job="j\ufffd", rank=0) == 1
-                      and v, what="the surrogate trainer's step")
+                      and series(v, "adamwatch_trainer_connected", job="bystander", rank=0) == 1
+                      and v, what="the surrogate trainer's step and the bystander's HELLO")
     assert series(values, "adamwatch_skipped_steps_total", job="j\ufffd", rank=0, reason="r\ufffd") == 1
-    assert series(values, "adamwatch_trainer_connected", job="bystander", rank=0) == 1
     t.close()
     other.close()
 
