@@ -676,7 +676,9 @@ class _DeepPlan:
                        for i in self.present for _ in params_by_group[i]]
         owner = [k for k, i in enumerate(self.present) for _ in params_by_group[i]]
         g = len(self.present)
-        self.onehot = _one_hot(owner, g, dtype, device)  # [g x params]
+        # [g x params]: which group each parameter is in. Masked sums, not a product
+        # with a one-hot matrix: 0 x NaN is NaN, which would spread one group's NaN to all.
+        self.owned = _one_hot(owner, g, torch.bool, device)
         f32 = dict(dtype=torch.float32)
         self.beta1 = torch.tensor([groups[self.present[k]]["betas"][0] for k in owner], **f32).to(device, non_blocking=True)
         self.beta2 = torch.tensor([groups[self.present[k]]["betas"][1] for k in owner], **f32).to(device, non_blocking=True)
@@ -779,7 +781,8 @@ class _DeepPlan:
         norms = torch._foreach_norm([local_tensor(p).detach() for p in params] + ms
                                     + [local_tensor(state[p]["exp_avg_sq"]) for p in params],
                                     2, dtype=torch.float32)
-        wmv = torch.mm(torch.stack(norms).to(dtype).square().view(3, -1), self.onehot.t()).sqrt()  # [3 x g]
+        squares = torch.stack(norms).to(dtype).square().view(3, 1, -1)
+        wmv = torch.where(self.owned, squares, 0.0).sum(2).sqrt()  # [3 x g]
         # Exact update norm: m / (sqrt(v) + eps*sqrt(bc2)) = update * bc1 / sqrt(bc2),
         # four foreach passes over chunks of parameters (bounded extra memory).
         root_bc2 = bc2.sqrt()
@@ -792,7 +795,7 @@ class _DeepPlan:
             update_norms.append(torch.stack(torch._foreach_norm(upd)))
             del denom, upd
         per_param = torch.cat(update_norms) * (root_bc2 / bc1)
-        update_norm = torch.mv(self.onehot, per_param.to(dtype).square()).sqrt()
+        update_norm = torch.where(self.owned, per_param.to(dtype).square(), 0.0).sum(1).sqrt()
 
         block = torch.cat([
             effective_lr.to(dtype), update_q.to(dtype),

@@ -126,3 +126,29 @@ def test_the_cpu_selection_is_taken_only_where_it_pays():
     assert wide._deep_plan.padded_shape == (4, 4096)
     assert wide._deep_plan.kth  # ~20 ranks in rows of 4096: a partial selection
     assert narrow._deep_plan.kth is None  # ~20 ranks in rows of 60: the sort
+
+
+def test_a_nan_in_one_groups_state_stays_in_that_groups_deep_norms():
+    """The per-group sums are masked row sums: a product with the one-hot matrix would make
+    every group's weight, m, v and update norms NaN (0 x NaN is NaN)."""
+    from adamwatch.wire import QUANTILES
+
+    opt = _trained_optimizer(groups=3)
+    poisoned = opt.param_groups[1]["params"][0]
+    with torch.no_grad():
+        poisoned[0, 0] = float("nan")
+    opt.state[poisoned]["exp_avg"][0, 0] = float("nan")
+    stats = StepStats(opt, sample_size=100_000)
+    fused, _ = stats.deep()
+    assert stats._deep_plan is not None
+    stats._single_device = False
+    general, _ = stats.deep()
+    nq = len(QUANTILES)
+    for block in (fused, general):
+        per_group = block.view(-1, DEEP_FIELDS_PER_GROUP)[:3]
+        weight_norms, m_norms = per_group[:, 2 * nq + 1], per_group[:, 2 * nq + 2]
+        update_norms = per_group[:, 2 * nq]
+        assert torch.isfinite(weight_norms).tolist() == [True, False, True]
+        assert torch.isfinite(m_norms).tolist() == [True, False, True]
+        assert torch.isfinite(update_norms).tolist() == [True, False, True]
+    torch.testing.assert_close(fused, general, rtol=1e-5, atol=0, equal_nan=True)
