@@ -94,8 +94,8 @@ def _groups_key(groups: list[dict]) -> tuple:
 
 
 def _one_hot(owners: list[int], num_groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[num_groups x len(owners)] matrix with a 1 where grad j belongs to group i,
-    built on the host and copied without blocking (no device value is read)."""
+    """[num_groups x len(owners)] mask (``dtype`` bool) or matrix, true / 1 where tensor j
+    belongs to group i, built on the host and copied without blocking (no device value is read)."""
     matrix = torch.zeros(num_groups, len(owners), dtype=dtype)
     if owners:
         matrix[torch.tensor(owners), torch.arange(len(owners))] = 1.0
