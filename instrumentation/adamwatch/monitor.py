@@ -281,6 +281,7 @@ class Monitor:
         self._param_ids: frozenset[int] = frozenset()
         self._param_ids_key: tuple | None = None
         self._clip_params_key: tuple[int, ...] | None = None  # the parameter list last checked for a shared pass
+        self._clip_owners: list[int] = []  # and the param group of each of its parameters
         self._clip_dtype = torch.float32
         self._clip_norms: GradNorms | None = None
         # coefficient None: the clip used our own total norm (shared pass), so the
@@ -757,40 +758,43 @@ class Monitor:
             # runs once per new list, and rejects another optimizer's at once.
             key = tuple(map(id, parameters))
             if key != self._clip_params_key:
-                if not self._clip_params_are_ours(parameters):
+                owners = self._clip_params_are_ours(parameters)
+                if owners is None:
                     return None
-                self._clip_params_key = key
-            for p in parameters:
-                if p.grad is None:
-                    return None  # not every gradient of ours: torch's own norm over what is there
-            self._clip_norms = self._stats.grad_norms()
-            # torch's own formula over the same float32 norms (the clip scales the
-            # gradients exactly as an unwatched clip would), in the gradients' dtype
-            self._clip_total = self._clip_norms.total_norm().to(self._clip_dtype)
+                self._clip_params_key, self._clip_owners = key, owners
+            norms = self._stats.grad_norms(order=(parameters, self._clip_owners))
+            if not norms.norms:
+                return None  # no gradient at all: torch's own (empty) norm
+            self._clip_norms = norms
+            # torch's own formula over the same float32 norms in the clip's own
+            # parameter order (so the clip scales the gradients bit for bit as an
+            # unwatched clip would), in the gradients' dtype
+            self._clip_total = norms.total_norm().to(self._clip_dtype)
             return self._clip_total
         except Exception:
             self._report_error("clip")
             return None
 
-    def _clip_params_are_ours(self, parameters: list[torch.Tensor]) -> bool:
-        """Exactly this optimizer's parameters, plain tensors of one dtype on the statistics device.
+    def _clip_params_are_ours(self, parameters: list[torch.Tensor]) -> list[int] | None:
+        """The group of each parameter when they are exactly this optimizer's, plain tensors of
+        one dtype on the statistics device; None otherwise.
 
         A gradient has its parameter's type, dtype and device (autograd and the
         ``.grad`` setter enforce it), so checking the parameters once is enough.
         Plain tensors only: a sharded one (DTensor under FSDP2) has a global norm
         our local pass does not give, and the clip must stay torch's then.
         """
-        ours = self._own_param_ids()
-        if id(parameters[0]) not in ours or len(parameters) != len(ours):
-            return False
-        if {id(p) for p in parameters} != ours:
-            return False
+        if id(parameters[0]) not in self._own_param_ids():
+            return None  # another optimizer's
+        owners = self._stats.owners_of(parameters)
+        if owners is None:
+            return None
         dtype = parameters[0].dtype
         for p in parameters:
             if type(p) not in (torch.Tensor, torch.nn.Parameter) or p.device != self._stats.device or p.dtype != dtype:
-                return False
+                return None
         self._clip_dtype = dtype
-        return True
+        return owners
 
     def _own_param_ids(self) -> frozenset[int]:
         """ids of this optimizer's parameters (recomputed when its groups change)."""

@@ -292,25 +292,45 @@ class StepStats:
             layout = self._layout = _GradLayout(groups, self.device, self.dtype)
         return layout
 
-    def grad_norms(self) -> GradNorms:
+    def grad_norms(self, order: tuple[list[torch.Tensor], list[int]] | None = None) -> GradNorms:
         """This step's gradients, reduced by one fused norm kernel over every
-        gradient of every group (the flat list was built at ``watch()``)."""
+        gradient of every group (the flat list was built at ``watch()``).
+
+        Args:
+            order: (this optimizer's parameters in another order, the group of
+                each): the norms come in that order. A clip takes its total norm
+                from them, and torch sums its norms in its own parameter order:
+                the same order gives the same float32 sum, bit for bit.
+        """
         layout = self._grad_layout()
-        grads = [p.grad for p in layout.params]
+        params, all_owners = (layout.params, layout.owner_list) if order is None else order
+        grads = [p.grad for p in params]
         if layout.sharded:
             grads = [None if g is None else local_tensor(g) for g in grads]
         present = [g for g in grads if g is not None]
         if len(present) == len(grads):
-            owner_list, has_grads, owners = layout.owner_list, layout.nonempty, layout.owners
+            owner_list, has_grads = all_owners, layout.nonempty
+            owners = layout.owners if order is None else None
         else:
             # Some params have no grad this step (frozen, unused): the general path.
-            owner_list = [o for o, g in zip(layout.owner_list, grads) if g is not None]
+            owner_list = [o for o, g in zip(all_owners, grads) if g is not None]
             has_grads = [False] * layout.num_groups
             for o in owner_list:
                 has_grads[o] = True
             owners = None
         norms = list(torch._foreach_norm(present, 2, dtype=torch.float32)) if present else []
         return GradNorms(self, norms, owner_list, layout.num_groups, has_grads, owners)
+
+    def owners_of(self, params: list[torch.Tensor]) -> list[int] | None:
+        """The param group of each of ``params``, or None when they are not exactly this optimizer's."""
+        layout = self._grad_layout()
+        if len(params) != len(layout.params):
+            return None
+        group_of = {id(p): o for p, o in zip(layout.params, layout.owner_list)}
+        owners = [group_of.get(id(p), -1) for p in params]
+        if -1 in owners or len(set(map(id, params))) != len(params):
+            return None
+        return owners
 
     def per_step(
         self,

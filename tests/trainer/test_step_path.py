@@ -357,19 +357,27 @@ def test_clipping_and_watching_share_one_pass_over_the_gradients(sink, monkeypat
     assert sink.steps()[0]["clip_coefficient"] == pytest.approx(1.0 / (expected + 1e-6), rel=1e-5)
 
 
-def test_a_watched_clip_scales_the_gradients_bit_for_bit_as_torch_does(sink):
-    """The shared pass hands clip_grad_norm_ torch's own total norm (float32, from the
-    same per-tensor norms): a watched run is clipped exactly like an unwatched one."""
+@pytest.mark.parametrize("layout", ["model_order", "groups_reversed", "unused_param"])
+def test_a_watched_clip_scales_the_gradients_bit_for_bit_as_torch_does(sink, layout):
+    """The shared pass hands clip_grad_norm_ torch's own total norm (float32, from the same
+    per-tensor norms, summed in the clip's parameter order even where the optimizer's groups
+    list them in another): a watched run is clipped exactly like an unwatched one."""
     clipped = []
     for watched in (False, True):
         model = make_model()
-        opt = make_optimizer(model)
+        if layout == "groups_reversed":
+            opt = torch.optim.AdamW([{"params": model[2].parameters()},
+                                     {"params": list(model[0].parameters())[::-1]}], lr=1e-3)
+        else:
+            opt = make_optimizer(model)
         monitor = adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0) if watched else None
         try:
             for seed in range(3):
                 loss_of(model, seed, scale=50.0).backward()
+                if layout == "unused_param":
+                    model[0].bias.grad = None  # a parameter without a gradient this step
                 total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-                grads = [p.grad.clone() for p in model.parameters()]
+                grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
                 opt.step()
                 opt.zero_grad()
             clipped.append((total, grads, [p.detach().clone() for p in model.parameters()]))
