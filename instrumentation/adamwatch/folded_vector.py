@@ -3,7 +3,7 @@
 On a GPU the step path only launches kernels: the device reduces the
 gradients while the host runs ahead, and the reader thread reads the result.
 On a CPU there is no device to run ahead: every op of the reduction runs on
-the training thread, and after backward each dispatch costs 10-25 µs of cold
+the training thread, and after backward each dispatch costs 10-90 µs of cold
 caches. So on the CPU the step path does the one op that must see this step's
 gradients (the fused norm pass, ``torch._foreach_norm``, its norms stacked into
 one tensor) and hands that and the loss to the reader thread, which folds the
@@ -17,7 +17,7 @@ Nothing here can see a changed value: the norms are new tensors nobody else
 holds, the loss is the detached tensor ``observe_loss`` kept, and the tail
 blocks (deep statistics, clip coefficient, fingerprint) are final when they
 are appended. The values are those of the tensor path: float32 norms squared
-in float64 and summed per group in parameter order.
+in float64 and summed per group in the order of the norms.
 """
 
 from __future__ import annotations
