@@ -135,3 +135,42 @@ def test_only_a_cpu_statistics_device_folds():
     assert not StepStats(opt).fold_on_reader
     meta = torch.nn.Linear(2, 2, device="meta")
     assert not StepStats(torch.optim.AdamW(meta.parameters()), fold_on_reader=True).fold_on_reader
+
+
+class _AdamwatchCalls(TorchFunctionMode):
+    """torch calls made from adamwatch's own code (not the optimizer's or the model's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        import sys
+
+        if "/adamwatch/" in sys._getframe(1).f_code.co_filename:
+            self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_watched_cpu_step_makes_the_two_ops_and_no_more():
+    """The whole watched step on the CPU, hooks included: the norm pass and one stack
+    (and observe_loss's detach). Any op added to the step path shows up here."""
+    import adamwatch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    opt = torch.optim.AdamW([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 3e-3}])
+    monitor = adamwatch.watch(opt, endpoint=None, deep_stats_every=0, check_config_every=1)
+    try:
+        for step in range(3):
+            loss = model(torch.randn(4, 8)).square().mean()
+            loss.backward()
+            with _AdamwatchCalls() as calls:
+                monitor.observe_loss(loss)
+                opt.step()
+            opt.zero_grad()
+            metadata = {"__get__", "dim", "numel"}
+            assert [n for n in calls.names if n not in metadata] == ["detach", "_foreach_norm", "stack"], calls.names
+        assert monitor.errors == 0
+    finally:
+        monitor.close()
