@@ -827,7 +827,7 @@ class Monitor:
             first = next((p for p in parameters if getattr(p, "grad", None) is not None), None)
             if first is None:
                 return
-            if id(first) not in self._param_ids and id(first) not in self._own_param_ids():
+            if id(first) not in self._own_param_ids():
                 return  # another optimizer's parameters
             if total_norm is self._clip_total and self._clip is None:
                 self._clip = (float(max_norm), None)  # the norm of our own pass: derived on the host
