@@ -43,9 +43,6 @@ class FoldedStepVector:
 
     __slots__ = ("loss", "norms", "owners", "num_groups", "tail")
 
-    device = torch.device("cpu")
-    dtype = torch.float64
-
     def __init__(self, loss: torch.Tensor | None, norms: torch.Tensor | None, owners: list[int], num_groups: int):
         self.loss = loss
         self.norms = norms

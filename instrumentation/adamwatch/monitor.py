@@ -278,8 +278,6 @@ class Monitor:
         self._guard_flag: torch.Tensor | None = None
         # Clipping seen this step (adamwatch.grad_clip): the pre-clip norm pass,
         # and (max_norm, coefficient tensor).
-        self._param_ids: frozenset[int] = frozenset()
-        self._param_ids_key: tuple | None = None
         self._clip_params_key: tuple[int, ...] | None = None  # the parameter list last checked for a shared pass
         self._clip_owners: list[int] = []  # and the param group of each of its parameters
         self._clip_dtype = torch.float32
@@ -784,7 +782,7 @@ class Monitor:
         Plain tensors only: a sharded one (DTensor under FSDP2) has a global norm
         our local pass does not give, and the clip must stay torch's then.
         """
-        if id(parameters[0]) not in self._own_param_ids():
+        if not self._stats.owns(parameters[0]):
             return None  # another optimizer's
         owners = self._stats.owners_of(parameters)
         if owners is None:
@@ -795,15 +793,6 @@ class Monitor:
                 return None
         self._clip_dtype = dtype
         return owners
-
-    def _own_param_ids(self) -> frozenset[int]:
-        """ids of this optimizer's parameters (recomputed when its groups change)."""
-        groups = self.optimizer.param_groups
-        key = tuple((id(g["params"]), len(g["params"])) for g in groups)
-        if key != self._param_ids_key:
-            self._param_ids_key = key
-            self._param_ids = frozenset(id(p) for g in groups for p in g["params"])
-        return self._param_ids
 
     def _user_clip_coefficient(self) -> torch.Tensor | None:
         """The factor the user's clip_grad_norm_ applied to this step's gradients (a
@@ -827,7 +816,7 @@ class Monitor:
             first = next((p for p in parameters if getattr(p, "grad", None) is not None), None)
             if first is None:
                 return
-            if id(first) not in self._own_param_ids():
+            if not self._stats.owns(first):
                 return  # another optimizer's parameters
             if total_norm is self._clip_total and self._clip is None:
                 self._clip = (float(max_norm), None)  # the norm of our own pass: derived on the host

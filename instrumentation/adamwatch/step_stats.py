@@ -111,6 +111,7 @@ class _GradLayout:
         self.num_groups = len(groups)
         self.params = [p for g in groups for p in g["params"]]
         self.owner_list = [i for i, g in enumerate(groups) for _ in g["params"]]
+        self.group_of = {id(p): o for p, o in zip(self.params, self.owner_list)}  # param id -> group
         self.nonempty = [len(g["params"]) > 0 for g in groups]
         self.owners = _one_hot(self.owner_list, self.num_groups, torch.bool, device)
         # FSDP2: the grads are DTensors; the sums are over this rank's shard
@@ -321,13 +322,16 @@ class StepStats:
         norms = list(torch._foreach_norm(present, 2, dtype=torch.float32)) if present else []
         return GradNorms(self, norms, owner_list, layout.num_groups, has_grads, owners)
 
+    def owns(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` is one of this optimizer's parameters (as its groups are now)."""
+        return id(param) in self._grad_layout().group_of
+
     def owners_of(self, params: list[torch.Tensor]) -> list[int] | None:
         """The param group of each of ``params``, or None when they are not exactly this optimizer's."""
         layout = self._grad_layout()
         if len(params) != len(layout.params):
             return None
-        group_of = {id(p): o for p, o in zip(layout.params, layout.owner_list)}
-        owners = [group_of.get(id(p), -1) for p in params]
+        owners = [layout.group_of.get(id(p), -1) for p in params]
         if -1 in owners or len(set(map(id, params))) != len(params):
             return None
         return owners
