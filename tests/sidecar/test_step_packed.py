@@ -200,6 +200,10 @@ def test_a_packed_step_sets_the_same_metrics_as_json(sidecar) -> None:  # noqa: 
         wait_for(lambda job=job: sidecar.state.value("adamwatch_steps_total", {"job": job, "rank": "0"}) == 1,
                  what=f"{job} step")
         t.close()
+        # The sidecar sees the close on its own loop; scrape only once it has, or
+        # adamwatch_trainer_connected differs between the two jobs by timing alone.
+        wait_for(lambda job=job: sidecar.state.value("adamwatch_trainer_connected", {"job": job, "rank": "0"}) == 0,
+                 what=f"{job} disconnect")
     body = http_get(sidecar.metrics_server.url + "/metrics")[2].decode()
 
     def series(job: str) -> dict[str, str]:
