@@ -1,15 +1,15 @@
-"""Cost of the deep statistics block (``StepStats.deep()``) alone, sort against CPU selection.
+"""Cost of the deep statistics block (``StepStats.deep()``) alone: torch.sort against numpy's sort.
 
 The deep block orders a coordinate sample to read its quantiles. On CUDA that is
-one sort; on CPU, where torch's sort is slow, it selects only the ranks the
-quantiles read (``numpy.partition``) when the rows are wide enough for that to
-pay. This benchmark times ``deep()`` both ways on the same optimizer state,
-alternating in rounds, and prints the medians and their ratio, per model size:
+one ``torch.sort``; on CPU, where torch's sort is slow, numpy sorts the rows in
+place (vectorised where the CPU allows; same order, NaN last). This benchmark
+times ``deep()`` both ways on the same optimizer state, alternating in rounds,
+and prints the medians and their ratio, per model size:
 
     python benchmarks/deep_stats.py                 # demo, 2.7M, demo-6L x 64 groups; under a minute
     python benchmarks/deep_stats.py --rounds 3 --models demo
 
-"Used" says which way ``deep()`` goes by default for that shape.
+"Used" says which way ``deep()`` goes by default (numpy on CPU when it is installed).
 """
 
 from __future__ import annotations
@@ -57,25 +57,24 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch={torch.__version__} threads=1 rounds={args.rounds} calls={args.calls}")
-    print(f"{'shape':10s} {'sample rows':>12s} {'ranks':>6s} {'sort ms':>8s} {'select ms':>10s} {'ratio':>6s}  used")
+    print(f"{'shape':10s} {'sample rows':>12s} {'torch.sort ms':>14s} {'numpy sort ms':>14s} {'ratio':>6s}  used")
     for label in args.models:
         stats = trained_stats(*SHAPES[label])
         plan = stats._deep_plan
-        default = plan.kth
-        ranks = plan.ranks  # what the selection reads, whichever way is the default
-        times: dict[str, list[float]] = {"sort": [], "select": []}
+        default = plan.numpy_sort
+        times: dict[str, list[float]] = {"torch": [], "numpy": []}
         for r in range(args.rounds):
-            for way in (("sort", "select") if r % 2 else ("select", "sort")):
-                plan.kth = ranks if way == "select" else None
+            for way in (("torch", "numpy") if r % 2 else ("numpy", "torch")):
+                plan.numpy_sort = way == "numpy"
                 start = time.thread_time()
                 for _ in range(args.calls):
                     stats.deep()
                 times[way].append((time.thread_time() - start) / args.calls * 1e3)
-        plan.kth = default
-        sort, select = statistics.median(times["sort"]), statistics.median(times["select"])
+        plan.numpy_sort = default
+        by_torch, by_numpy = statistics.median(times["torch"]), statistics.median(times["numpy"])
         rows = "x".join(map(str, plan.padded_shape))
-        print(f"{label:10s} {rows:>12s} {len(ranks):>6d} {sort:8.2f} {select:10.2f} {select / sort:6.2f}  "
-              f"{'select' if default else 'sort'}")
+        print(f"{label:10s} {rows:>12s} {by_torch:14.2f} {by_numpy:14.2f} {by_numpy / by_torch:6.2f}  "
+              f"{'numpy' if default else 'torch'}")
 
 
 if __name__ == "__main__":

@@ -84,12 +84,14 @@ class MonitorConfig:
             only reports.
         samples_per_step, tokens_per_step: throughput, if known and constant.
         max_queued: summaries buffered while the sidecar is slow.
-        batch_interval: seconds between sends to the sidecar. None (auto):
-            every step as soon as it is summarised when steps take 40 ms or
-            more, else every 100 ms (each wake-up of the client thread costs
-            about 0.2 ms of CPU on a 2-core machine, a summary about 0.03 ms:
-            at 100 ms the demo model's client costs 0.06 ms per 17 ms step;
-            detection stays fast in time).
+        batch_interval: the shortest time between two sends to the sidecar.
+            None (auto): 100 ms. A summary that finds the client idle for that
+            long goes out at once; the steps finished within 100 ms of a send
+            go out together in the next one. Slow steps are thus streamed with
+            no delay, fast ones batched: each wake-up of the client thread
+            costs about 0.2 ms of CPU on a 2-core machine, a summary about
+            0.03 ms, so the demo model's client costs about 0.06 ms per 17 ms
+            step. 0 sends every step as soon as it is summarised.
         lr_floor: learning-rate cuts never go below this.
         lr_recovery_steps: after a cut, double the learning rate back (up to
             the schedule) after every this many healthy steps; None keeps cuts.
@@ -312,7 +314,6 @@ class Monitor:
         self._transfer = SummaryTransfer(self._stats.device, self._stats.max_length, self._stats.dtype)
 
         self._scheduler_skip: SchedulerStepHook | None = None
-        self._step_seconds: float | None = None
         self._setup_remediation(on_stop)
         self._cross_rank = self._setup_cross_rank()
 
@@ -875,10 +876,6 @@ class Monitor:
         ended = time.monotonic()
         duration = None if self._last_end is None else ended - self._last_end
         self._last_end = ended
-        if duration is not None:
-            # Smoothed step time, for the client's batching (read racily by its
-            # thread: a float assignment is atomic, and a stale value is fine).
-            self._step_seconds = duration if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * duration
         pending, self._pending = self._pending, None
         clip, self._clip, self._clip_norms, self._clip_total = self._clip, None, None, None
         self._loss_window.reset()
@@ -952,16 +949,18 @@ class Monitor:
         scaler.step = step
 
     # ------------------------------------------------------------------ background
-    _FAST_STEP_SECONDS = 0.04
-    _FAST_STEP_BATCH_SECONDS = 0.1
+    # The client's pause after each send. Not tied to the step time: a send
+    # pauses only the next one, so a summary arriving after a quiet spell
+    # (slow steps, or fast ones resuming after an evaluation) goes out at once,
+    # and a run of fast steps costs one wake-up per pause, however it is
+    # interrupted. (A smoothed step time used to gate it: one slow step in ten
+    # made every fast step a wake-up of its own.)
+    _BATCH_SECONDS = 0.1
 
     def _batch_interval(self) -> float:
         if self.config.batch_interval is not None:
             return float(self.config.batch_interval)
-        step = self._step_seconds
-        if step is not None and step < self._FAST_STEP_SECONDS:
-            return self._FAST_STEP_BATCH_SECONDS
-        return 0.0
+        return self._BATCH_SECONDS
 
     def _hello(self) -> dict[str, Any]:
         return {

@@ -6,7 +6,7 @@
 | global and per-group gradient L2 norm | every step | one ``torch._foreach_norm`` over every gradient (flat list built at ``watch()``), squares summed per group in float64 by one masked row sum, unscaled by GradScaler's scale; on the CPU a plain step stops after the norm pass and the reader thread sums (adamwatch.folded_vector) |
 | non-finite gradients | every step | derived from the norms (a NaN/Inf anywhere makes the sum of squares non-finite): no second pass |
 | skipped flag | every step | GradScaler's / adamwatch's ``found_inf`` |
-| effective LR and update-size quantiles | every N steps | fixed random coordinate sample per group (bounded in total, see ``group_sample_size``), every group ordered by ONE call: a sort, or on CPU with wide sample rows a partial selection of just the ranks read (``numpy.partition``, same values) |
+| effective LR and update-size quantiles | every N steps | fixed random coordinate sample per group (bounded in total, see ``group_sample_size``), every group ordered by ONE call: ``torch.sort``, or on CPU numpy's in-place sort (same order, NaN last) |
 | update L2 norm, weight norm, m and v norms | every N steps | exact: weights, m and v in one fused norm call (one pass each), the update norm in four foreach passes over chunks (bounded extra memory) |
 | share of coordinates with sqrt(v_hat) <= eps | every N steps | on the sample |
 
@@ -673,9 +673,6 @@ class StepStats:
 
 # Groups that each get the full ``sample_size``; more share that many samples' worth.
 _SAMPLE_GROUPS = 4
-# The deep block selects (numpy.partition) instead of sorting on CPU when its
-# rows are at least this many times wider than the ranks it reads.
-_SELECTION_MIN_WIDTH_PER_RANK = 16
 
 
 class _DeepPlan:
@@ -685,7 +682,7 @@ class _DeepPlan:
 
     Cost per deep step, whatever the number of groups: one gather per
     parameter for the sample, ONE sort call (every group's sqrt(v_hat) and
-    update sizes as the rows of one matrix; on CPU a partial selection instead), one fused norm over weights, m
+    update sizes as the rows of one matrix; on CPU numpy's sort), one fused norm over weights, m
     and v, and four foreach passes for the exact update norm.
     """
 
@@ -723,7 +720,11 @@ class _DeepPlan:
             weights.append(w)
         starts = [sum(sizes[:k]) for k in range(g)]
         self.size = sum(sizes)
-        self.counts = torch.tensor(counts).to(device, non_blocking=True)
+        # The parameter each sampled coordinate comes from (a gather spreads the
+        # per-parameter bias corrections over the sample: repeat_interleave
+        # would rebuild this index on every call).
+        self.sample_param = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(
+            device, non_blocking=True)
         group_eps = [float(groups[i]["eps"]) for i in self.present]
         self.eps_sample = torch.repeat_interleave(
             torch.tensor(group_eps, **f32), torch.tensor(sizes)).to(device, non_blocking=True)
@@ -742,14 +743,11 @@ class _DeepPlan:
         direct = lambda rel: [(g + k) * width + j for k, row in enumerate(rel) for j in row]  # noqa: E731
         gather = mirrored(lo_rel) + mirrored(hi_rel) + direct(lo_rel) + direct(hi_rel)
         self.gather = torch.tensor(gather).to(device, non_blocking=True)
-        # On CPU only the ranks read by ``gather`` need their sorted value: a
-        # partial selection of those columns (every row) is exact, and faster
-        # than a sort while the ranks are few against the row's width (demo
-        # model, 4 x 4096: 1.7 -> 1.25 ms per deep(); 64 groups of 256 gain nothing).
-        self.ranks = sorted({i % width for i in gather})  # columns of the sorted rows that are read
-        cpu = torch.device(device).type == "cpu"
-        wide = len(self.ranks) * _SELECTION_MIN_WIDTH_PER_RANK <= width
-        self.kth = self.ranks if _np is not None and cpu and wide else None
+        # On CPU numpy sorts the rows in place (vectorised sorting networks where
+        # the CPU has them): the demo model's 4 x 4096 in 0.04 ms, against 0.75 ms
+        # for torch.sort and 0.33 ms for a numpy.partition on just the ranks read.
+        # Same order as torch.sort: NaN (data or padding) last.
+        self.numpy_sort = _np is not None and torch.device(device).type == "cpu"
         self.w = torch.tensor(weights, **f32).to(device, non_blocking=True)  # [g x Q]
         self.eps_q = torch.tensor([[e] * len(QUANTILES) for e in group_eps], **f32).to(device, non_blocking=True)
         self.sizes = torch.tensor(sizes, dtype=dtype).to(device, non_blocking=True)
@@ -758,6 +756,7 @@ class _DeepPlan:
             self.place = torch.tensor(self.present).to(device, non_blocking=True)
         self.chunks = _chunks(self.params, _DEEP_CHUNK_ELEMENTS)
         self.device, self.dtype = device, dtype
+        self.sharded = any(is_dtensor(p) for p in self.params)
 
     @staticmethod
     def key_of(groups: list[dict], params_by_group: list[list[torch.Tensor]]) -> tuple:
@@ -767,43 +766,23 @@ class _DeepPlan:
         )
 
     def compute(self, state: dict, dtype: torch.dtype) -> torch.Tensor:
-        params, g = self.params, len(self.present)
+        params = self.params
+        states = [state[p] for p in params]  # one look-up each: a tensor's hash is Python code
         # FSDP2: each rank's own shard of the state (local_tensor; cross_rank sums the norms)
-        steps = torch.stack([local_tensor(state[p]["step"]).detach().reshape(()) for p in params]).to(
+        own = local_tensor if self.sharded else _itself
+        steps = torch.stack([own(s["step"]) for s in states]).reshape(-1).to(
             self.device, torch.float32, non_blocking=True)
         bc1 = 1 - torch.pow(self.beta1, steps)
         bc2 = 1 - torch.pow(self.beta2, steps)
-        ms = [local_tensor(state[p]["exp_avg"]) for p in params]
-        vs = [local_tensor(state[p][second]) for p, second in zip(params, self.second)]
+        ms = [own(s["exp_avg"]) for s in states]
+        vs = [own(s[second]) for s, second in zip(states, self.second)]
 
         m_sample = _as_float32(torch.cat([m.reshape(-1).index_select(0, idx) for m, idx in zip(ms, self.indices)]))
         v_sample = _as_float32(torch.cat([v.reshape(-1).index_select(0, idx) for v, idx in zip(vs, self.indices)]))
-        bc1_c = torch.repeat_interleave(bc1, self.counts, output_size=self.size)
-        bc2_c = torch.repeat_interleave(bc2, self.counts, output_size=self.size)
-        sqrt_v_hat = (v_sample / bc2_c).sqrt()
-        update_size = (m_sample.abs() / bc1_c) / (sqrt_v_hat + self.eps_sample)  # lr = 1
-
-        # One sort for every group and both distributions (see __init__).
-        padded = torch.full((self.padded_shape[0] * self.padded_shape[1],), float("nan"), device=self.device)
-        padded.index_copy_(0, self.scatter, torch.cat([sqrt_v_hat, update_size]))
-        if self.kth is not None and padded.dtype in (torch.float32, torch.float64):
-            # In place, in the tensor's own memory; NaN goes last as in torch.sort.
-            ordered = padded.view(self.padded_shape)
-            ordered.numpy().partition(self.kth, axis=1)
-        else:
-            ordered = torch.sort(padded.view(self.padded_shape), dim=1).values
-        picked = ordered.view(-1).index_select(0, self.gather).view(4, g, -1)
-        # Share of sqrt(v_hat) <= eps per group (NaN, data or padding, compares false).
-        below = (ordered[:g] <= self.eps_q[:, :1]).sum(1)
-        eps_share = below.to(dtype) / self.sizes
-        eff_low = 1 / (picked[0] + self.eps_q)
-        eff_high = 1 / (picked[1] + self.eps_q)
-        effective_lr = eff_low + (eff_high - eff_low) * self.w
-        update_q = picked[2] + (picked[3] - picked[2]) * self.w
+        effective_lr, update_q, eps_share = self._quantiles(m_sample, v_sample, bc1, bc2, dtype)
 
         # Exact norms: weights, m and v in one fused pass, summed per group.
-        norms = torch._foreach_norm([local_tensor(p).detach() for p in params] + ms
-                                    + [local_tensor(state[p]["exp_avg_sq"]) for p in params],
+        norms = torch._foreach_norm([own(p).detach() for p in params] + ms + [own(s["exp_avg_sq"]) for s in states],
                                     2, dtype=torch.float32)
         squares = torch.stack(norms).to(dtype).square().view(3, 1, -1)
         wmv = torch.where(self.owned, squares, 0.0).sum(2).sqrt()  # [3 x g]
@@ -820,7 +799,6 @@ class _DeepPlan:
             del denom, upd
         per_param = torch.cat(update_norms) * (root_bc2 / bc1)
         update_norm = torch.where(self.owned, per_param.to(dtype).square(), 0.0).sum(1).sqrt()
-
         block = torch.cat([
             effective_lr.to(dtype), update_q.to(dtype),
             torch.stack([update_norm, wmv[0], wmv[1], wmv[2], eps_share.to(dtype)], dim=1),
@@ -830,6 +808,32 @@ class _DeepPlan:
             block = full.index_copy_(0, self.place, block)
         return block.reshape(-1)
 
+    def _quantiles(self, m_sample: torch.Tensor, v_sample: torch.Tensor, bc1: torch.Tensor, bc2: torch.Tensor,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Effective-LR and update-size quantiles and the eps-dominated share, per group, from the sample."""
+        g = len(self.present)
+        bc1_c, bc2_c = torch.stack([bc1, bc2]).index_select(1, self.sample_param)
+        sqrt_v_hat = (v_sample / bc2_c).sqrt()
+        update_size = (m_sample.abs() / bc1_c) / (sqrt_v_hat + self.eps_sample)  # lr = 1
+
+        # One sort for every group and both distributions (see __init__).
+        padded = torch.full((self.padded_shape[0] * self.padded_shape[1],), float("nan"), device=self.device)
+        padded.index_copy_(0, self.scatter, torch.cat([sqrt_v_hat, update_size]))
+        if self.numpy_sort and padded.dtype in (torch.float32, torch.float64):
+            ordered = padded.view(self.padded_shape)
+            ordered.numpy().sort(axis=1)  # in place, in the tensor's own memory
+        else:
+            ordered = torch.sort(padded.view(self.padded_shape), dim=1).values
+        picked = ordered.view(-1).index_select(0, self.gather).view(4, g, -1)
+        # Share of sqrt(v_hat) <= eps per group (NaN, data or padding, compares false).
+        below = (ordered[:g] <= self.eps_q[:, :1]).sum(1)
+        eps_share = below.to(dtype) / self.sizes
+        eff_low = 1 / (picked[0] + self.eps_q)
+        eff_high = 1 / (picked[1] + self.eps_q)
+        effective_lr = eff_low + (eff_high - eff_low) * self.w
+        update_q = picked[2] + (picked[3] - picked[2]) * self.w
+        return effective_lr, update_q, eps_share
+
 
 def _adam_params(group: dict, state: dict) -> list[torch.Tensor]:
     """The group's params whose state holds Adam's moments (Adam, AdamW, NAdam,
@@ -838,6 +842,10 @@ def _adam_params(group: dict, state: dict) -> list[torch.Tensor]:
         return []
     second = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
     return [p for p in group["params"] if "exp_avg" in (st := state.get(p, {})) and second in st]
+
+
+def _itself(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _as_float32(t: torch.Tensor) -> torch.Tensor:

@@ -369,17 +369,14 @@ def test_the_coordinate_sample_has_exactly_the_requested_size():
     assert len(plan.indices[-1]) >= 190  # the big tensor gets its share
 
 
-def test_short_steps_are_batched_long_steps_are_streamed_at_once(sink):
+def test_the_client_pauses_100_ms_between_sends_unless_configured(sink):
     model = make_model()
     opt = make_optimizer(model)
     with adamwatch.watch(opt, endpoint=sink.endpoint) as monitor:
-        assert monitor._batch_interval() == 0.0  # no step time known yet: stream
-        monitor._step_seconds = 0.005  # a 5 ms step: one wake-up per step would cost too much
         assert monitor._batch_interval() == 0.1
-        monitor._step_seconds = 0.2
-        assert monitor._batch_interval() == 0.0
     with adamwatch.watch(make_optimizer(make_model()), endpoint=sink.endpoint, batch_interval=0.01) as fixed:
-        fixed._step_seconds = 5.0
         assert fixed._batch_interval() == 0.01
+    with adamwatch.watch(make_optimizer(make_model()), endpoint=sink.endpoint, batch_interval=0) as streamed:
+        assert streamed._batch_interval() == 0.0
     with pytest.raises(ValueError, match="batch_interval"):
         adamwatch.watch(make_optimizer(make_model()), batch_interval=-1)

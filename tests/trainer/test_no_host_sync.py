@@ -28,9 +28,9 @@ HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int_
 class HostReadCounter:
     def __init__(self):
         self.calls: list[str] = []
-        # The deep block's quantile selection views its CPU sample as a numpy
-        # array (numpy.partition): CPU memory, no device to wait on, and only
-        # taken when the statistics live on the CPU (on CUDA it is a sort).
+        # The deep block's quantiles view their CPU sample as a numpy array (an
+        # in-place numpy sort): CPU memory, no device to wait on, and only taken
+        # when the statistics live on the CPU (on CUDA it is torch.sort).
         # Counted apart, and only when the tensor is on the CPU.
         self.cpu_selection_views = 0
         self.thread = threading.current_thread()
@@ -43,7 +43,7 @@ class HostReadCounter:
             def counted(*args, **kwargs):
                 if threading.current_thread() is self.thread:
                     caller = sys._getframe(1).f_code
-                    if (name == "numpy" and caller.co_name == "compute" and caller.co_filename.endswith("step_stats.py")
+                    if (name == "numpy" and caller.co_name == "_quantiles" and caller.co_filename.endswith("step_stats.py")
                             and args[0].device.type == "cpu"):
                         self.cpu_selection_views += 1
                     else:

@@ -55,6 +55,30 @@ def test_an_idle_trainer_client_does_not_tick(sink):
     assert idle_turns <= 1, idle_turns
 
 
+def test_fast_steps_stay_batched_after_pauses(sink):
+    """Bursts of fast steps between one-second pauses (evaluations, a slow loader): each
+    burst costs a couple of client turns, not one per step, and every step arrives."""
+    model = make_model()
+    opt = make_optimizer(model)
+    bursts, per_burst = 3, 12
+    with adamwatch.watch(opt, endpoint=sink.endpoint) as monitor:
+        turns_in_bursts = 0
+        for b in range(bursts):
+            time.sleep(1.0)  # the pause: the client goes idle
+            before = monitor._client.turns
+            started = time.monotonic()
+            train(model, opt, None, monitor, per_burst, start=b * per_burst)
+            sink.wait_for(lambda b=b: len(sink.steps()) == (b + 1) * per_burst, timeout=5)
+            burst_s = time.monotonic() - started
+            turns_in_bursts += monitor._client.turns - before
+    # One turn at once for the burst's first summary, then one per 100 ms pause.
+    # A smoothed step time used to gate the batching: after a one-second pause it
+    # read "slow steps" for about ten steps, each then a wake-up of its own.
+    allowed = bursts * (2 + int(burst_s / 0.1) + 1)
+    assert turns_in_bursts <= allowed, (turns_in_bursts, allowed)
+    assert turns_in_bursts < bursts * per_burst / 2
+
+
 def test_a_command_wakes_an_idle_client(sink):
     model = make_model()
     opt = make_optimizer(model)

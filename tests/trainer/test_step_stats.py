@@ -92,40 +92,21 @@ def test_the_reader_applies_each_groups_lr_float_or_tensor():
     assert float_lr[0]["effective_lr"][0] > 0
 
 
-def test_the_cpu_partial_selection_equals_the_full_sort_bit_for_bit(monkeypatch):
-    # On CPU the deep block orders its sample with numpy.partition on just the
-    # ranks the quantiles read; it must give exactly torch.sort's values,
-    # NaN in the data included (both put NaN last).
+@pytest.mark.parametrize("sample_size", [60, 4096])
+def test_the_cpu_numpy_sort_equals_torch_sort_bit_for_bit(sample_size):
+    # On CPU the deep block orders its sample with numpy's in-place sort; it must
+    # give exactly torch.sort's values, NaN in the data included (both put NaN last).
     pytest.importorskip("numpy")
-    from adamwatch import step_stats
-
-    monkeypatch.setattr(step_stats, "_SELECTION_MIN_WIDTH_PER_RANK", 1)  # select even on these narrow rows
     opt = _trained_optimizer()
     first = opt.param_groups[0]["params"][0]
     opt.state[first]["exp_avg_sq"].view(-1)[:40] = float("nan")
-    stats = StepStats(opt, sample_size=60)  # groups of unequal size, sampled
-    selected, _ = stats.deep()
-    assert stats._deep_plan.kth, "the CPU path must select, not sort"
-    stats._deep_plan.kth = None
-    sorted_, _ = stats.deep()
-    assert torch.equal(selected.nan_to_num(-7.0), sorted_.nan_to_num(-7.0))
-    assert selected.isnan().any()
-
-
-def test_the_cpu_selection_is_taken_only_where_it_pays():
-    pytest.importorskip("numpy")
-    torch.manual_seed(0)
-    layers = [torch.nn.Linear(100, 100) for _ in range(2)]
-    opt = torch.optim.AdamW([{"params": list(layer.parameters())} for layer in layers])
-    for layer in layers:
-        layer(torch.randn(4, 100)).square().mean().backward()
-    opt.step()
-    wide, narrow = StepStats(opt, sample_size=4096), StepStats(opt, sample_size=60)
-    wide.deep()
-    narrow.deep()
-    assert wide._deep_plan.padded_shape == (4, 4096)
-    assert wide._deep_plan.kth  # ~20 ranks in rows of 4096: a partial selection
-    assert narrow._deep_plan.kth is None  # ~20 ranks in rows of 60: the sort
+    stats = StepStats(opt, sample_size=sample_size)  # groups of unequal size, sampled or whole
+    by_numpy, _ = stats.deep()
+    assert stats._deep_plan.numpy_sort, "the CPU path must sort with numpy"
+    stats._deep_plan.numpy_sort = False
+    by_torch, _ = stats.deep()
+    assert torch.equal(by_numpy.nan_to_num(-7.0), by_torch.nan_to_num(-7.0))
+    assert by_numpy.isnan().any()
 
 
 def test_a_nan_in_one_groups_state_stays_in_that_groups_deep_norms():
@@ -152,3 +133,35 @@ def test_a_nan_in_one_groups_state_stays_in_that_groups_deep_norms():
         assert torch.isfinite(m_norms).tolist() == [True, False, True]
         assert torch.isfinite(update_norms).tolist() == [True, False, True]
     torch.testing.assert_close(fused, general, rtol=1e-5, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layers", [1, 3])
+def test_the_deep_block_never_writes_the_optimizer_state(state_dtype, layers):
+    """The statistics read Adam's state and the weights, never write them (a view of
+    a float32 state is the state itself). Low-precision state gives the same
+    statistics as its float32 values."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(50 + i)) for i in range(layers)]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    for _ in range(2):
+        sum(p.square().sum() for p in params).backward()
+        opt.step()
+        opt.zero_grad()
+    for st in opt.state.values():
+        st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].to(state_dtype), st["exp_avg_sq"].to(state_dtype)
+    before = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+    weights = [p.detach().clone() for p in params]
+    stats = StepStats(opt, sample_size=100_000)
+    deep, _ = stats.deep()
+    assert stats._deep_plan is not None
+    for p, w in zip(params, weights):
+        assert torch.equal(p.detach(), w)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, before[id(p)][k]), k
+    # The same numbers from the float32 copy of that state, group by group.
+    for st in opt.state.values():
+        st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].float(), st["exp_avg_sq"].float()
+    stats._single_device = False
+    general, _ = stats.deep()
+    torch.testing.assert_close(deep, general, rtol=1e-5, atol=0)
