@@ -37,11 +37,19 @@ MAX_CONTROL_FRAMES = 1024
 class Wakeup:
     """Wakes the client thread from any thread: a pipe it selects on together with its socket.
 
-    ``set`` costs one flag check when a wake-up is already pending (the usual
-    case on the step path while the thread batches) and one non-blocking
-    ``write`` of a byte otherwise. The thread calls ``clear`` *before* it looks
-    for work: a ``set`` that lands after ``clear`` writes a byte (the next
-    sleep returns at once); one that lands before it is seen by that look.
+    Only a thread that sleeps on the pipe needs a byte written into it. While
+    the client batches it sleeps on its socket alone and looks for work
+    afterwards, so ``set`` then only raises a flag: no system call on the step
+    path, and none to drain the pipe on the client's next turn (on this 2-core
+    VM each costs 20-70 us). The client ``arm``s the pipe before a sleep that
+    watches it and ``disarm``s it after; ``set`` writes one byte while armed.
+
+    Order matters, and the GIL makes the two threads' flag operations
+    sequentially consistent: ``set`` raises ``pending`` and then reads
+    ``armed``; ``arm`` raises ``armed`` and then reads ``pending``. Either the
+    sleeper sees the work and does not sleep, or the setter sees the sleeper
+    and writes; never neither. The thread calls ``clear`` *before* it looks for
+    work, so a ``set`` that lands after ``clear`` is seen by the next ``arm``.
     """
 
     def __init__(self) -> None:
@@ -49,31 +57,52 @@ class Wakeup:
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
         self._pending = False
+        self._armed = False
+        self._written = False  # a byte may be in the pipe
+        self._closed = False
         self.wakeups = 0  # times a set() actually wrote (for tests and benchmarks)
 
     def fileno(self) -> int:
         return self._read
 
     def set(self) -> None:
-        if self._pending:
+        if self._pending or self._closed:
             return
         self._pending = True
+        if not self._armed:
+            return  # the client will look at the flag before it sleeps on the pipe
         self.wakeups += 1
         try:
             os.write(self._write, b"\0")
         except (BlockingIOError, OSError):
             pass  # the pipe already holds bytes (or is closed): the thread wakes anyway
+        # After the write: a clear() between the two reads the byte, and at worst
+        # the next clear() makes one read that finds nothing. Before it, a clear()
+        # between the two would leave the byte in the pipe unaccounted for, and
+        # every later sleep on the pipe would return at once.
+        self._written = True
 
     def clear(self) -> None:
-        if not self._pending:
+        self._pending = False
+        if not self._written:
             return  # nothing written since the last clear: no system call
+        self._written = False  # before the read: a byte written after it is read next time
         try:
-            # One read: set() writes one byte per clear (a race can add one more).
-            # Each call that releases the GIL costs a hand-off with the training thread.
             os.read(self._read, 4096)
         except (BlockingIOError, OSError):
             pass
-        self._pending = False
+
+    def arm(self) -> bool:
+        """Before a sleep that watches the pipe. Returns False (and stays disarmed)
+        when work is already pending: do not sleep."""
+        self._armed = True
+        if self._pending:
+            self._armed = False
+            return False
+        return True
+
+    def disarm(self) -> None:
+        self._armed = False
 
     @property
     def pending(self) -> bool:
@@ -81,8 +110,10 @@ class Wakeup:
 
     def close(self) -> None:
         # A closed pipe's descriptors may be reused by other files: from now on
-        # set() must never write, so it sees a wake-up forever pending.
+        # set() must never write, and clear() never read.
+        self._closed = True
         self._pending = True
+        self._written = False
         for fd in (self._read, self._write):
             try:
                 os.close(fd)
@@ -321,7 +352,12 @@ class StreamClient:
         timeout = max(0.0, deadline - now)
         if not timeout:
             return True
-        ready, _, _ = select.select(readable, writable, [], timeout)
+        if not self._wakeup.arm():
+            return False  # work arrived since this turn looked: a turn now
+        try:
+            ready, _, _ = select.select(readable, writable, [], timeout)
+        finally:
+            self._wakeup.disarm()
         return sock is not None and sock in ready
 
     def _all_sent(self) -> bool:

@@ -23,18 +23,64 @@ def test_wakeup_is_seen_by_select_once_and_never_written_after_close():
     import select
 
     w = Wakeup()
+    assert w.arm()  # the client is about to sleep on the pipe
     assert select.select([w], [], [], 0)[0] == []
     w.set()
     w.set()  # already pending: no second write
     assert w.wakeups == 1
     assert select.select([w], [], [], 0)[0] == [w]
+    w.disarm()
     w.clear()
     assert select.select([w], [], [], 0)[0] == []
+    assert w.arm()
     w.set()
     assert w.wakeups == 2
+    w.disarm()
+    w.clear()
     w.close()
+    w.arm()
     w.set()  # must not write into a descriptor number another file may now hold
     assert w.wakeups == 2
+
+
+def test_a_wakeup_while_the_client_is_not_sleeping_on_the_pipe_makes_no_system_call():
+    """While the client batches (asleep on its socket, or busy), set() only raises the flag;
+    arm() then sees the work and the client does not sleep."""
+    import select
+
+    w = Wakeup()
+    w.set()
+    assert w.wakeups == 0 and w.pending
+    assert select.select([w], [], [], 0)[0] == []  # nothing in the pipe
+    assert not w.arm()  # work is pending: no sleep
+    w.clear()
+    assert not w.pending and w.arm()
+    w.set()  # now the client sleeps on the pipe: one byte
+    assert w.wakeups == 1 and select.select([w], [], [], 0)[0] == [w]
+    w.disarm()
+    w.clear()
+    assert select.select([w], [], [], 0)[0] == []  # drained by the clear
+
+
+def test_a_busy_trainers_steps_write_nothing_into_the_wakeup_pipe(sink):
+    """Fast steps while the client paces: the summaries are found by flag, not by a byte
+    written from the step path (a system call per client turn on the training thread)."""
+    model = make_model()
+    opt = make_optimizer(model)
+    with adamwatch.watch(opt, endpoint=sink.endpoint) as monitor:
+        train(model, opt, None, monitor, 5)
+        sink.wait_for(lambda: len(sink.steps()) == 5)
+        time.sleep(0.3)  # the client is idle now, asleep on the pipe
+        wakeups, turns = monitor._client._wakeup.wakeups, monitor._client.turns
+        for i in range(5, 105):  # about a second of 10 ms steps: ten client turns or so
+            train(model, opt, None, monitor, 1, start=i)
+            time.sleep(0.01)
+        sink.wait_for(lambda: len(sink.steps()) == 105, timeout=10)
+        during, turns = monitor._client._wakeup.wakeups - wakeups, monitor._client.turns - turns
+    # The first summary wakes the idle client (one byte); the rest land while it
+    # paces or works. The old Wakeup wrote once per client turn.
+    assert turns >= 5, turns
+    assert during <= 2, (during, turns)
 
 
 def test_an_idle_trainer_client_does_not_tick(sink):
