@@ -40,8 +40,8 @@ class Wakeup:
     Only a thread that sleeps on the pipe needs a byte written into it. While
     the client batches it sleeps on its socket alone and looks for work
     afterwards, so ``set`` then only raises a flag: no system call on the step
-    path, and none to drain the pipe on the client's next turn (on this 2-core
-    VM each costs 20-70 us). The client ``arm``s the pipe before a sleep that
+    path, and none to drain the pipe on the client's next turn (on a 2-core
+    VM each costs 70-150 us of CPU). The client ``arm``s the pipe before a sleep that
     watches it and ``disarm``s it after; ``set`` writes one byte while armed.
 
     Order matters, and the GIL makes the two threads' flag operations
