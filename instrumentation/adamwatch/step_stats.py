@@ -718,8 +718,6 @@ class _DeepPlan:
             lo_rel.append(lo)
             hi_rel.append(hi)
             weights.append(w)
-        starts = [sum(sizes[:k]) for k in range(g)]
-        self.size = sum(sizes)
         # The parameter each sampled coordinate comes from (a gather spreads the
         # per-parameter bias corrections over the sample: repeat_interleave
         # would rebuild this index on every call).
