@@ -82,6 +82,22 @@ class Wakeup:
         # every later sleep on the pipe would return at once.
         self._written = True
 
+    def urgent(self) -> None:
+        """Wake the thread even from its pause (the pause watches the pipe too):
+        work that must not wait for the pause to end, such as summaries about
+        to overflow the transfer's bound."""
+        if self._closed:
+            return
+        self._pending = True
+        if self._written:
+            return  # a byte is in the pipe already
+        self.wakeups += 1
+        try:
+            os.write(self._write, b"\0")
+        except (BlockingIOError, OSError):
+            pass
+        self._written = True  # after the write, as in set()
+
     def clear(self) -> None:
         self._pending = False
         if not self._written:
@@ -253,6 +269,10 @@ class StreamClient:
         """New work for ``poll`` (a summary, an evaluation): the thread runs a turn soon."""
         self._wakeup.set()
 
+    def hurry(self) -> None:
+        """Work that must not wait for the end of the pause: a turn now."""
+        self._wakeup.urgent()
+
     def count_dropped(self, n: int) -> None:
         """Summaries lost before they reached the client (e.g. the transfer pool was full)."""
         with self._lock:
@@ -321,16 +341,19 @@ class StreamClient:
 
         No timer ticks while idle: an idle trainer's client thread never takes
         the GIL from the training thread. With ``pace`` > 0 the thread first
-        waits that long for the socket only (a COMMAND still wakes it at once),
-        so the steps finished meanwhile go out in one send: every wake-up and
+        waits that long for the socket (a COMMAND still wakes it at once) and
+        for an urgent wake-up only, so the steps finished meanwhile go out in
+        one send: every wake-up and
         every system call hands the GIL back and forth with the training
         thread, so fewer of them cost the trainer less. Returns whether the
         socket may hold a COMMAND (so a turn without one makes no ``recv``).
         """
         sock = self._sock
         if pace > 0:
-            readable, _, _ = select.select([sock] if sock is not None else [], [], [], pace)
-            if readable:
+            # The pipe is watched but not armed: only urgent() writes into it now.
+            watched: list[Any] = [self._wakeup] if sock is None else [sock, self._wakeup]
+            readable, _, _ = select.select(watched, [], [], pace)
+            if sock is not None and sock in readable:
                 return True
             if self._wakeup.pending or self._drain.is_set():
                 return False  # work arrived while pacing: a turn now, the socket was quiet

@@ -333,6 +333,7 @@ class Monitor:
             )
             # Each submitted summary wakes the client thread; between steps it sleeps.
             self._transfer.on_submit = self._client.wake
+            self._transfer.on_backlog = self._client.hurry
         else:
             log.warning("adamwatch: no endpoint (set %s): step summaries are not streamed", wire.ENDPOINT_ENV)
             self._reader = threading.Thread(target=self._drain_without_client, name="adamwatch-reader", daemon=True)
@@ -559,6 +560,7 @@ class Monitor:
         go when the script destroys them, while Python is fully alive.
         """
         self._transfer.on_submit = None
+        self._transfer.on_backlog = None
         if self._cross_rank is not None:
             self._cross_rank.group = None
         if self._coordinator is not None:

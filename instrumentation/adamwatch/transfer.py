@@ -40,6 +40,9 @@ class SummaryTransfer:
         self.dropped = 0
         # Called after each accepted submit (the client thread's wake-up).
         self.on_submit: Callable[[], None] | None = None
+        # Called when half the bound is in flight: the reader must collect now,
+        # not at the end of its pause, or the next summaries are dropped.
+        self.on_backlog: Callable[[], None] | None = None
         self._pending: "queue.SimpleQueue[tuple[Any, ...]]" = queue.SimpleQueue()
         self._async = device.type == "cuda"
         self._free: collections.deque[torch.Tensor] = collections.deque()
@@ -70,6 +73,8 @@ class SummaryTransfer:
             self._pending.put((buffer, n, event, layout))
             if self.on_submit is not None:
                 self.on_submit()
+            if self.on_backlog is not None and len(self._free) == self.capacity // 2:
+                self.on_backlog()
             return True
         if self._submitted - self._collected >= self.capacity:
             self.dropped += 1
@@ -79,6 +84,8 @@ class SummaryTransfer:
         self._pending.put((vector, vector.numel(), None, layout))
         if self.on_submit is not None:
             self.on_submit()
+        if self.on_backlog is not None and self._submitted - self._collected == self.capacity // 2:
+            self.on_backlog()
         return True
 
     def wake(self) -> None:

@@ -60,6 +60,12 @@ def test_a_wakeup_while_the_client_is_not_sleeping_on_the_pipe_makes_no_system_c
     w.disarm()
     w.clear()
     assert select.select([w], [], [], 0)[0] == []  # drained by the clear
+    w.urgent()  # not armed, yet written: the client's pause watches the pipe for this
+    assert w.pending and w.wakeups == 2 and select.select([w], [], [], 0)[0] == [w]
+    w.urgent()  # a byte is there already: no second write
+    assert w.wakeups == 2
+    w.clear()
+    assert select.select([w], [], [], 0)[0] == []
 
 
 def test_a_busy_trainers_steps_write_nothing_into_the_wakeup_pipe(sink):
@@ -222,3 +228,28 @@ def test_goodbye_is_the_last_frame_after_summaries_still_being_batched(sink):
     kinds = [m.type for m in list(sink.messages)]
     assert kinds[-1] == wire.MessageType.GOODBYE, kinds[-5:]
     assert [s["step"] for s in sink.steps()] == list(range(1, 21))
+
+
+def test_summaries_near_the_transfer_bound_wake_the_client_from_its_pause(sink):
+    """Steps faster than the bound allows per 100 ms pause: half the bound in flight wakes
+    the client at once (an urgent wake-up, watched even while it paces), and no summary is
+    dropped. The same burst without that wake-up drops some (the bound is what it was)."""
+    model = make_model()
+    opt = make_optimizer(model)
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0) as monitor:
+        transfer = monitor._transfer
+        transfer.capacity = 32  # reach the bound with a short burst of the tests' tiny model
+        train(model, opt, None, monitor, 2)
+        sink.wait_for(lambda: len(sink.steps()) == 2)
+        train(model, opt, None, monitor, 300, start=2)
+        sink.wait_for(lambda: len(sink.steps()) == 302, timeout=10)
+        assert transfer.dropped == 0
+        hurried = monitor._client._wakeup.wakeups
+        assert hurried >= 2  # the burst's urgent wake-ups (the first summary's idle wake-up aside)
+
+        transfer.on_backlog = None  # the control: the client collects only at the end of each pause
+        time.sleep(0.3)
+        train(model, opt, None, monitor, 300, start=302)
+        steps = [s["step"] for s in sink.steps()]
+    assert transfer.dropped > 0, "the control burst must overflow the bound, or the test shows nothing"
+    assert steps[:302] == list(range(1, 303))
