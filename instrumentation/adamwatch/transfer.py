@@ -5,7 +5,8 @@ pinned host buffer and records an event; on CPU the vector is already
 computed. The background thread calls ``collect``, which waits on the event
 (off the step path) and reads the values. A fixed pool of buffers bounds the
 memory: when the reader falls behind, ``submit`` drops the summary and counts
-it rather than waiting.
+it rather than waiting. The reader collects once per send pause; when half the
+bound is in flight, ``submit`` calls ``on_backlog`` to have it collect now.
 """
 
 from __future__ import annotations
