@@ -76,10 +76,10 @@ class Wakeup:
             os.write(self._write, b"\0")
         except (BlockingIOError, OSError):
             pass  # the pipe already holds bytes (or is closed): the thread wakes anyway
-        # After the write: a clear() between the two reads the byte, and at worst
-        # the next clear() makes one read that finds nothing. Before it, a clear()
-        # between the two would leave the byte in the pipe unaccounted for, and
-        # every later sleep on the pipe would return at once.
+        # _written is a hint, not the truth, in both directions: a clear() between
+        # the write and this line skips the read (the sleep that finds the byte
+        # drains it), and a drain between them leaves the flag up over an empty
+        # pipe (the next clear() reads nothing). Sleeps drain whatever they see.
         self._written = True
 
     def urgent(self) -> None:
@@ -89,8 +89,8 @@ class Wakeup:
         if self._closed:
             return
         self._pending = True
-        if self._written:
-            return  # a byte is in the pipe already
+        # Always a byte (rare: once per crossing of the bound): _written may be
+        # left up by a set() whose byte was drained before its flag went up.
         self.wakeups += 1
         try:
             os.write(self._write, b"\0")
@@ -100,8 +100,16 @@ class Wakeup:
 
     def clear(self) -> None:
         self._pending = False
-        if not self._written:
-            return  # nothing written since the last clear: no system call
+        if self._written:
+            self.drain()
+        # else nothing was written since the last clear (no system call), or a
+        # write is under way whose flag is not up yet: the sleep that sees its
+        # byte drains it (drain below).
+
+    def drain(self) -> None:
+        """Empty the pipe: the thread found it readable."""
+        if self._closed:
+            return
         self._written = False  # before the read: a byte written after it is read next time
         try:
             os.read(self._read, 4096)
@@ -353,6 +361,8 @@ class StreamClient:
             # The pipe is watched but not armed: only urgent() writes into it now.
             watched: list[Any] = [self._wakeup] if sock is None else [sock, self._wakeup]
             readable, _, _ = select.select(watched, [], [], pace)
+            if self._wakeup in readable:
+                self._wakeup.drain()  # an urgent wake-up, or a byte whose flag was not up yet at the last clear
             if sock is not None and sock in readable:
                 return True
             if self._wakeup.pending or self._drain.is_set():
@@ -381,6 +391,8 @@ class StreamClient:
             ready, _, _ = select.select(readable, writable, [], timeout)
         finally:
             self._wakeup.disarm()
+        if self._wakeup in ready:
+            self._wakeup.drain()  # whatever the flags say: a byte left in the pipe would end every sleep at once
         return sock is not None and sock in ready
 
     def _all_sent(self) -> bool:

@@ -62,8 +62,6 @@ def test_a_wakeup_while_the_client_is_not_sleeping_on_the_pipe_makes_no_system_c
     assert select.select([w], [], [], 0)[0] == []  # drained by the clear
     w.urgent()  # not armed, yet written: the client's pause watches the pipe for this
     assert w.pending and w.wakeups == 2 and select.select([w], [], [], 0)[0] == [w]
-    w.urgent()  # a byte is there already: no second write
-    assert w.wakeups == 2
     w.clear()
     assert select.select([w], [], [], 0)[0] == []
 
@@ -231,21 +229,21 @@ def test_goodbye_is_the_last_frame_after_summaries_still_being_batched(sink):
 
 
 def test_summaries_near_the_transfer_bound_wake_the_client_from_its_pause(sink):
-    """Steps faster than the bound allows per 100 ms pause: half the bound in flight wakes
-    the client at once (an urgent wake-up, watched even while it paces), and no summary is
-    dropped. The same burst without that wake-up drops some (the bound is what it was)."""
+    """Steps faster than the bound allows per pause: half the bound in flight wakes the client
+    at once (an urgent wake-up, watched even while it pauses), and no summary is dropped. A
+    two-second pause makes the burst overflow unless that wake-up works; the same burst without
+    it drops summaries (the control)."""
     model = make_model()
     opt = make_optimizer(model)
-    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0) as monitor:
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0, batch_interval=2.0) as monitor:
         transfer = monitor._transfer
-        transfer.capacity = 32  # reach the bound with a short burst of the tests' tiny model
+        transfer.capacity = 128  # reach the bound with a short burst of the tests' tiny model
         train(model, opt, None, monitor, 2)
-        sink.wait_for(lambda: len(sink.steps()) == 2)
+        sink.wait_for(lambda: len(sink.steps()) == 2, timeout=10)
         train(model, opt, None, monitor, 300, start=2)
-        sink.wait_for(lambda: len(sink.steps()) == 302, timeout=10)
+        sink.wait_for(lambda: len(sink.steps()) == 302, timeout=15)
         assert transfer.dropped == 0
-        hurried = monitor._client._wakeup.wakeups
-        assert hurried >= 2  # the burst's urgent wake-ups (the first summary's idle wake-up aside)
+        assert monitor._client._wakeup.wakeups >= 2  # the burst's urgent wake-ups
 
         transfer.on_backlog = None  # the control: the client collects only at the end of each pause
         time.sleep(0.3)
