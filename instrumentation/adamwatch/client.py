@@ -38,11 +38,13 @@ class Wakeup:
     """Wakes the client thread from any thread: a pipe it selects on together with its socket.
 
     Only a thread that sleeps on the pipe needs a byte written into it. While
-    the client batches it sleeps on its socket alone and looks for work
-    afterwards, so ``set`` then only raises a flag: no system call on the step
-    path, and none to drain the pipe on the client's next turn (on a 2-core
-    VM each costs 70-150 us of CPU). The client ``arm``s the pipe before a sleep that
-    watches it and ``disarm``s it after; ``set`` writes one byte while armed.
+    the client batches it pauses and looks for work afterwards, so ``set``
+    then only raises a flag: no system call on the step path, and none to
+    drain the pipe on the client's next turn (on a 2-core VM each costs
+    70-150 us of CPU). The client ``arm``s the pipe before its idle sleep and
+    ``disarm``s it after; ``set`` writes one byte while armed. ``urgent``
+    writes whether armed or not: the pause watches the pipe for it. Whoever
+    sleeps and finds the pipe readable drains it (``_written`` is only a hint).
 
     Order matters, and the GIL makes the two threads' flag operations
     sequentially consistent: ``set`` raises ``pending`` and then reads
