@@ -55,9 +55,9 @@ class Wakeup:
     """
 
     def __init__(self) -> None:
-        self._read, self._write = os.pipe()
+        self._read, self._write_fd = os.pipe()
         os.set_blocking(self._read, False)
-        os.set_blocking(self._write, False)
+        os.set_blocking(self._write_fd, False)
         self._pending = False
         self._armed = False
         self._written = False  # a byte may be in the pipe
@@ -73,16 +73,7 @@ class Wakeup:
         self._pending = True
         if not self._armed:
             return  # the client will look at the flag before it sleeps on the pipe
-        self.wakeups += 1
-        try:
-            os.write(self._write, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe already holds bytes (or is closed): the thread wakes anyway
-        # _written is a hint, not the truth, in both directions: a clear() between
-        # the write and this line skips the read (the sleep that finds the byte
-        # drains it), and a drain between them leaves the flag up over an empty
-        # pipe (the next clear() reads nothing). Sleeps drain whatever they see.
-        self._written = True
+        self._write()
 
     def urgent(self) -> None:
         """Wake the thread even from its pause (the pause watches the pipe too):
@@ -93,12 +84,19 @@ class Wakeup:
         self._pending = True
         # Always a byte (rare: once per crossing of the bound): _written may be
         # left up by a set() whose byte was drained before its flag went up.
+        self._write()
+
+    def _write(self) -> None:
         self.wakeups += 1
         try:
-            os.write(self._write, b"\0")
+            os.write(self._write_fd, b"\0")
         except (BlockingIOError, OSError):
-            pass
-        self._written = True  # after the write, as in set()
+            pass  # the pipe already holds bytes (or is closed): the thread wakes anyway
+        # _written is a hint, not the truth, in both directions: a clear() between
+        # the write and this line skips the read (the sleep that finds the byte
+        # drains it), and a drain between them leaves the flag up over an empty
+        # pipe (the next clear() reads nothing). Sleeps drain whatever they see.
+        self._written = True
 
     def clear(self) -> None:
         self._pending = False
@@ -140,7 +138,7 @@ class Wakeup:
         self._closed = True
         self._pending = True
         self._written = False
-        for fd in (self._read, self._write):
+        for fd in (self._read, self._write_fd):
             try:
                 os.close(fd)
             except OSError:
