@@ -230,9 +230,13 @@ def run(args) -> int:
         other_cpu = (time.process_time() - process_cpu) - (time.thread_time() - thread_cpu)
         loop_seconds = time.perf_counter() - loop_start
         all_watched_steps = sum(args.block * total_rounds for arm in arms if arm.monitor is not None)
+        helper = {}  # arm -> (CPU seconds, blocks) of its deep-statistics thread (CPU runs)
         for arm in arms:
             if arm.monitor is not None:
                 arm.monitor.close()
+                job = arm.monitor._deep_job
+                if job is not None and job.jobs:
+                    helper[arm.name] = (job.cpu_seconds, job.jobs)
         # Every step of every watched arm must have reached the sidecar.
         expected = args.block * total_rounds
         deadline = time.monotonic() + 20
@@ -266,15 +270,25 @@ def run(args) -> int:
               f"{max(cpu_ratios):.4f} {added_cpu:>+12.2f}")
     # The client threads sleep while their arm is idle (benchmarks/client_cpu.py measures one alone).
     monitors = sum(1 for arm in arms if arm.monitor is not None)
-    print(f"CPU of the process's other threads (the {monitors} watched arms' client threads): "
-          f"{1000 * other_cpu / loop_seconds / monitors:.2f} ms per second per monitor, "
-          f"{1000 * other_cpu / max(1, all_watched_steps):.3f} ms per watched step")
+    helper_cpu = sum(cpu for cpu, _ in helper.values())
+    client_cpu = other_cpu - helper_cpu
+    print(f"CPU of the process's other threads: the {monitors} watched arms' client threads "
+          f"{1000 * client_cpu / loop_seconds / monitors:.2f} ms per second per monitor, "
+          f"{1000 * client_cpu / max(1, all_watched_steps):.3f} ms per watched step")
+    for name, (cpu, blocks) in helper.items():
+        # On the CPU the deep block runs on a helper thread (adamwatch.background) while the
+        # next forward and backward run: off the training thread's wall time, not free CPU.
+        arm = next(a for a in arms if a.name == name)
+        total = 1000 * (arm.cpu_seconds - arms[0].cpu_seconds) / arm.steps + 1000 * cpu / (blocks * args.block)
+        print(f"{name}: its deep blocks took {1000 * cpu / blocks:.2f} ms of CPU each on the helper thread; "
+              f"training thread + helper thread: {total:+.2f} CPU ms per step over bare")
     print(f"\nsidecar received every step of every watched arm ({expected} each): "
           f"{'yes' if not missing else 'NO, got ' + repr(missing)}")
     per_step = results["adamwatch"]
     deep = results[f"adamwatch, deep every {args.block}"]
     print(f"budget (medians): per-step <= 1.02 -> {'OK' if per_step <= 1.02 else 'OVER'}; "
-          f"deep every {args.block} <= 1.03 -> {'OK' if deep <= 1.03 else 'OVER'}; "
+          f"deep every {args.block} <= 1.03 -> {'OK' if deep <= 1.03 else 'OVER'} "
+          f"(<= 1.02 -> {'OK' if deep <= 1.02 else 'OVER'}); "
           f"adamwatch <= naive logger -> {'OK' if per_step <= results['naive logger'] else 'OVER'}")
     return 0 if not missing else 1
 

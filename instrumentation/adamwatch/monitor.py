@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from adamwatch import __version__, grad_clip, wire
+from adamwatch.background import BackgroundJob
 from adamwatch.client import StreamClient, default_job_name
 from adamwatch.distributed import StepCoordinator
 from adamwatch.evaluation import EvalRecorder, validate_eval_metrics
@@ -45,7 +46,8 @@ from adamwatch.shards import params_are_sharded
 from adamwatch.mixed_precision import GradScalerStats
 from adamwatch.spike_guard import SpikeGuard, SpikeGuardConfig
 from adamwatch.step_extensions import StepContext, StepExtension
-from adamwatch.step_stats import SKIP_INDEX, GradNorms, StepLayout, StepStats, decode_step, skip_reason
+from adamwatch.step_stats import (SKIP_INDEX, GradNorms, StepLayout, StepStats, decode_step, plain_step,
+                                  skip_reason)
 from adamwatch.transfer import SummaryTransfer
 from adamwatch.unwrap import unwrap_optimizer
 
@@ -121,6 +123,14 @@ class MonitorConfig:
         step_encoding: how STEP summaries travel: "packed" (the compact binary
             STEP_PACKED, default) or "json" (for a sidecar older than
             STEP_PACKED); None: ``$ADAMWATCH_STEP_ENCODING``, else "packed".
+        deep_stats_thread: when the parameters are on the CPU, compute the
+            Adam-state block on a helper thread (adamwatch.background) while
+            the next forward and backward run; the next optimizer step waits
+            for it, since it reads the state that step updates. Free when torch
+            leaves a core idle (fewer intra-op threads than cores), the same CPU
+            otherwise. False: in the post-step hook. Never used on a GPU (its
+            kernels are asynchronous already) or with cross-rank reductions
+            (collectives stay on the training thread). The values are the same.
     """
 
     endpoint: str | None = None
@@ -152,6 +162,7 @@ class MonitorConfig:
     # a dict of SpikeGuardConfig fields or a SpikeGuardConfig.
     spike_guard: Any = None
     step_encoding: str | None = None
+    deep_stats_thread: bool = True
 
     def resolved_step_encoding(self) -> str:
         """The STEP encoding in force: the field, else $ADAMWATCH_STEP_ENCODING, else "packed"."""
@@ -174,6 +185,8 @@ class MonitorConfig:
         if self.batch_interval is not None and (not isinstance(self.batch_interval, (int, float))
                                                 or not 0 <= self.batch_interval <= 10):
             raise ValueError(f"batch_interval must be None or seconds in [0, 10], got {self.batch_interval!r}")
+        if not isinstance(self.deep_stats_thread, bool):
+            raise ValueError(f"deep_stats_thread must be True or False, got {self.deep_stats_thread!r}")
         if self.cross_rank not in ("auto", "on", "off"):
             raise ValueError(f"cross_rank must be 'auto', 'on' or 'off', got {self.cross_rank!r}")
         if self.local_grads is not None and not callable(getattr(self.local_grads, "take", None)):
@@ -316,6 +329,10 @@ class Monitor:
         self._scheduler_skip: SchedulerStepHook | None = None
         self._setup_remediation(on_stop)
         self._cross_rank = self._setup_cross_rank()
+        self._deep_job: BackgroundJob | None = None
+        if (config.deep_stats_thread and config.deep_stats_every and self._stats.device.type == "cpu"
+                and self._cross_rank is None):
+            self._deep_job = BackgroundJob("adamwatch-deep-stats", self._report_error)
 
         endpoint = config.endpoint or os.environ.get(wire.ENDPOINT_ENV)
         self.endpoint = endpoint
@@ -539,6 +556,8 @@ class Monitor:
             if action.source == "sidecar":
                 self._ack(ActionResult(action, "rejected", None, "the monitor closed before its step boundary"))
         self._deferred = []
+        if self._deep_job is not None:
+            self._deep_job.close()  # its summary goes out with the others
         self._transfer.wake()
         if self._client is not None:
             if self._goodbye_sent:
@@ -634,6 +653,8 @@ class Monitor:
 
     @_not_traced
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._deep_job is not None:
+            self._deep_job.wait()  # the last deep block reads the state this step updates
         self._disarm_scheduler_skip()
         if self._coordinator is None and not self._actions.empty():
             self._apply_early()
@@ -871,6 +892,8 @@ class Monitor:
                 self._report_error("config_check")
 
     def _finish_step(self, skip_reason: str | None = None) -> None:
+        if self._deep_job is not None:
+            self._deep_job.wait()  # summaries go out in step order
         self.step += 1
         now = time.time()
         # Durations from the monotonic clock: a wall-clock jump must not make a
@@ -886,31 +909,16 @@ class Monitor:
         if pending is None:
             return
         vector, layout = pending
-        every = self.config.deep_stats_every
-        if every and self.step % every == 0 and skip_reason is None:
-            try:
-                deep, present = self._stats.deep()
-            except Exception:
-                if self._cross_rank is None:
-                    raise
-                # The other ranks are entering the deep reduction (a collective):
-                # enter it too, with NaN, so that they get NaN norms, not a partial
-                # sum, and nobody waits forever.
-                self._report_error("deep_stats")
-                deep, present = self._cross_rank.failed_deep(vector.device, vector.dtype)
-            if self._cross_rank is not None:  # global m, v, update and weight norms under sharding
-                deep, present = self._cross_rank.reduce_deep(deep, present)
-            vector = append_block(vector, deep)
-            layout.deep_groups = present
+        # The blocks after the per-step part, in the vector's order: deep, clip, fingerprint.
+        tail: list[torch.Tensor] = []
         if clip is not None:
             layout.clip_max_norm = clip[0]
             if clip[1] is None:
                 layout.clip_from_norm = True
             else:
-                vector = append_block(vector, clip[1])
+                tail.append(clip[1])
         if self.config.fingerprint_every and self.step % self.config.fingerprint_every == 0:
-            fp = fingerprint(self.optimizer, self._stats.device, self._stats.dtype)
-            vector = append_block(vector, fp)
+            tail.append(fingerprint(self.optimizer, self._stats.device, self._stats.dtype))
             layout.fingerprint = True
         samples = self._samples_next if self._samples_next is not None else self.config.samples_per_step
         tokens = self._tokens_next if self._tokens_next is not None else self.config.tokens_per_step
@@ -918,6 +926,47 @@ class Monitor:
         layout.meta.update(step=self.step, time=now, duration_s=duration, samples=samples, tokens=tokens)
         if skip_reason is not None:
             layout.meta["skip_reason"] = skip_reason
+        every = self.config.deep_stats_every
+        if not (every and self.step % every == 0 and skip_reason is None):
+            self._submit(vector, layout, tail)
+            return
+        if self._deep_job is not None:
+            # On the CPU: the block is computed on the helper thread while the
+            # next forward and backward run; the next step waits for it first.
+            compute = self._stats.prepare_deep()
+            self._deep_job.submit(lambda: self._submit_with_deep(vector, layout, tail, compute))
+            return
+        try:
+            deep, present = self._stats.deep()
+        except Exception:
+            if self._cross_rank is None:
+                raise
+            # The other ranks are entering the deep reduction (a collective):
+            # enter it too, with NaN, so that they get NaN norms, not a partial
+            # sum, and nobody waits forever.
+            self._report_error("deep_stats")
+            deep, present = self._cross_rank.failed_deep(vector.device, vector.dtype)
+        if self._cross_rank is not None:  # global m, v, update and weight norms under sharding
+            deep, present = self._cross_rank.reduce_deep(deep, present)
+        layout.deep_groups = present
+        self._submit(vector, layout, [deep, *tail])
+
+    def _submit_with_deep(self, vector: torch.Tensor | FoldedStepVector, layout: StepLayout,
+                          tail: list[torch.Tensor], compute: Callable[[], tuple[torch.Tensor, list[bool]]]) -> None:
+        """The helper thread's job: the deep block, then the summary (sent without the
+        block, and the failure counted, if the block cannot be computed)."""
+        try:
+            deep, present = compute()
+        except Exception:
+            self._report_error("deep_stats")
+        else:
+            layout.deep_groups = present
+            tail = [deep, *tail]
+        self._submit(vector, layout, tail)
+
+    def _submit(self, vector: torch.Tensor | FoldedStepVector, layout: StepLayout, tail: list[torch.Tensor]) -> None:
+        for block in tail:
+            vector = append_block(vector, block)
         if not self._transfer.submit(vector, layout) and self._client is not None:
             self._client.count_dropped(1)  # the reader fell behind: reported like any other drop
 
@@ -990,30 +1039,50 @@ class Monitor:
     def _summaries(self, timeout: float) -> list[dict[str, Any]]:
         payloads = []
         for values, layout in self._transfer.collect(timeout):
-            payload = decode_step(values, layout)
-            meta = layout.meta
-            payload["step"] = meta["step"]
-            payload["time"] = meta["time"]
-            payload["duration_s"] = meta["duration_s"]
-            if meta.get("samples") is not None:
-                payload["samples"] = meta["samples"]
-            if meta.get("tokens") is not None:
-                payload["tokens"] = meta["tokens"]
-            reason = meta.get("skip_reason")
-            if reason is not None:
-                payload["skipped"] = True
-            elif payload["skipped"]:
-                reason = skip_reason(values[SKIP_INDEX], layout)
-            payload["skip_reason"] = reason if payload["skipped"] else None
+            payload = self._payload(values, layout)
             payloads.append(payload)
             self._note_health(payload)
         return payloads
 
+    @staticmethod
+    def _payload(values: list[float], layout: StepLayout) -> dict[str, Any]:
+        payload = decode_step(values, layout)
+        meta = layout.meta
+        payload["step"] = meta["step"]
+        payload["time"] = meta["time"]
+        payload["duration_s"] = meta["duration_s"]
+        if meta.get("samples") is not None:
+            payload["samples"] = meta["samples"]
+        if meta.get("tokens") is not None:
+            payload["tokens"] = meta["tokens"]
+        reason = meta.get("skip_reason")
+        if reason is not None:
+            payload["skipped"] = True
+        elif payload["skipped"]:
+            reason = skip_reason(values[SKIP_INDEX], layout)
+        payload["skip_reason"] = reason if payload["skipped"] else None
+        return payload
+
     def _poll_summaries(self) -> list[bytes]:
-        encode_step = wire.encode_step_packed if self._step_encoding == "packed" else self._encode_json_step
+        packed = self._step_encoding == "packed"
+        encode_step = wire.encode_step_packed if packed else self._encode_json_step
         try:
             frames = []
-            for p in self._summaries(0):
+            for values, layout in self._transfer.collect(0):
+                meta = layout.meta
+                # The usual step: packed straight from its fields (no payload dict).
+                fields = plain_step(values, layout) if packed and "skip_reason" not in meta else None
+                if fields is not None:
+                    loss, grad_norm, group_norms, grad_nonfinite, lr = fields
+                    frame = wire.encode_plain_step_packed(
+                        meta["step"], meta["time"], meta["duration_s"], loss, grad_norm, group_norms,
+                        grad_nonfinite, lr, meta.get("samples"), meta.get("tokens"))
+                    if frame is not None:
+                        frames.append(frame)
+                        self._note_step_health(meta["step"], not grad_nonfinite and (loss is None or loss - loss == 0))
+                        continue
+                p = self._payload(values, layout)
+                self._note_health(p)
                 fp = p.pop("fingerprint", None)
                 frames.append(encode_step(p))
                 if fp is not None:
@@ -1071,10 +1140,13 @@ class Monitor:
         healthy = not (payload.get("loss_nonfinite") or payload.get("grad_nonfinite") or payload.get("skipped")
                        # a step another rank could not summarise is not vouched for
                        or (payload.get("extras") or {}).get("cross_rank_failed_ranks", 0.0) > 0)
+        self._note_step_health(payload["step"], healthy)
+
+    def _note_step_health(self, step: int, healthy: bool) -> None:
         try:
-            self._remediator.note_step(payload["step"], healthy)
+            self._remediator.note_step(step, healthy)
             if self.checkpointer is not None:
-                self.checkpointer.note_step(payload["step"], healthy)
+                self.checkpointer.note_step(step, healthy)
         except Exception:
             self._report_error("note_step")
 
@@ -1364,6 +1436,8 @@ class Monitor:
                 # (a local action acked by every rank would be counted once per rank).
                 for action in actions:
                     action.source = "broadcast"
+        if actions and self._deep_job is not None:
+            self._deep_job.wait()  # a restore rewrites the state the deep block is reading
         for action in actions:
             result = self._remediator.apply(action, self.step)
             if result.outcome == "applied" and action.kind == "restore_checkpoint":
@@ -1418,7 +1492,7 @@ def watch(
         **options: further MonitorConfig fields (sample_size, max_queued, world_size, seed,
             lr_floor, lr_recovery_steps, command_interval, target (e.g. ``{"eval_loss": 1.6}``),
             model_family, footprint_interval, report_exits, cross_rank, local_grads, fingerprint_every,
-            spike_guard, step_encoding).
+            spike_guard, step_encoding, deep_stats_thread).
             ``spike_guard="clip"`` / ``"skip"`` (or an :class:`adamwatch.spike_guard.SpikeGuardConfig`)
             turns on the on-device spike guard; off by default.
 

@@ -572,6 +572,17 @@ class StepStats:
         Returns:
             (vector of num_groups × DEEP_FIELDS_PER_GROUP, per group: had state).
         """
+        return self.prepare_deep()()
+
+    def prepare_deep(self) -> Callable[[], tuple[torch.Tensor, list[bool]]]:
+        """``deep()`` in two parts: the host bookkeeping now, the tensor work when called.
+
+        The returned function may run on another thread (adamwatch.background:
+        on the CPU the block overlaps the next forward and backward), as long
+        as it finishes before the next optimizer step updates the state. What
+        a scheduler may change in between (betas under OneCycleLR, eps) is
+        read here, at the step the block describes.
+        """
         opt = self.optimizer
         groups = opt.param_groups
         params_by_group = [_adam_params(group, opt.state) for group in groups]
@@ -585,14 +596,21 @@ class StepStats:
                 plan = self._deep_plan = _DeepPlan(
                     groups, params_by_group, self, self.group_sample_size(sum(present))
                 )
-            return plan.compute(opt.state, self.dtype), present
-        # General path (tensor betas, parameters on several devices): group by group.
-        blocks: list[torch.Tensor] = []
-        empty = torch.full((DEEP_FIELDS_PER_GROUP,), float("nan"), dtype=self.dtype, device=self.device)
+            state, dtype = opt.state, self.dtype
+            return lambda: (plan.compute(state, dtype), present)
+        # General path (tensor betas, parameters on several devices): group by group,
+        # from the hyperparameters as they are now.
+        frozen = [dict(group) for group in groups]
         size = self.group_sample_size(sum(present))
-        for index, (group, params) in enumerate(zip(groups, params_by_group)):
-            blocks.append(self._deep_group(index, group, params, size) if params else empty)
-        return torch.cat(blocks), present
+
+        def general() -> tuple[torch.Tensor, list[bool]]:
+            blocks: list[torch.Tensor] = []
+            empty = torch.full((DEEP_FIELDS_PER_GROUP,), float("nan"), dtype=self.dtype, device=self.device)
+            for index, (group, params) in enumerate(zip(frozen, params_by_group)):
+                blocks.append(self._deep_group(index, group, params, size) if params else empty)
+            return torch.cat(blocks), present
+
+        return general
 
     def _deep_group(self, index: int, group: dict, params: list[torch.Tensor], size: int) -> torch.Tensor:
         state = self.optimizer.state
@@ -881,22 +899,14 @@ def decode_step(values: list[float], layout: StepLayout) -> dict[str, Any]:
     g = layout.num_groups
     loss_value = values[0] if layout.host_loss is None else layout.host_loss
     total_sq = values[TOTAL_INDEX]
-    any_grads = any(layout.group_has_grads)
-    grad_norm = math.sqrt(total_sq) if any_grads and total_sq >= 0 else (total_sq if any_grads else None)
-    group_norms: list[float | None] = []
-    for i in range(g):
-        sq = values[_FIXED + i]
-        if not layout.group_has_grads[i]:
-            group_norms.append(None)
-        else:
-            group_norms.append(math.sqrt(sq) if sq >= 0 else sq)  # NaN stays NaN
+    grad_norm, group_norms, grad_nonfinite = _norms(values, layout)
     lrs = list(layout.host_lrs)
     for slot, group_index in enumerate(layout.tensor_lr_groups):
         lrs[group_index] = values[_FIXED + g + slot]
     payload: dict[str, Any] = {
         "grad_norm": grad_norm,
         "group_grad_norms": group_norms,
-        "grad_nonfinite": bool(any_grads and not math.isfinite(total_sq)),
+        "grad_nonfinite": grad_nonfinite,
         "lr": [float(x) for x in lrs],
         "skipped": bool(values[SKIP_INDEX] > 0),
     }
@@ -956,6 +966,39 @@ def decode_step(values: list[float], layout: StepLayout) -> dict[str, Any]:
         # Sent as its own FINGERPRINT message (see Monitor): an integer below 2^52.
         payload["fingerprint"] = int(values[layout.length - 1])
     return payload
+
+
+def _norms(values: list[float], layout: StepLayout) -> tuple[float | None, list[float | None], bool]:
+    """(grad_norm, group_grad_norms, grad_nonfinite) of a STEP payload, from the squared norms."""
+    total_sq = values[TOTAL_INDEX]
+    has_grads = layout.group_has_grads
+    any_grads = any(has_grads)
+    grad_norm = math.sqrt(total_sq) if any_grads and total_sq >= 0 else (total_sq if any_grads else None)
+    group_norms: list[float | None] = []
+    for i in range(layout.num_groups):
+        sq = values[_FIXED + i]
+        if not has_grads[i]:
+            group_norms.append(None)
+        else:
+            group_norms.append(math.sqrt(sq) if sq >= 0 else sq)  # NaN stays NaN
+    return grad_norm, group_norms, bool(any_grads and not math.isfinite(total_sq))
+
+
+def plain_step(values: list[float], layout: StepLayout) -> tuple | None:
+    """The usual step's STEP fields without building the payload: (loss or None, grad_norm,
+    group_grad_norms, grad_nonfinite, lr), exactly as ``decode_step`` gives them.
+
+    The usual step was applied and has a float learning rate per group and no
+    deep block, extras, clip or fingerprint. None for any other step (the
+    caller then calls ``decode_step``).
+    """
+    if (layout.deep_groups is not None or layout.tensor_lr_groups or layout.extra_names or layout.host_extras
+            or layout.clip_max_norm is not None or layout.fingerprint or values[SKIP_INDEX] > 0):
+        return None
+    loss = None
+    if layout.has_loss:
+        loss = float(values[0] if layout.host_loss is None else layout.host_loss)
+    return (loss, *_norms(values, layout), layout.host_lrs)
 
 
 def skip_reason(code: float, layout: StepLayout) -> str:

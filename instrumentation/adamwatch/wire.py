@@ -695,6 +695,83 @@ def encode_step_packed(payload: Mapping[str, Any]) -> bytes:
     return HEADER.pack(MAGIC, PROTOCOL_VERSION, int(MessageType.STEP_PACKED), len(body)) + body
 
 
+# The presence word of the usual step, built once: step, time, group_grad_norms,
+# lr and skipped (false) present; skip_reason null; the other slots set per call.
+_SLOT_SHIFT = {name: 2 * i for i, (name, _) in enumerate(_PACKED_SLOTS)}
+_PLAIN_PRESENCE = (2 << _SLOT_SHIFT["step"] | 2 << _SLOT_SHIFT["time"] | 2 << _SLOT_SHIFT["group_grad_norms"]
+                   | 2 << _SLOT_SHIFT["lr"] | 2 << _SLOT_SHIFT["skipped"] | 1 << _SLOT_SHIFT["skip_reason"])
+
+
+def encode_plain_step_packed(step: int, time: float, duration_s: float | None, loss: float | None,
+                             grad_norm: float | None, group_grad_norms: list, grad_nonfinite: bool,
+                             lr: list, samples: int | None, tokens: int | None) -> bytes | None:
+    """``encode_step_packed`` for the usual step, from its fields rather than a dict.
+
+    The usual step (applied, no deep block, extras, clip or fingerprint) is
+    nearly every frame a trainer sends; its client thread holds the GIL while
+    it encodes, so the dict and the per-slot loop are skipped. The bytes are
+    exactly those of ``encode_step_packed`` for the same payload (tested).
+    A ``loss`` of None means the step has no loss (the fields are left out).
+
+    Returns:
+        The frame, or None when a value does not fit the layout as given (the
+        caller then builds the payload and calls ``encode_step_packed``).
+    """
+    if (type(step) is not int or type(time) is not float or not _INT_MIN <= step <= _INT_MAX
+            or not _float_list(group_grad_norms, nulls=True) or not _float_list(lr, nulls=False)):
+        return None
+    presence = _PLAIN_PRESENCE | (3 if grad_nonfinite else 2) << _SLOT_SHIFT["grad_nonfinite"]
+    if duration_s is None:
+        presence |= 1 << _SLOT_SHIFT["duration_s"]
+        duration_s = 0.0
+    elif type(duration_s) is float:
+        presence |= 2 << _SLOT_SHIFT["duration_s"]
+    else:
+        return None
+    if loss is None:
+        loss = 0.0
+    elif type(loss) is float:
+        presence |= 2 << _SLOT_SHIFT["loss"] | (2 if loss - loss == 0.0 else 3) << _SLOT_SHIFT["loss_nonfinite"]
+    else:
+        return None
+    if grad_norm is None:
+        presence |= 1 << _SLOT_SHIFT["grad_norm"]
+        grad_norm = 0.0
+    elif type(grad_norm) is float:
+        presence |= 2 << _SLOT_SHIFT["grad_norm"]
+    else:
+        return None
+    if samples is None:
+        samples = 0
+    elif type(samples) is int and _INT_MIN <= samples <= _INT_MAX:
+        presence |= 2 << _SLOT_SHIFT["samples"]
+    else:
+        return None
+    if tokens is None:
+        tokens = 0
+    elif type(tokens) is int and _INT_MIN <= tokens <= _INT_MAX:
+        presence |= 2 << _SLOT_SHIFT["tokens"]
+    else:
+        return None
+    n = len(group_grad_norms)
+    bitmap = bytearray((n + 7) >> 3)
+    if None in group_grad_norms:
+        values = []
+        for j, v in enumerate(group_grad_norms):
+            if v is None:
+                bitmap[j >> 3] |= 1 << (j & 7)
+                values.append(0.0)
+            else:
+                values.append(v)
+        group_grad_norms = values
+    body = b"".join((
+        _PACKED_HEAD.pack(STEP_PACKED_VERSION, 0, n, len(lr), presence, 0, step, time, duration_s, loss,
+                          grad_norm, samples, tokens, 0.0, 0.0),
+        _array(n).pack(*group_grad_norms), bitmap, _array(len(lr)).pack(*lr),
+    ))
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, int(MessageType.STEP_PACKED), len(body)) + body
+
+
 # presence word -> how to read it, computed once per distinct word (a trainer
 # sends one or two): (names, indexes into head + extras, the rejection it
 # implies or None, the required slots it leaves absent)

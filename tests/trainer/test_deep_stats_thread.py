@@ -1,0 +1,146 @@
+"""The Adam-state block on the CPU helper thread (adamwatch.background): same numbers, off the step path."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import pytest
+import torch
+
+import adamwatch
+from adamwatch import step_stats, wire
+
+
+def make_run(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    opt = torch.optim.AdamW([
+        {"params": model[0].parameters()},
+        {"params": model[2].parameters(), "lr": 3e-3, "weight_decay": 0.0},
+    ], lr=1e-3)
+    return model, opt
+
+
+def train(model, opt, monitor, steps: int, after_step=None) -> None:
+    for i in range(steps):
+        g = torch.Generator().manual_seed(i)
+        x, y = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        monitor.observe_loss(loss)
+        opt.step()
+        if after_step is not None:
+            after_step(i)
+        opt.zero_grad()
+
+
+def exp_avg_norms(opt) -> list[float]:
+    """Each group's ||m|| as the optimizer holds it now (float64, from the state itself)."""
+    return [
+        sum(float(opt.state[p]["exp_avg"].double().square().sum()) for p in g["params"]) ** 0.5
+        for g in opt.param_groups
+    ]
+
+
+@pytest.fixture
+def compute_threads(monkeypatch):
+    """The name of the thread each deep block was computed on."""
+    names: list[str] = []
+    original = step_stats._DeepPlan.compute
+
+    def compute(self, state, dtype):
+        names.append(threading.current_thread().name)
+        return original(self, state, dtype)
+
+    monkeypatch.setattr(step_stats._DeepPlan, "compute", compute)
+    return names
+
+
+def test_the_helper_thread_computes_the_same_block_as_the_step_path(sink, compute_threads):
+    steps = 6
+    for threaded in (False, True):
+        model, opt = make_run()
+        with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=2, deep_stats_thread=threaded) as monitor:
+            assert (monitor._deep_job is not None) is threaded
+            train(model, opt, monitor, steps)
+    sink.wait_for(lambda: len(sink.steps()) == 2 * steps)
+    inline, threaded = sink.steps()[:steps], sink.steps()[steps:]
+    assert [("deep" in s) for s in threaded] == [False, True] * 3
+    # Bit for bit: the same ops on the same state, only on another thread.
+    assert [s.get("deep") for s in threaded] == [s.get("deep") for s in inline]
+    assert compute_threads == ["MainThread"] * 3 + ["adamwatch-deep-stats"] * 3
+
+
+def test_the_next_step_waits_for_a_slow_block(sink, monkeypatch):
+    """The block reads the state the next update rewrites: that update must wait for it."""
+    original = step_stats._DeepPlan.compute
+    slow = 0.3
+
+    def slow_compute(self, state, dtype):
+        time.sleep(slow)  # longer than a step of this model
+        return original(self, state, dtype)
+
+    monkeypatch.setattr(step_stats._DeepPlan, "compute", slow_compute)
+    model, opt = make_run()
+    expected: list[list[float]] = []
+    busy_after_step: list[bool] = []
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=1) as monitor:
+        def after_step(i):
+            # The step returned while its block is still being computed...
+            busy_after_step.append(monitor._deep_job.busy)
+            expected.append(exp_avg_norms(opt))
+
+        began = time.monotonic()
+        train(model, opt, monitor, 4, after_step)
+        elapsed = time.monotonic() - began
+    sink.wait_for(lambda: len(sink.steps()) == 4)
+    assert busy_after_step == [True] * 4
+    # ...and each block is of its own step's state, not the next one's.
+    got = [[group["exp_avg_norm"] for group in s["deep"]] for s in sink.steps()]
+    assert got == [pytest.approx(e, rel=1e-6) for e in expected]
+    assert expected[0] != pytest.approx(expected[1], rel=1e-3)  # the state does move between steps
+    assert elapsed >= 3 * slow  # steps 2..4 each waited for the block before them
+
+
+def test_a_failing_block_is_counted_and_its_step_still_arrives(sink, monkeypatch):
+    def broken(self, state, dtype):
+        raise RuntimeError("deep block failed")
+
+    monkeypatch.setattr(step_stats._DeepPlan, "compute", broken)
+    model, opt = make_run()
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=2) as monitor:
+        train(model, opt, monitor, 6)
+    assert monitor.errors_by_where.get("deep_stats") == 3  # the last one counted by close() at the latest
+    sink.wait_for(lambda: len(sink.steps()) == 6 and sink.of_type(wire.MessageType.MONITOR_ERRORS))
+    steps = sink.steps()
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
+    assert not any("deep" in s for s in steps)
+    assert math.isfinite(steps[1]["loss"]) and steps[1]["grad_norm"] > 0
+    assert sink.of_type(wire.MessageType.MONITOR_ERRORS)[-1]["errors"]["deep_stats"] == 3
+
+
+def test_close_sends_the_block_still_in_flight(sink, monkeypatch):
+    original = step_stats._DeepPlan.compute
+
+    def slow_compute(self, state, dtype):
+        time.sleep(0.3)
+        return original(self, state, dtype)
+
+    monkeypatch.setattr(step_stats._DeepPlan, "compute", slow_compute)
+    model, opt = make_run()
+    monitor = adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=1)
+    train(model, opt, monitor, 1)
+    assert monitor._deep_job.busy
+    monitor.close()
+    sink.wait_for(lambda: sink.of_type(wire.MessageType.GOODBYE))
+    (step,) = sink.steps()
+    assert step["step"] == 1 and len(step["deep"]) == 2 and step["deep"][0]["exp_avg_norm"] > 0
+    assert not monitor._deep_job._thread.is_alive()
+
+
+def test_deep_stats_thread_is_a_bool():
+    model, opt = make_run()
+    with pytest.raises(ValueError, match="deep_stats_thread must be True or False"):
+        adamwatch.watch(opt, deep_stats_thread="yes")
