@@ -23,7 +23,8 @@ Arms:
 | clipping | ``torch.nn.utils.clip_grad_norm_(params, 1.0)`` |
 | adamwatch | ``observe_loss(loss)``, hooks; per-step summaries only |
 | adamwatch + clipping | the two above |
-| adamwatch, deep every N | per-step summaries, Adam-state statistics every N steps |
+| adamwatch, deep every N | per-step summaries, Adam-state statistics every N steps (on the CPU on a helper thread) |
+| adamwatch, deep every N, in the hook | the same, computed in the post-step hook (``deep_stats_thread=False``; CPU runs) |
 | adamwatch + fingerprint every K | per-step summaries and the replica fingerprint every K steps |
 
 The adamwatch arms stream to one real ``adamwatch-sidecar`` process; at the end
@@ -176,6 +177,11 @@ def build_arms(cfg: GPTConfig, args) -> list[Arm]:
         Arm("adamwatch + clipping", cfg, args, clip=True, watch=dict(deep_stats_every=0)),
         Arm(f"adamwatch, deep every {every}", cfg, args, watch=dict(deep_stats_every=every)),
     ]
+    if args.device == "cpu":
+        # The same, with the block computed in the post-step hook (deep_stats_thread=False):
+        # what the helper thread takes off the training thread, side by side.
+        arms.append(Arm(f"adamwatch, deep every {every}, in the hook", cfg, args,
+                        watch=dict(deep_stats_every=every, deep_stats_thread=False)))
     if args.fingerprint_every:
         arms.append(Arm(f"adamwatch + fingerprint every {args.fingerprint_every}", cfg, args,
                         watch=dict(deep_stats_every=0, fingerprint_every=args.fingerprint_every)))

@@ -15,8 +15,10 @@ which it is unless steps are shorter than the job.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from typing import Callable
 
 import torch
@@ -45,6 +47,11 @@ class BackgroundJob:
         # CPU seconds the jobs took on the helper thread (benchmarks report it).
         self.cpu_seconds = 0.0
         self.jobs = 0
+        # A fork (a DataLoader's workers, multiprocessing) copies only the forking
+        # thread: let the job in flight finish first, so no lock it holds inside
+        # torch is copied held, and start a fresh helper in the child if it uses one.
+        ref = weakref.ref(self)
+        os.register_at_fork(before=lambda: _before_fork(ref), after_in_child=lambda: _after_fork_in_child(ref))
 
     def submit(self, job: Callable[[], None]) -> bool:
         """Start ``job`` on the helper thread; False (nothing started) once closed."""
@@ -100,3 +107,24 @@ class BackgroundJob:
                 self.cpu_seconds += clock() - began
                 self.jobs += 1
                 self._done.set()
+
+
+# How long a fork waits for the job in flight (a block takes milliseconds; never hang a fork).
+_FORK_WAIT_SECONDS = 10.0
+
+
+def _before_fork(ref: "weakref.ref[BackgroundJob]") -> None:
+    job = ref()
+    if job is not None and job._pending:
+        job._done.wait(_FORK_WAIT_SECONDS)
+
+
+def _after_fork_in_child(ref: "weakref.ref[BackgroundJob]") -> None:
+    job = ref()
+    if job is not None:
+        # The helper thread does not exist here: the next submit starts one.
+        job._thread = None
+        job._pending = False
+        job._job = None
+        job._start = threading.Event()
+        job._done = threading.Event()

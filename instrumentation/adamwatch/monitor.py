@@ -6,6 +6,7 @@ The Monitor attaches to the optimizer through torch's public step hooks:
 | --- | --- | --- |
 | pre-step | reduce gradients (norms, non-finite) and the loss on the device; with fused Adam, set ``found_inf`` so a non-finite step is skipped by the kernel | none |
 | post-step | every N steps reduce Adam's state (effective LR, update size, ...); start the async copy of one small vector; apply pending remediation actions | none |
+| deep-statistics thread (CPU only) | the Adam-state reduction of the post-step row, overlapping the next forward and backward; the next pre-step waits for it | none |
 | background thread | wait for the copy, decode, send to the sidecar, receive commands | (its own) |
 
 With a non-fused optimizer, ``guard="sync"`` skips non-finite steps at the cost
@@ -1069,18 +1070,11 @@ class Monitor:
         try:
             frames = []
             for values, layout in self._transfer.collect(0):
-                meta = layout.meta
-                # The usual step: packed straight from its fields (no payload dict).
-                fields = plain_step(values, layout) if packed and "skip_reason" not in meta else None
-                if fields is not None:
-                    loss, grad_norm, group_norms, grad_nonfinite, lr = fields
-                    frame = wire.encode_plain_step_packed(
-                        meta["step"], meta["time"], meta["duration_s"], loss, grad_norm, group_norms,
-                        grad_nonfinite, lr, meta.get("samples"), meta.get("tokens"))
-                    if frame is not None:
-                        frames.append(frame)
-                        self._note_step_health(meta["step"], not grad_nonfinite and (loss is None or loss - loss == 0))
-                        continue
+                usual = self._usual_step_frame(values, layout) if packed else None
+                if usual is not None:
+                    frames.append(usual[0])
+                    self._note_step_health(layout.meta["step"], usual[1])
+                    continue
                 p = self._payload(values, layout)
                 self._note_health(p)
                 fp = p.pop("fingerprint", None)
@@ -1107,6 +1101,22 @@ class Monitor:
         except Exception:
             self._report_error("evaluation_footprint")
         return frames
+
+    @staticmethod
+    def _usual_step_frame(values: list[float], layout: StepLayout) -> tuple[bytes, bool] | None:
+        """The usual step's STEP_PACKED frame straight from its fields (no payload dict;
+        the client thread holds the GIL meanwhile), and whether the step was healthy.
+        None for any other step: the caller takes the general path."""
+        meta = layout.meta
+        fields = plain_step(values, layout) if "skip_reason" not in meta else None
+        if fields is None:
+            return None
+        loss, grad_norm, group_norms, grad_nonfinite, lr = fields
+        frame = wire.encode_plain_step_packed(meta["step"], meta["time"], meta["duration_s"], loss, grad_norm,
+                                              group_norms, grad_nonfinite, lr, meta.get("samples"), meta.get("tokens"))
+        if frame is None:
+            return None
+        return frame, not grad_nonfinite and (loss is None or loss - loss == 0)  # (inf - inf and NaN are NaN)
 
     @staticmethod
     def _encode_json_step(payload: dict[str, Any]) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 
@@ -144,3 +145,31 @@ def test_deep_stats_thread_is_a_bool():
     model, opt = make_run()
     with pytest.raises(ValueError, match="deep_stats_thread must be True or False"):
         adamwatch.watch(opt, deep_stats_thread="yes")
+
+
+def test_a_fork_waits_for_the_block_and_the_child_gets_a_helper_of_its_own(sink, monkeypatch):
+    """A DataLoader's workers fork between steps, while a block may be computing."""
+    original = step_stats._DeepPlan.compute
+
+    def slow_compute(self, state, dtype):
+        time.sleep(0.3)
+        return original(self, state, dtype)
+
+    monkeypatch.setattr(step_stats._DeepPlan, "compute", slow_compute)
+    model, opt = make_run()
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=1) as monitor:
+        train(model, opt, monitor, 1)
+        job = monitor._deep_job
+        assert job.busy
+        began = time.monotonic()
+        pid = os.fork()
+        if pid == 0:  # the child: the helper is gone; a new job runs on a new one
+            ran = []
+            job.submit(lambda: ran.append(threading.current_thread().name))
+            job.wait()
+            os._exit(0 if ran == ["adamwatch-deep-stats"] else 1)
+        forked_after = time.monotonic() - began
+        assert not job.busy  # the fork waited for the block
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert forked_after >= 0.2
