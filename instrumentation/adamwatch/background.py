@@ -50,8 +50,7 @@ class BackgroundJob:
         # A fork (a DataLoader's workers, multiprocessing) copies only the forking
         # thread: let the job in flight finish first, so no lock it holds inside
         # torch is copied held, and start a fresh helper in the child if it uses one.
-        ref = weakref.ref(self)
-        os.register_at_fork(before=lambda: _before_fork(ref), after_in_child=lambda: _after_fork_in_child(ref))
+        _JOBS.add(self)
 
     def submit(self, job: Callable[[], None]) -> bool:
         """Start ``job`` on the helper thread; False (nothing started) once closed."""
@@ -111,20 +110,24 @@ class BackgroundJob:
 
 # How long a fork waits for the job in flight (a block takes milliseconds; never hang a fork).
 _FORK_WAIT_SECONDS = 10.0
+# Every live job, for the fork hooks (registered once: they cannot be unregistered).
+_JOBS: "weakref.WeakSet[BackgroundJob]" = weakref.WeakSet()
 
 
-def _before_fork(ref: "weakref.ref[BackgroundJob]") -> None:
-    job = ref()
-    if job is not None and job._pending:
-        job._done.wait(_FORK_WAIT_SECONDS)
+def _before_fork() -> None:
+    for job in list(_JOBS):
+        if job._pending:
+            job._done.wait(_FORK_WAIT_SECONDS)
 
 
-def _after_fork_in_child(ref: "weakref.ref[BackgroundJob]") -> None:
-    job = ref()
-    if job is not None:
+def _after_fork_in_child() -> None:
+    for job in list(_JOBS):
         # The helper thread does not exist here: the next submit starts one.
         job._thread = None
         job._pending = False
         job._job = None
         job._start = threading.Event()
         job._done = threading.Event()
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)

@@ -940,12 +940,13 @@ class Monitor:
         try:
             deep, present = self._stats.deep()
         except Exception:
+            self._report_error("deep_stats")
             if self._cross_rank is None:
-                raise
+                self._submit(vector, layout, tail)  # the step without its block, as on the helper thread
+                return
             # The other ranks are entering the deep reduction (a collective):
             # enter it too, with NaN, so that they get NaN norms, not a partial
             # sum, and nobody waits forever.
-            self._report_error("deep_stats")
             deep, present = self._cross_rank.failed_deep(vector.device, vector.dtype)
         if self._cross_rank is not None:  # global m, v, update and weight norms under sharding
             deep, present = self._cross_rank.reduce_deep(deep, present)

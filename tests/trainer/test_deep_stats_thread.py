@@ -105,15 +105,16 @@ def test_the_next_step_waits_for_a_slow_block(sink, monkeypatch):
     assert elapsed >= 3 * slow  # steps 2..4 each waited for the block before them
 
 
-def test_a_failing_block_is_counted_and_its_step_still_arrives(sink, monkeypatch):
+@pytest.mark.parametrize("threaded", [True, False])
+def test_a_failing_block_is_counted_and_its_step_still_arrives(sink, monkeypatch, threaded):
     def broken(self, state, dtype):
         raise RuntimeError("deep block failed")
 
     monkeypatch.setattr(step_stats._DeepPlan, "compute", broken)
     model, opt = make_run()
-    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=2) as monitor:
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=2, deep_stats_thread=threaded) as monitor:
         train(model, opt, monitor, 6)
-    assert monitor.errors_by_where.get("deep_stats") == 3  # the last one counted by close() at the latest
+    assert monitor.errors_by_where == {"deep_stats": 3}  # the last one counted by close() at the latest
     sink.wait_for(lambda: len(sink.steps()) == 6 and sink.of_type(wire.MessageType.MONITOR_ERRORS))
     steps = sink.steps()
     assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
