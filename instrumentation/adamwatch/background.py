@@ -72,6 +72,13 @@ class BackgroundJob:
             self._done.wait()
             self._pending = False
 
+    def settle(self, timeout: float) -> bool:
+        """From any thread: wait up to ``timeout`` for the job in flight; True when none is.
+
+        (``wait`` is the submitting thread's: it also clears the submission.)
+        """
+        return not self._pending or self._done.wait(timeout)
+
     @property
     def busy(self) -> bool:
         """A job was submitted and has not finished yet."""
@@ -116,8 +123,7 @@ _JOBS: "weakref.WeakSet[BackgroundJob]" = weakref.WeakSet()
 
 def _before_fork() -> None:
     for job in list(_JOBS):
-        if job._pending:
-            job._done.wait(_FORK_WAIT_SECONDS)
+        job.settle(_FORK_WAIT_SECONDS)
 
 
 def _after_fork_in_child() -> None:

@@ -619,6 +619,9 @@ class Monitor:
 
     def _say_goodbye(self, timeout: float = _SIGNAL_GOODBYE_SECONDS) -> None:
         if self._client is not None and not self._goodbye_sent:
+            if self._deep_job is not None:
+                # A signal's goodbye (another thread): the deep step on the helper goes out first.
+                self._deep_job.settle(timeout / 4)
             self._goodbye_sent = True
             self._client.close(timeout, goodbye={"reason": "closed", "step": self.step,
                                                  **{k: v for k, v in self._exit.items() if v is not None}})
@@ -935,7 +938,8 @@ class Monitor:
             # On the CPU: the block is computed on the helper thread while the
             # next forward and backward run; the next step waits for it first.
             compute = self._stats.prepare_deep()
-            self._deep_job.submit(lambda: self._submit_with_deep(vector, layout, tail, compute))
+            if not self._deep_job.submit(lambda: self._submit_with_deep(vector, layout, tail, compute)):
+                self._submit_with_deep(vector, layout, tail, compute)  # closed meanwhile: here, then
             return
         try:
             deep, present = self._stats.deep()

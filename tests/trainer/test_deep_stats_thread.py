@@ -174,3 +174,27 @@ def test_a_fork_waits_for_the_block_and_the_child_gets_a_helper_of_its_own(sink,
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert forked_after >= 0.2
+
+
+def test_a_signals_goodbye_waits_for_the_block_on_the_helper(sink, monkeypatch):
+    """A SIGTERM's goodbye comes from another thread while the hooks stay: the deep step goes out first."""
+    original = step_stats._DeepPlan.compute
+
+    def slow_compute(self, state, dtype):
+        time.sleep(0.3)
+        return original(self, state, dtype)
+
+    monkeypatch.setattr(step_stats._DeepPlan, "compute", slow_compute)
+    model, opt = make_run()
+    monitor = adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=1, report_exits=False)
+    try:
+        train(model, opt, monitor, 1)
+        assert monitor._deep_job.busy
+        monitor._report_exit("preemption", signal="SIGTERM")  # what the SIGTERM handler calls
+        sink.wait_for(lambda: sink.of_type(wire.MessageType.GOODBYE))
+        order = [m.type for m in sink.messages if m.type in (wire.MessageType.STEP, wire.MessageType.GOODBYE)]
+        assert order == [wire.MessageType.STEP, wire.MessageType.GOODBYE]
+        assert len(sink.steps()[0]["deep"]) == 2
+        assert sink.of_type(wire.MessageType.GOODBYE)[0]["signal"] == "SIGTERM"
+    finally:
+        monitor.close()
