@@ -631,6 +631,21 @@ _ENCODE_SLOTS = tuple((2 * i, name, kind, _HEAD_INDEX.get(name, -1)) for i, (nam
 _FLOAT, _INT = float, int
 
 
+def _with_null_bitmap(values: list) -> tuple[list, bytearray]:
+    """group_grad_norms as packed: nulls become 0.0, and bit i of the bitmap marks value i null."""
+    bitmap = bytearray((len(values) + 7) >> 3)
+    if None not in values:
+        return values, bitmap
+    filled = []
+    for j, v in enumerate(values):
+        if v is None:
+            bitmap[j >> 3] |= 1 << (j & 7)
+            filled.append(0.0)
+        else:
+            filled.append(v)
+    return filled, bitmap
+
+
 def encode_step_packed(payload: Mapping[str, Any]) -> bytes:
     """Serialise a STEP payload into a STEP_PACKED frame (header included).
 
@@ -679,16 +694,7 @@ def encode_step_packed(payload: Mapping[str, Any]) -> bytes:
             if name not in _PACKED_NAMES:
                 tail[name] = value
     n = len(ggn)
-    bitmap = bytearray((n + 7) // 8)
-    if None in ggn:
-        values = []
-        for j, v in enumerate(ggn):
-            if v is None:
-                bitmap[j >> 3] |= 1 << (j & 7)
-                values.append(0.0)
-            else:
-                values.append(v)
-        ggn = values
+    ggn, bitmap = _with_null_bitmap(ggn)
     tail_bytes = _dumps(tail).encode("utf-8") if tail else b""
     head[2], head[3], head[4], head[5] = n, len(lr), presence, len(tail_bytes)
     body = b"".join((_PACKED_HEAD.pack(*head), _array(n).pack(*ggn), bitmap, _array(len(lr)).pack(*lr), tail_bytes))
@@ -754,16 +760,7 @@ def encode_plain_step_packed(step: int, time: float, duration_s: float | None, l
     else:
         return None
     n = len(group_grad_norms)
-    bitmap = bytearray((n + 7) >> 3)
-    if None in group_grad_norms:
-        values = []
-        for j, v in enumerate(group_grad_norms):
-            if v is None:
-                bitmap[j >> 3] |= 1 << (j & 7)
-                values.append(0.0)
-            else:
-                values.append(v)
-        group_grad_norms = values
+    group_grad_norms, bitmap = _with_null_bitmap(group_grad_norms)
     body = b"".join((
         _PACKED_HEAD.pack(STEP_PACKED_VERSION, 0, n, len(lr), presence, 0, step, time, duration_s, loss,
                           grad_norm, samples, tokens, 0.0, 0.0),
