@@ -708,6 +708,18 @@ _PLAIN_PRESENCE = (2 << _SLOT_SHIFT["step"] | 2 << _SLOT_SHIFT["time"] | 2 << _S
                    | 2 << _SLOT_SHIFT["lr"] | 2 << _SLOT_SHIFT["skipped"] | 1 << _SLOT_SHIFT["skip_reason"])
 
 
+def _nullable_float(value: Any) -> int:
+    """Presence code of a nullable float slot: 1 null, 2 a float, 0 not representable as given."""
+    return 1 if value is None else 2 if type(value) is float else 0
+
+
+def _optional_int(value: Any) -> int | None:
+    """Presence code of an optional int slot: 0 absent, 2 an int64, None not representable as given."""
+    if value is None:
+        return 0
+    return 2 if type(value) is int and _INT_MIN <= value <= _INT_MAX else None
+
+
 def encode_plain_step_packed(step: int, time: float, duration_s: float | None, loss: float | None,
                              grad_norm: float | None, group_grad_norms: list, grad_nonfinite: bool,
                              lr: list, samples: int | None, tokens: int | None) -> bytes | None:
@@ -726,39 +738,23 @@ def encode_plain_step_packed(step: int, time: float, duration_s: float | None, l
     if (type(step) is not int or type(time) is not float or not _INT_MIN <= step <= _INT_MAX
             or not _float_list(group_grad_norms, nulls=True) or not _float_list(lr, nulls=False)):
         return None
-    presence = _PLAIN_PRESENCE | (3 if grad_nonfinite else 2) << _SLOT_SHIFT["grad_nonfinite"]
-    if duration_s is None:
-        presence |= 1 << _SLOT_SHIFT["duration_s"]
-        duration_s = 0.0
-    elif type(duration_s) is float:
-        presence |= 2 << _SLOT_SHIFT["duration_s"]
-    else:
+    d_code, g_code = _nullable_float(duration_s), _nullable_float(grad_norm)
+    s_code, t_code = _optional_int(samples), _optional_int(tokens)
+    if not (d_code and g_code) or s_code is None or t_code is None:
         return None
+    presence = (_PLAIN_PRESENCE | (3 if grad_nonfinite else 2) << _SLOT_SHIFT["grad_nonfinite"]
+                | d_code << _SLOT_SHIFT["duration_s"] | g_code << _SLOT_SHIFT["grad_norm"]
+                | s_code << _SLOT_SHIFT["samples"] | t_code << _SLOT_SHIFT["tokens"])
     if loss is None:
         loss = 0.0
     elif type(loss) is float:
         presence |= 2 << _SLOT_SHIFT["loss"] | (2 if loss - loss == 0.0 else 3) << _SLOT_SHIFT["loss_nonfinite"]
     else:
         return None
-    if grad_norm is None:
-        presence |= 1 << _SLOT_SHIFT["grad_norm"]
-        grad_norm = 0.0
-    elif type(grad_norm) is float:
-        presence |= 2 << _SLOT_SHIFT["grad_norm"]
-    else:
-        return None
-    if samples is None:
-        samples = 0
-    elif type(samples) is int and _INT_MIN <= samples <= _INT_MAX:
-        presence |= 2 << _SLOT_SHIFT["samples"]
-    else:
-        return None
-    if tokens is None:
-        tokens = 0
-    elif type(tokens) is int and _INT_MIN <= tokens <= _INT_MAX:
-        presence |= 2 << _SLOT_SHIFT["tokens"]
-    else:
-        return None
+    duration_s = duration_s if d_code == 2 else 0.0
+    grad_norm = grad_norm if g_code == 2 else 0.0
+    samples = samples if s_code else 0
+    tokens = tokens if t_code else 0
     n = len(group_grad_norms)
     group_grad_norms, bitmap = _with_null_bitmap(group_grad_norms)
     body = b"".join((

@@ -59,6 +59,20 @@ def compute_threads(monkeypatch):
     return names
 
 
+@pytest.fixture
+def slow_blocks(monkeypatch) -> float:
+    """Every deep block takes 0.3 s more (longer than a step of these models); returns that."""
+    original = step_stats._DeepPlan.compute
+    slow = 0.3
+
+    def slow_compute(self, state, dtype):
+        time.sleep(slow)
+        return original(self, state, dtype)
+
+    monkeypatch.setattr(step_stats._DeepPlan, "compute", slow_compute)
+    return slow
+
+
 def test_the_helper_thread_computes_the_same_block_as_the_step_path(sink, compute_threads):
     steps = 6
     for threaded in (False, True):
@@ -74,16 +88,8 @@ def test_the_helper_thread_computes_the_same_block_as_the_step_path(sink, comput
     assert compute_threads == ["MainThread"] * 3 + ["adamwatch-deep-stats"] * 3
 
 
-def test_the_next_step_waits_for_a_slow_block(sink, monkeypatch):
+def test_the_next_step_waits_for_a_slow_block(sink, slow_blocks):
     """The block reads the state the next update rewrites: that update must wait for it."""
-    original = step_stats._DeepPlan.compute
-    slow = 0.3
-
-    def slow_compute(self, state, dtype):
-        time.sleep(slow)  # longer than a step of this model
-        return original(self, state, dtype)
-
-    monkeypatch.setattr(step_stats._DeepPlan, "compute", slow_compute)
     model, opt = make_run()
     expected: list[list[float]] = []
     busy_after_step: list[bool] = []
@@ -102,7 +108,7 @@ def test_the_next_step_waits_for_a_slow_block(sink, monkeypatch):
     got = [[group["exp_avg_norm"] for group in s["deep"]] for s in sink.steps()]
     assert got == [pytest.approx(e, rel=1e-6) for e in expected]
     assert expected[0] != pytest.approx(expected[1], rel=1e-3)  # the state does move between steps
-    assert elapsed >= 3 * slow  # steps 2..4 each waited for the block before them
+    assert elapsed >= 3 * slow_blocks  # steps 2..4 each waited for the block before them
 
 
 @pytest.mark.parametrize("threaded", [True, False])
@@ -123,14 +129,7 @@ def test_a_failing_block_is_counted_and_its_step_still_arrives(sink, monkeypatch
     assert sink.of_type(wire.MessageType.MONITOR_ERRORS)[-1]["errors"]["deep_stats"] == 3
 
 
-def test_close_sends_the_block_still_in_flight(sink, monkeypatch):
-    original = step_stats._DeepPlan.compute
-
-    def slow_compute(self, state, dtype):
-        time.sleep(0.3)
-        return original(self, state, dtype)
-
-    monkeypatch.setattr(step_stats._DeepPlan, "compute", slow_compute)
+def test_close_sends_the_block_still_in_flight(sink, slow_blocks):
     model, opt = make_run()
     monitor = adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=1)
     train(model, opt, monitor, 1)
@@ -148,15 +147,8 @@ def test_deep_stats_thread_is_a_bool():
         adamwatch.watch(opt, deep_stats_thread="yes")
 
 
-def test_a_fork_waits_for_the_block_and_the_child_gets_a_helper_of_its_own(sink, monkeypatch):
+def test_a_fork_waits_for_the_block_and_the_child_gets_a_helper_of_its_own(sink, slow_blocks):
     """A DataLoader's workers fork between steps, while a block may be computing."""
-    original = step_stats._DeepPlan.compute
-
-    def slow_compute(self, state, dtype):
-        time.sleep(0.3)
-        return original(self, state, dtype)
-
-    monkeypatch.setattr(step_stats._DeepPlan, "compute", slow_compute)
     model, opt = make_run()
     with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=1) as monitor:
         train(model, opt, monitor, 1)
@@ -176,15 +168,8 @@ def test_a_fork_waits_for_the_block_and_the_child_gets_a_helper_of_its_own(sink,
         assert forked_after >= 0.2
 
 
-def test_a_signals_goodbye_waits_for_the_block_on_the_helper(sink, monkeypatch):
+def test_a_signals_goodbye_waits_for_the_block_on_the_helper(sink, slow_blocks):
     """A SIGTERM's goodbye comes from another thread while the hooks stay: the deep step goes out first."""
-    original = step_stats._DeepPlan.compute
-
-    def slow_compute(self, state, dtype):
-        time.sleep(0.3)
-        return original(self, state, dtype)
-
-    monkeypatch.setattr(step_stats._DeepPlan, "compute", slow_compute)
     model, opt = make_run()
     monitor = adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=1, report_exits=False)
     try:
