@@ -934,33 +934,36 @@ class Monitor:
         if not (every and self.step % every == 0 and skip_reason is None):
             self._submit(vector, layout, tail)
             return
-        if self._deep_job is not None:
-            # On the CPU: the block is computed on the helper thread while the
-            # next forward and backward run; the next step waits for it first.
-            compute = self._stats.prepare_deep()
-            if not self._deep_job.submit(lambda: self._submit_with_deep(vector, layout, tail, compute)):
-                self._submit_with_deep(vector, layout, tail, compute)  # closed meanwhile: here, then
+        if self._cross_rank is None:
+            # One path, here or on the helper thread (CPU: the block is computed
+            # while the next forward and backward run; the next step waits for it).
+            try:
+                compute = self._stats.prepare_deep()
+            except Exception:
+                self._report_error("deep_stats")
+                self._submit(vector, layout, tail)  # the step without its block
+                return
+            job = lambda: self._submit_with_deep(vector, layout, tail, compute)  # noqa: E731
+            if self._deep_job is None or not self._deep_job.submit(job):
+                job()  # in the hook (a GPU, deep_stats_thread=False, or a helper closed meanwhile)
             return
+        # Under the cross-rank reduction, in the hook: the block's reduction is a collective.
         try:
             deep, present = self._stats.deep()
         except Exception:
             self._report_error("deep_stats")
-            if self._cross_rank is None:
-                self._submit(vector, layout, tail)  # the step without its block, as on the helper thread
-                return
             # The other ranks are entering the deep reduction (a collective):
             # enter it too, with NaN, so that they get NaN norms, not a partial
             # sum, and nobody waits forever.
             deep, present = self._cross_rank.failed_deep(vector.device, vector.dtype)
-        if self._cross_rank is not None:  # global m, v, update and weight norms under sharding
-            deep, present = self._cross_rank.reduce_deep(deep, present)
+        deep, present = self._cross_rank.reduce_deep(deep, present)  # global m, v, update and weight norms
         layout.deep_groups = present
         self._submit(vector, layout, [deep, *tail])
 
     def _submit_with_deep(self, vector: torch.Tensor | FoldedStepVector, layout: StepLayout,
                           tail: list[torch.Tensor], compute: Callable[[], tuple[torch.Tensor, list[bool]]]) -> None:
-        """The helper thread's job: the deep block, then the summary (sent without the
-        block, and the failure counted, if the block cannot be computed)."""
+        """The deep block, then the summary (sent without the block, and the failure
+        counted, if the block cannot be computed): in the hook or on the helper thread."""
         try:
             deep, present = compute()
         except Exception:
