@@ -19,6 +19,7 @@ Arms:
 | arm | what the step does besides forward, backward, AdamW |
 | --- | --- |
 | bare | nothing |
+| bare, second copy | nothing, on a second copy of the model: its ratio to bare is the run's resolution |
 | naive logger | ``loss.item()``, ``get_total_norm(grads).item()``, ``math.isfinite`` on both |
 | clipping | ``torch.nn.utils.clip_grad_norm_(params, 1.0)`` |
 | adamwatch | ``observe_loss(loss)``, hooks; per-step summaries only |
@@ -109,10 +110,13 @@ def make(cfg: GPTConfig, device: str = "cpu", *, groups: int = 2, impl: str = "d
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               monitor=None, *, clip: bool = False, before_update=None) -> None:
-    """One training step as a user writes it: forward, backward, (observe_loss), (clip), update."""
+               monitor=None, *, clip: bool = False, before_update=None, after_backward=None) -> None:
+    """One training step as a user writes it: forward, backward, (observe_loss), (clip), update.
+    ``after_backward()`` is called right after backward (benchmarks/step_sections.py's timestamp)."""
     loss = model(x, y)
     loss.backward()
+    if after_backward is not None:
+        after_backward()
     if monitor is not None:
         monitor.observe_loss(loss)
     if before_update is not None:
@@ -144,9 +148,9 @@ class Arm:
         if self.watch is not None:
             self.monitor = adamwatch.watch(self.opt, endpoint=endpoint, job=job, **self.watch)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor, after_backward=None) -> None:
         train_step(self.model, self.opt, x, y, self.monitor, clip=self.clip,
-                   before_update=self._log_naively if self.naive else None)
+                   before_update=self._log_naively if self.naive else None, after_backward=after_backward)
 
     def _log_naively(self, loss: torch.Tensor) -> None:
         value = loss.item()
@@ -171,6 +175,9 @@ def build_arms(cfg: GPTConfig, args) -> list[Arm]:
     every = args.block
     arms = [
         Arm("bare", cfg, args),
+        # Exactly bare, on its own copy of the model: what this run reads for an arm
+        # that adds nothing, so its distance from 1 is the run's resolution.
+        Arm("bare, second copy", cfg, args),
         Arm("naive logger", cfg, args, naive=True),
         Arm("clipping", cfg, args, clip=True),
         Arm("adamwatch", cfg, args, watch=dict(deep_stats_every=0)),
@@ -192,6 +199,8 @@ def run(args) -> int:
     cfg = GPTConfig(block_size=64, **MODELS[args.model])
     corpus = ArithmeticCorpus(cfg.block_size, seed=1)
     arms = build_arms(cfg, args)
+    if args.rounds is None:
+        args.rounds = len(arms)  # every arm in every position once per repeat
     n_params = sum(p.numel() for p in arms[0].params)
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"model={args.model} ({n_params / 1e6:.2f}M params, {len(arms[0].opt.param_groups)} param groups) "
@@ -290,6 +299,9 @@ def run(args) -> int:
               f"training thread + helper thread: {total:+.2f} CPU ms per step over bare")
     print(f"\nsidecar received every step of every watched arm ({expected} each): "
           f"{'yes' if not missing else 'NO, got ' + repr(missing)}")
+    twin = results["bare, second copy"]
+    print(f"resolution of this run: bare's second copy reads {twin:.4f} (median); differences between arms "
+          f"smaller than {abs(twin - 1):.4f} are not resolved by this run")
     per_step = results["adamwatch"]
     deep = results[f"adamwatch, deep every {args.block}"]
     print(f"budget (medians): per-step <= 1.02 -> {'OK' if per_step <= 1.02 else 'OVER'}; "
@@ -321,8 +333,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.groups <= 64:
         parser.error(f"--groups must be in 1..64, got {args.groups}")
-    if args.rounds is None:
-        args.rounds = 6 + (1 if args.fingerprint_every else 0)
     torch.set_num_threads(args.threads)
     return run(args)
 

@@ -1,6 +1,6 @@
-"""benchmarks/config_check.py and benchmarks/clip_overhead.py at a tiny scale, so that they cannot rot.
+"""benchmarks/config_check.py, clip_overhead.py and step_sections.py at a tiny scale, so that they cannot rot.
 
-Both import their model, optimizer and step from benchmarks/trainer_overhead.py; its
+All import their model and optimizer from benchmarks/trainer_overhead.py; its
 rewrite once left them failing at import while the README still quoted their figures.
 Each must run against its real sidecar and print every row (facts, not timings).
 """
@@ -37,3 +37,14 @@ def test_clip_overhead_prints_every_arm():
     for arm in ("clip", "adamwatch", "adamwatch+clip"):
         assert any(line.split()[:1] == [arm] and "median ratio to bare" in line for line in out.splitlines()), out
     assert "adamwatch on top of clipping:" in out, out
+
+
+@pytest.mark.slow
+def test_step_sections_prints_every_arm_and_both_comparisons():
+    out = run("step_sections.py", "--iterations", "6", "--repeats", "2", "--warmup", "1", "--threads", "1")
+    lines = out.splitlines()
+    for arm in ("bare", "bare, second copy", "naive logger", "clipping", "adamwatch", "adamwatch + clipping"):
+        assert any(line.startswith(arm + " ") and line.split()[-1].startswith(("+", "-")) for line in lines), out
+    assert any(line.startswith("resolution of this run: bare's second copy reads ") for line in lines), out
+    assert any(line.startswith("adamwatch - naive logger: ") for line in lines), out
+    assert any(line.startswith("adamwatch + clipping - clipping: ") for line in lines), out

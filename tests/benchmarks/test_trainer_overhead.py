@@ -13,8 +13,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BENCHMARK = ROOT / "benchmarks" / "trainer_overhead.py"
-ARMS = ("bare", "naive logger", "clipping", "adamwatch", "adamwatch + clipping", "adamwatch, deep every 2",
-        "adamwatch + fingerprint every 3")
+ARMS = ("bare", "bare, second copy", "naive logger", "clipping", "adamwatch", "adamwatch + clipping",
+        "adamwatch, deep every 2", "adamwatch + fingerprint every 3")
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -33,6 +33,11 @@ def test_every_arm_runs_and_the_sidecar_receives_every_step():
         assert len(re.findall(r"\d+\.\d{4} / \d+\.\d{4} / \d+\.\d{4}", line)) == 2  # wall and thread-CPU ratios
     # 2 steps x 7 rounds x 2 repeats per arm, every one of them in the sidecar's adamwatch_steps_total
     assert "sidecar received every step of every watched arm (28 each): yes" in out
+    # the run states its own resolution: the second bare copy's distance from 1
+    twin = next(l for l in out.splitlines() if l.startswith("bare, second copy "))
+    median = float(re.findall(r"\d+\.\d{4} / (\d+\.\d{4}) / \d+\.\d{4}", twin)[0])
+    assert f"bare's second copy reads {median:.4f} (median)" in out
+    assert f"smaller than {abs(median - 1):.4f} are not resolved" in out
 
 
 def test_more_groups_than_parameter_tensors_is_refused_by_name():
