@@ -29,6 +29,8 @@ import torch
 import torch.nn.utils
 import torch.nn.utils.clip_grad as _clip_grad
 
+from adamwatch.not_traced import not_traced
+
 __all__ = ["ClipObserver", "attach", "detach", "installed"]
 
 
@@ -46,7 +48,7 @@ _original = _clip_grad._clip_grads_with_norm_
 _original_clip_grad_norm_ = _clip_grad.clip_grad_norm_
 
 
-@torch.compiler.disable
+@not_traced
 def _clip_grads_with_norm_(parameters: Any, max_norm: float, total_norm: torch.Tensor, foreach: bool | None = None) -> None:
     # A generator would be consumed by the observers: make it a list once.
     parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
@@ -59,7 +61,7 @@ _clip_grads_with_norm_.__doc__ = _original.__doc__
 _clip_grads_with_norm_.__wrapped__ = _original  # type: ignore[attr-defined]
 
 
-@torch.compiler.disable
+@not_traced
 def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
                     foreach: bool | None = None) -> torch.Tensor:
     if norm_type == 2.0 and not error_if_nonfinite and len(_observers):

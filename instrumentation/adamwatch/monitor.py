@@ -45,6 +45,7 @@ from adamwatch.optimizer_info import describe_optimizer, group_names, is_fused
 from adamwatch.remediation import Action, ActionResult, Remediator, SchedulerStepHook, skip_next_scheduler_step
 from adamwatch.shards import params_are_sharded
 from adamwatch.mixed_precision import GradScalerStats
+from adamwatch.not_traced import not_traced
 from adamwatch.spike_guard import SpikeGuard, SpikeGuardConfig
 from adamwatch.step_extensions import StepContext, StepExtension
 from adamwatch.step_stats import (SKIP_INDEX, GradNorms, StepLayout, StepStats, decode_step, plain_step,
@@ -55,12 +56,6 @@ from adamwatch.unwrap import unwrap_optimizer
 __all__ = ["watch", "Monitor", "MonitorConfig"]
 
 log = logging.getLogger("adamwatch")
-
-# Our hooks run eagerly even inside a compiled ``optimizer.step()``: traced, they
-# would break its graph into pieces and guard on host state that changes every
-# step (timestamps, counters), recompiling until dynamo's limit. Kept out of the
-# trace, they cost one graph break each around an unchanged compiled update.
-_not_traced = torch.compiler.disable
 
 _GUARDS = ("auto", "off", "sync")
 
@@ -394,7 +389,7 @@ class Monitor:
                                                     sample_size=self.config.sample_size, seed=self.config.seed))
 
     # ------------------------------------------------------------------ user API
-    @_not_traced
+    @not_traced
     def observe_loss(self, loss: torch.Tensor | float, *, scaled_by: float = 1) -> None:
         """Record a loss of the current step. A tensor is fine: nothing waits for the device.
 
@@ -409,7 +404,7 @@ class Monitor:
         """
         self._loss_window.add(loss, scaled_by)
 
-    @_not_traced
+    @not_traced
     def summarize_step(self) -> None:
         """Summarise the current step now: its gradients (pre-clip, unscaled) and its loss.
 
@@ -655,7 +650,7 @@ class Monitor:
             counts = dict(self.errors_by_where)
         return wire.encode_frame(wire.MessageType.MONITOR_ERRORS, {"errors": counts})
 
-    @_not_traced
+    @not_traced
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._deep_job is not None:
             self._deep_job.wait()  # the last deep block reads the state this step updates
@@ -866,7 +861,7 @@ class Monitor:
         except Exception:
             self._report_error("clip")
 
-    @_not_traced
+    @not_traced
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._found_inf_set:
             self._found_inf_set = False
