@@ -120,11 +120,11 @@ class MonitorConfig:
             STEP_PACKED, default) or "json" (for a sidecar older than
             STEP_PACKED); None: ``$ADAMWATCH_STEP_ENCODING``, else "packed".
         deep_stats_thread: when the parameters are on the CPU, compute the
-            Adam-state block on a helper thread (adamwatch.background) while
-            the next forward and backward run; the next optimizer step waits
-            for it, since it reads the state that step updates. Free when torch
-            leaves a core idle (fewer intra-op threads than cores), the same CPU
-            otherwise. False: in the post-step hook. Never used on a GPU (its
+            Adam-state block and the replica fingerprint on a helper thread
+            (adamwatch.background) while the next forward and backward run;
+            the next optimizer step waits for them, since they read the state
+            that step updates. Free when torch leaves a core idle (fewer
+            intra-op threads than cores), the same CPU otherwise. False: in the post-step hook. Never used on a GPU (its
             kernels are asynchronous already) or with cross-rank reductions
             (collectives stay on the training thread). The values are the same.
     """
@@ -326,8 +326,8 @@ class Monitor:
         self._setup_remediation(on_stop)
         self._cross_rank = self._setup_cross_rank()
         self._deep_job: BackgroundJob | None = None
-        if (config.deep_stats_thread and config.deep_stats_every and self._stats.device.type == "cpu"
-                and self._cross_rank is None):
+        if (config.deep_stats_thread and (config.deep_stats_every or config.fingerprint_every)
+                and self._stats.device.type == "cpu" and self._cross_rank is None):
             self._deep_job = BackgroundJob("adamwatch-deep-stats", self._report_error)
 
         endpoint = config.endpoint or os.environ.get(wire.ENDPOINT_ENV)
@@ -916,9 +916,7 @@ class Monitor:
                 layout.clip_from_norm = True
             else:
                 tail.append(clip[1])
-        if self.config.fingerprint_every and self.step % self.config.fingerprint_every == 0:
-            tail.append(fingerprint(self.optimizer, self._stats.device, self._stats.dtype))
-            layout.fingerprint = True
+        fingerprint_due = bool(self.config.fingerprint_every) and self.step % self.config.fingerprint_every == 0
         samples = self._samples_next if self._samples_next is not None else self.config.samples_per_step
         tokens = self._tokens_next if self._tokens_next is not None else self.config.tokens_per_step
         self._samples_next = self._tokens_next = None
@@ -926,21 +924,31 @@ class Monitor:
         if skip_reason is not None:
             layout.meta["skip_reason"] = skip_reason
         every = self.config.deep_stats_every
-        if not (every and self.step % every == 0 and skip_reason is None):
+        deep_due = bool(every) and self.step % every == 0 and skip_reason is None
+        if not deep_due and not fingerprint_due:
             self._submit(vector, layout, tail)
             return
         if self._cross_rank is None:
-            # One path, here or on the helper thread (CPU: the block is computed
-            # while the next forward and backward run; the next step waits for it).
-            try:
-                compute = self._stats.prepare_deep()
-            except Exception:
-                self._report_error("deep_stats")
-                self._submit(vector, layout, tail)  # the step without its block
-                return
-            job = lambda: self._submit_with_deep(vector, layout, tail, compute)  # noqa: E731
+            # One path, here or on the helper thread (CPU: the deep block and the
+            # fingerprint are computed while the next forward and backward run;
+            # the next step waits for them, as they read the state it updates).
+            compute = None
+            if deep_due:
+                try:
+                    compute = self._stats.prepare_deep()
+                except Exception:
+                    self._report_error("deep_stats")  # the step goes without its block
+            job = lambda: self._submit_with_state_blocks(vector, layout, tail, compute, fingerprint_due)  # noqa: E731
             if self._deep_job is None or not self._deep_job.submit(job):
                 job()  # in the hook (a GPU, deep_stats_thread=False, or a helper closed meanwhile)
+            return
+        if fingerprint_due:
+            try:
+                tail.append(self._fingerprint_block(layout))
+            except Exception:
+                self._report_error("fingerprint")  # and on: the deep reduction below is a collective
+        if not deep_due:
+            self._submit(vector, layout, tail)
             return
         # Under the cross-rank reduction, in the hook: the block's reduction is a collective.
         try:
@@ -955,18 +963,35 @@ class Monitor:
         layout.deep_groups = present
         self._submit(vector, layout, [deep, *tail])
 
-    def _submit_with_deep(self, vector: torch.Tensor | FoldedStepVector, layout: StepLayout,
-                          tail: list[torch.Tensor], compute: Callable[[], tuple[torch.Tensor, list[bool]]]) -> None:
-        """The deep block, then the summary (sent without the block, and the failure
-        counted, if the block cannot be computed): in the hook or on the helper thread."""
-        try:
-            deep, present = compute()
-        except Exception:
-            self._report_error("deep_stats")
-        else:
-            layout.deep_groups = present
-            tail = [deep, *tail]
+    def _submit_with_state_blocks(self, vector: torch.Tensor | FoldedStepVector, layout: StepLayout,
+                                  tail: list[torch.Tensor],
+                                  compute: Callable[[], tuple[torch.Tensor, list[bool]]] | None,
+                                  fingerprint_due: bool) -> None:
+        """The blocks read from the weights and Adam's state (the deep block, the
+        fingerprint), then the summary: in the hook or on the helper thread. A block
+        that cannot be computed is left out and its failure counted; the step is sent."""
+        if compute is not None:
+            try:
+                deep, present = compute()
+            except Exception:
+                self._report_error("deep_stats")
+            else:
+                layout.deep_groups = present
+                tail = [deep, *tail]
+        if fingerprint_due:
+            try:
+                block = self._fingerprint_block(layout)
+            except Exception:
+                self._report_error("fingerprint")
+            else:
+                tail = [*tail, block]
         self._submit(vector, layout, tail)
+
+    def _fingerprint_block(self, layout: StepLayout) -> torch.Tensor:
+        """The replica fingerprint, the vector's last block (after the clip's)."""
+        block = fingerprint(self.optimizer, self._stats.device, self._stats.dtype)
+        layout.fingerprint = True
+        return block
 
     def _submit(self, vector: torch.Tensor | FoldedStepVector, layout: StepLayout, tail: list[torch.Tensor]) -> None:
         for block in tail:

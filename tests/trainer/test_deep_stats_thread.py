@@ -183,3 +183,57 @@ def test_a_signals_goodbye_waits_for_the_block_on_the_helper(sink, slow_blocks):
         assert sink.of_type(wire.MessageType.GOODBYE)[0]["signal"] == "SIGTERM"
     finally:
         monitor.close()
+
+
+def test_the_fingerprint_is_computed_on_the_helper_with_the_same_value(sink, monkeypatch):
+    """The replica fingerprint reads the weights and Adam's state like the deep block: on
+    the helper too, even with deep statistics off, and the same value as in the hook."""
+    from adamwatch import monitor as monitor_module
+
+    threads: list[str] = []
+    original = monitor_module.fingerprint
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(monitor_module, "fingerprint", recording)
+    steps = 6
+    expected: list[int] = []
+    for threaded in (False, True):
+        model, opt = make_run()
+
+        def after_step(i: int) -> None:  # the truth, computed here after the inline run's even steps
+            if not threaded and i % 2 == 1:
+                expected.append(int(original(opt, torch.device("cpu")).item()))
+
+        with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=0, fingerprint_every=2,
+                             deep_stats_thread=threaded) as monitor:
+            assert (monitor._deep_job is not None) is threaded
+            train(model, opt, monitor, steps, after_step)
+    sink.wait_for(lambda: len(sink.of_type(wire.MessageType.FINGERPRINT)) == 6)
+    sent = [(m["step"], m["fingerprint"]) for m in sink.of_type(wire.MessageType.FINGERPRINT)]
+    inline, helper = sent[:3], sent[3:]
+    assert inline == list(zip([2, 4, 6], expected))
+    assert helper == inline
+    assert threads == ["MainThread"] * 3 + ["adamwatch-deep-stats"] * 3
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_a_failing_fingerprint_is_counted_and_its_step_still_arrives(sink, monkeypatch, threaded):
+    from adamwatch import monitor as monitor_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("fingerprint failed")
+
+    monkeypatch.setattr(monitor_module, "fingerprint", broken)
+    model, opt = make_run()
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=2, fingerprint_every=2,
+                         deep_stats_thread=threaded) as monitor:
+        train(model, opt, monitor, 4)
+    assert monitor.errors_by_where == {"fingerprint": 2}
+    sink.wait_for(lambda: len(sink.steps()) == 4)
+    steps = sink.steps()
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert sink.of_type(wire.MessageType.FINGERPRINT) == []
+    assert [("deep" in s) for s in steps] == [False, True, False, True]  # the deep block is unaffected
