@@ -13,7 +13,8 @@ timed too but kept out of the comparison.
 Six copies of the model (the demo's unless ``--model`` says otherwise; same
 initial weights, same batches) train interleaved, the order rotating every
 iteration, with trainer_overhead.py's own step code; the watched arms stream to
-one real ``adamwatch-sidecar`` process. Per arm it prints the mean time after
+one real ``adamwatch-sidecar`` process, each client pausing six times the default
+100 ms between sends, since each arm steps six times slower than alone. Per arm it prints the mean time after
 backward (and its median), the mean added over bare with min / median / max
 over the repeats, and the added time as a share of bare's whole step. A second
 bare arm, which adds nothing, shows what the run resolves. What it cannot see:
@@ -60,7 +61,14 @@ class TimedArm:
 
     def __init__(self, name: str, cfg: GPTConfig, settings: types.SimpleNamespace):
         self.name = name
-        self.arm = Arm(name, cfg, settings, **ARMS[name])
+        options = dict(ARMS[name])
+        if "watch" in options:
+            # Each arm steps once per turn of all arms: its client paces its sends
+            # that many times 100 ms (the default pause), so that it sends as many
+            # steps per turn as a run training alone, and is never woken from idle
+            # by a step, which such a run never is either.
+            options["watch"] = dict(options["watch"], batch_interval=0.1 * len(ARMS))
+        self.arm = Arm(name, cfg, settings, **options)
         self.after: list[int] = []  # ns from the end of backward to the end of zero_grad
         self.whole: list[int] = []  # ns for the whole step
         self._backward_done = 0
