@@ -5,16 +5,13 @@ gradients while the host runs ahead, and the reader thread reads the result.
 On a CPU there is no device to run ahead: every op of the reduction runs on
 the training thread, and after backward each dispatch costs 10-90 µs of cold
 caches. So on the CPU the step path does the one op that must see this step's
-gradients (the fused norm pass, ``torch._foreach_norm``) and hands its per-tensor
-norms and the loss to the reader thread, which folds them into the per-group
-sums of squares and the global one in Python, off the training thread. The
-norms go as the pass returned them, one 0-dim tensor each: stacking them into
-one tensor would be a second op on the step path (~30 µs with cold caches at
-the demo model), where the reader reads each with a ``tolist`` of CPU memory
-that keeps the GIL (~0.5 µs). A clip before the step has stacked them already
-(adamwatch.grad_clip): then the reader reads that one tensor. Every microsecond
-the reader holds the GIL is one the training thread may wait for, so it makes
-no torch call (an op would release the GIL and take it back).
+gradients (the fused norm pass, ``torch._foreach_norm``, its norms stacked into
+one tensor) and hands that and the loss to the reader thread, which folds the
+per-tensor norms into the per-group sums of squares and the global one in
+Python, off the training thread. The reader's share is one ``tolist`` of CPU
+memory per tensor (the clip's norm pass, adamwatch.grad_clip, is the same
+stacked tensor): it holds the GIL for microseconds, and every microsecond it
+holds it is one the training thread may wait for.
 
 Nothing here can see a changed value: the norms are new tensors nobody else
 holds, the loss is the detached tensor ``observe_loss`` kept, and the tail
@@ -38,17 +35,15 @@ class FoldedStepVector:
 
     Args:
         loss: the step's loss (a 0-dim CPU tensor), or None (the vector holds NaN).
-        norms: the float32 per-tensor gradient norms (one fused pass): the 0-dim
-            tensors the pass returned, or those stacked into one tensor, or None
-            when no parameter has a gradient.
+        norms: the float32 per-tensor gradient norms (one fused pass) stacked
+            into one tensor, or None when no parameter has a gradient.
         owners: the param group of each norm.
         num_groups: param groups in the vector.
     """
 
     __slots__ = ("loss", "norms", "owners", "num_groups", "tail")
 
-    def __init__(self, loss: torch.Tensor | None, norms: torch.Tensor | list[torch.Tensor] | None, owners: list[int],
-                 num_groups: int):
+    def __init__(self, loss: torch.Tensor | None, norms: torch.Tensor | None, owners: list[int], num_groups: int):
         self.loss = loss
         self.norms = norms
         self.owners = owners
@@ -72,10 +67,8 @@ class FoldedStepVector:
         """
         loss = float("nan") if self.loss is None else self.loss.tolist()  # a 0-dim tensor: a float
         sq = [0.0] * self.num_groups
-        norms = self.norms
-        if norms is not None:
-            values = norms.tolist() if isinstance(norms, torch.Tensor) else [t.tolist() for t in norms]
-            for owner, norm in zip(self.owners, values):
+        if self.norms is not None:
+            for owner, norm in zip(self.owners, self.norms.tolist()):
                 sq[owner] += norm * norm
         total = 0.0
         for value in sq:

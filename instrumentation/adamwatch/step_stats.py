@@ -148,14 +148,6 @@ class GradNorms:
             self._stacked = torch.stack(self._stats._on_device(self.norms))
         return self._stacked
 
-    def for_reader(self) -> torch.Tensor | list[torch.Tensor] | None:
-        """The norms for the reader thread to fold (adamwatch.folded_vector): the one
-        tensor when a clip stacked them already, else as the pass returned them (no
-        op on the step path); None when no parameter has a gradient."""
-        if not self.norms:
-            return None
-        return self._stacked if self._stacked is not None else self.norms
-
     def total_norm(self) -> torch.Tensor:
         """The global norm exactly as ``clip_grad_norm_`` computes it from these norms (float32)."""
         return torch.linalg.vector_norm(self.stacked(), 2.0)
@@ -517,7 +509,8 @@ class StepStats:
             if isinstance(lr, torch.Tensor):
                 return None
             host_lrs.append(float(lr))
-        vector = FoldedStepVector(loss_t, norms.for_reader(), norms.owner_list, norms.num_groups)
+        stacked = norms.stacked() if norms.norms else None  # (a clip before the step stacked them already)
+        vector = FoldedStepVector(loss_t, stacked, norms.owner_list, norms.num_groups)
         layout = StepLayout(
             num_groups=len(groups),
             has_loss=loss is not None,

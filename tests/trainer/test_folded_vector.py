@@ -25,15 +25,8 @@ def _with_grads(groups: int = 3, *, poison: str | None = None) -> torch.optim.Op
     return opt
 
 
-def _both(opt: torch.optim.Optimizer, loss, *, stacked: bool = False, **kwargs):
-    """The folded vector (its norms as the pass returned them, or ``stacked`` as a
-    clip before the step leaves them) and the tensor path's vector."""
-    stats = StepStats(opt, fold_on_reader=True)
-    if stacked:
-        kwargs["norms"] = stats.grad_norms()
-        kwargs["norms"].stacked()
-    folded, _, folded_layout = stats.per_step(loss, **kwargs)
-    kwargs.pop("norms", None)
+def _both(opt: torch.optim.Optimizer, loss, **kwargs):
+    folded, _, folded_layout = StepStats(opt, fold_on_reader=True).per_step(loss, **kwargs)
     tensor, _, tensor_layout = StepStats(opt).per_step(loss, **kwargs)
     return folded, folded_layout, tensor, tensor_layout
 
@@ -41,12 +34,10 @@ def _both(opt: torch.optim.Optimizer, loss, *, stacked: bool = False, **kwargs):
 @pytest.mark.parametrize("loss", [torch.tensor(2.75), torch.tensor(1.5, dtype=torch.bfloat16),
                                   torch.tensor([0.5], dtype=torch.float64), 3.25, None])
 @pytest.mark.parametrize("poison", [None, "nan", "inf"])
-@pytest.mark.parametrize("stacked", [False, True], ids=["norms-as-computed", "norms-stacked-by-a-clip"])
-def test_the_folded_vector_reads_what_the_tensor_path_computes(loss, poison, stacked):
+def test_the_folded_vector_reads_what_the_tensor_path_computes(loss, poison):
     opt = _with_grads(poison=poison)
-    folded, folded_layout, tensor, tensor_layout = _both(opt, loss, stacked=stacked)
+    folded, folded_layout, tensor, tensor_layout = _both(opt, loss)
     assert isinstance(folded, FoldedStepVector) and isinstance(tensor, torch.Tensor)
-    assert isinstance(folded.norms, torch.Tensor) is stacked  # one tensor only when a clip stacked them
     assert folded.numel() == tensor.numel()
     got, want = folded.tolist(), tensor.tolist()
     assert got == pytest.approx(want, rel=1e-12, nan_ok=True)
@@ -106,15 +97,14 @@ def test_the_reader_makes_no_torch_call_but_tolist():
     assert calls.names and set(calls.names) == {"tolist"}, calls.names
 
 
-def test_the_step_path_runs_one_norm_pass_and_nothing_else():
-    """The norms reach the reader as the pass returned them: no stack on the step path."""
+def test_the_step_path_runs_one_norm_pass_and_one_stack():
     opt = _with_grads()
     stats = StepStats(opt, fold_on_reader=True)
     loss = torch.tensor(1.0)
     with _TorchCalls() as calls:
         stats.per_step(loss)
     ops = [n for n in calls.names if n not in ("__get__", "dim", "numel")]
-    assert ops == ["_foreach_norm"], calls.names
+    assert ops == ["_foreach_norm", "stack"], calls.names
 
 
 @pytest.mark.parametrize("case", ["guard", "grad_scale", "found_inf", "tensor_lr", "extension", "cuda_loss_like"])
@@ -162,9 +152,9 @@ class _AdamwatchCalls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_watched_cpu_step_makes_one_op_and_no_more():
-    """The whole watched step on the CPU, hooks included: the norm pass (and
-    observe_loss's detach). Any op added to the step path shows up here."""
+def test_a_watched_cpu_step_makes_the_two_ops_and_no_more():
+    """The whole watched step on the CPU, hooks included: the norm pass and one stack
+    (and observe_loss's detach). Any op added to the step path shows up here."""
     import adamwatch
 
     torch.manual_seed(0)
@@ -180,7 +170,7 @@ def test_a_watched_cpu_step_makes_one_op_and_no_more():
                 opt.step()
             opt.zero_grad()
             metadata = {"__get__", "dim", "numel"}
-            assert [n for n in calls.names if n not in metadata] == ["detach", "_foreach_norm"], calls.names
+            assert [n for n in calls.names if n not in metadata] == ["detach", "_foreach_norm", "stack"], calls.names
         assert monitor.errors == 0
     finally:
         monitor.close()
