@@ -245,7 +245,7 @@ def run(args) -> int:
         other_cpu = (time.process_time() - process_cpu) - (time.thread_time() - thread_cpu)
         loop_seconds = time.perf_counter() - loop_start
         all_watched_steps = sum(args.block * total_rounds for arm in arms if arm.monitor is not None)
-        helper = {}  # arm -> (CPU seconds, blocks) of its deep-statistics thread (CPU runs)
+        helper = {}  # arm -> (CPU seconds, jobs) of its helper thread: deep blocks, fingerprints (CPU runs)
         for arm in arms:
             if arm.monitor is not None:
                 arm.monitor.close()
@@ -290,13 +290,15 @@ def run(args) -> int:
     print(f"CPU of the process's other threads: the {monitors} watched arms' client threads "
           f"{1000 * client_cpu / loop_seconds / monitors:.2f} ms per second per monitor, "
           f"{1000 * client_cpu / max(1, all_watched_steps):.3f} ms per watched step")
-    for name, (cpu, blocks) in helper.items():
-        # On the CPU the deep block runs on a helper thread (adamwatch.background) while the
-        # next forward and backward run: off the training thread's wall time, not free CPU.
+    for name, (cpu, jobs) in helper.items():
+        # On the CPU the deep block and the fingerprint run on a helper thread (adamwatch.background)
+        # while the next forward and backward run: off the training thread's wall time, not free CPU.
         arm = next(a for a in arms if a.name == name)
-        total = 1000 * (arm.cpu_seconds - arms[0].cpu_seconds) / arm.steps + 1000 * cpu / (blocks * args.block)
-        print(f"{name}: its deep blocks took {1000 * cpu / blocks:.2f} ms of CPU each on the helper thread; "
-              f"training thread + helper thread: {total:+.2f} CPU ms per step over bare")
+        per_step = 1000 * cpu / (args.block * total_rounds)  # every step the arm ran, warm-up included
+        total = 1000 * (arm.cpu_seconds - arms[0].cpu_seconds) / arm.steps + per_step
+        print(f"{name}: helper thread (deep block, fingerprint) {1000 * cpu / jobs:.2f} ms of CPU per job, "
+              f"{jobs} jobs, {per_step:.3f} ms per step; training thread + helper: {total:+.2f} CPU ms per step "
+              f"over bare")
     print(f"\nsidecar received every step of every watched arm ({expected} each): "
           f"{'yes' if not missing else 'NO, got ' + repr(missing)}")
     twin = results["bare, second copy"]
