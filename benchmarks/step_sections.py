@@ -130,14 +130,17 @@ def report(arms: list[TimedArm], args) -> None:
           f"iterations={args.iterations} repeats={args.repeats}")
     print(f"bare step {bare_step / 1e6:.2f} ms (mean); after backward {statistics.mean(bare.after) / 1e3:.1f} us")
     print(f"{'arm':<22}{'after backward, us mean / median':>34}{'added us (min / median / max)':>34}"
-          f"{'added, share of a step':>26}")
+          f"{'added, share of a step':>26}{'whole step added, us':>24}")
     added: dict[str, float] = {}
     for arm in arms:
         over = [statistics.mean(arm.after[c]) - statistics.mean(bare.after[c]) for c in chunks]
         added[arm.name] = statistics.median(over)
+        # The whole step too (forward and backward are the same for every arm, but the
+        # client threads' turns land there): noisier, for comparison only.
+        whole = statistics.mean(arm.whole) - bare_step
         print(f"{arm.name:<22}{statistics.mean(arm.after) / 1e3:>20.1f} / {statistics.median(arm.after) / 1e3:<11.1f}"
               f"{min(over) / 1e3:>16.1f} / {statistics.median(over) / 1e3:.1f} / {max(over) / 1e3:<6.1f}"
-              f"{added[arm.name] / bare_step:>+18.4f}")
+              f"{added[arm.name] / bare_step:>+18.4f}{whole / 1e3:>+22.1f}")
     twin = added["bare, second copy"] / bare_step
     print(f"resolution of this run: bare's second copy reads {twin:+.4f} of a step")
     vs_naive = (added["adamwatch"] - added["naive logger"]) / bare_step

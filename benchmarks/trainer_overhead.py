@@ -22,11 +22,11 @@ Arms:
 | bare, second copy | nothing, on a second copy of the model: its ratio to bare is the run's resolution |
 | naive logger | ``loss.item()``, ``get_total_norm(grads).item()``, ``math.isfinite`` on both |
 | clipping | ``torch.nn.utils.clip_grad_norm_(params, 1.0)`` |
-| adamwatch | ``observe_loss(loss)``, hooks; per-step summaries only |
+| adamwatch | ``observe_loss(loss)``, hooks: per-step summaries and, as by default, the replica fingerprint every 100 steps (no deep statistics) |
 | adamwatch + clipping | the two above |
 | adamwatch, deep every N | per-step summaries, Adam-state statistics every N steps (on the CPU on a helper thread) |
 | adamwatch, deep every N, in the hook | the same, computed in the post-step hook (``deep_stats_thread=False``; CPU runs) |
-| adamwatch + fingerprint every K | per-step summaries and the replica fingerprint every K steps |
+| adamwatch + fingerprint every K | per-step summaries and the replica fingerprint every K steps (at the default K = 100, the adamwatch arm's own configuration: a second reading of it) |
 
 The adamwatch arms stream to one real ``adamwatch-sidecar`` process; at the end
 the benchmark reads its ``/metrics`` and checks that it received every step of
