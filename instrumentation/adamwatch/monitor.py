@@ -124,9 +124,10 @@ class MonitorConfig:
             (adamwatch.background) while the next forward and backward run;
             the next optimizer step waits for them, since they read the state
             that step updates. Free when torch leaves a core idle (fewer
-            intra-op threads than cores), the same CPU otherwise. False: in the post-step hook. Never used on a GPU (its
-            kernels are asynchronous already) or with cross-rank reductions
-            (collectives stay on the training thread). The values are the same.
+            intra-op threads than cores), the same CPU otherwise. False: in
+            the post-step hook. Never used on a GPU (its kernels are
+            asynchronous already) or with cross-rank reductions (collectives
+            stay on the training thread). The values are the same.
     """
 
     endpoint: str | None = None
