@@ -125,3 +125,21 @@ def test_readme_defaults_table_lists_every_alert_with_its_severity_and_for():
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1] == rule["labels"]["severity"]
         assert cells[3] == (rule.get("for") or "none")
+
+
+def test_the_monitor_errors_runbook_explains_every_where_the_trainer_counts():
+    """``adamwatch_monitor_errors_total{where}`` takes its label from the names the trainer
+    passes when it counts a failure; the runbook's table must explain each of them."""
+    root = RUNBOOKS.parents[1] / "instrumentation" / "adamwatch"
+    counted = set()
+    for source in root.rglob("*.py"):
+        counted.update(re.findall(r"""(?:_report_error|_on_error|on_error)\(\s*["']([a-z_]+)["']""",
+                                  source.read_text()))
+        counted.update(re.findall(r"""@guarded\(\s*["']([a-z_]+)["']""", source.read_text()))
+    adapter_events = {name for name in counted if name.startswith("on_")}
+    table = (RUNBOOKS / "AdamwatchMonitorErrors.md").read_text().split("| where |", 1)[1].split("\n\n", 1)[0]
+    explained = set(re.findall(r"`([a-z_]+)`", table))
+    assert {"pre_step_summary", "fingerprint", "background_job", "control_queue_full"} <= counted  # the scan works
+    assert counted - adapter_events - explained == set()
+    # adapter failures are labelled "<framework> adapter: <event>", explained by one row
+    assert "`<framework> adapter: <event>`" in table and adapter_events
