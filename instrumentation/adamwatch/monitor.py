@@ -126,8 +126,9 @@ class MonitorConfig:
             that step updates. Free when torch leaves a core idle (fewer
             intra-op threads than cores), the same CPU otherwise. False: in
             the post-step hook. Never used on a GPU (its kernels are
-            asynchronous already) or with cross-rank reductions (collectives
-            stay on the training thread). The values are the same.
+            asynchronous already), with cross-rank reductions (collectives
+            stay on the training thread) or for sharded (FSDP) parameters.
+            The values are the same.
     """
 
     endpoint: str | None = None
@@ -327,8 +328,11 @@ class Monitor:
         self._setup_remediation(on_stop)
         self._cross_rank = self._setup_cross_rank()
         self._deep_job: BackgroundJob | None = None
+        # Not for sharded parameters: FSDP1 points its flat parameters at the unsharded
+        # storage during forward and backward, so a helper reading them then would
+        # describe the whole tensor instead of this rank's shard.
         if (config.deep_stats_thread and (config.deep_stats_every or config.fingerprint_every)
-                and self._stats.device.type == "cpu" and self._cross_rank is None):
+                and self._stats.device.type == "cpu" and self._cross_rank is None and not self._params_sharded):
             self._deep_job = BackgroundJob("adamwatch-deep-stats", self._report_error)
 
         endpoint = config.endpoint or os.environ.get(wire.ENDPOINT_ENV)

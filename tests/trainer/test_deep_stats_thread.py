@@ -237,3 +237,16 @@ def test_a_failing_fingerprint_is_counted_and_its_step_still_arrives(sink, monke
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert sink.of_type(wire.MessageType.FINGERPRINT) == []
     assert [("deep" in s) for s in steps] == [False, True, False, True]  # the deep block is unaffected
+
+
+def test_sharded_parameters_keep_the_blocks_in_the_hook(sink):
+    """FSDP1 points its flat parameters at the unsharded storage during forward and backward:
+    a helper reading them then would describe the whole tensor, not this rank's shard."""
+    model, opt = make_run()
+    for p in model.parameters():
+        p._fsdp_flattened = True  # how adamwatch.shards recognises FSDP1's parameters
+    with adamwatch.watch(opt, endpoint=sink.endpoint, deep_stats_every=2) as monitor:
+        assert monitor._deep_job is None
+        train(model, opt, monitor, 2)
+    sink.wait_for(lambda: len(sink.steps()) == 2)
+    assert "deep" in sink.steps()[1]
