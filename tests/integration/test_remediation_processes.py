@@ -56,7 +56,10 @@ def test_nan_is_skipped_on_the_device_then_the_sidecar_restores(sidecar_with_pol
     run = run_trainer(sidecar, workdir, "nan")
     by_it = {r["it"]: r for r in run["records"]}
     # The fused guard skips the very first bad step: 0 steps late, params untouched and finite.
-    assert all(by_it[i]["unchanged"] for i in (120, 121, 122))
+    # The sidecar decides on the third NaN summary; when its restore command comes back
+    # within that step, the restore is applied at the end of it (its post-step hook).
+    assert by_it[120]["unchanged"] and by_it[121]["unchanged"]
+    assert by_it[122]["unchanged"] or by_it[122]["restored"]
     assert all(r["finite"] for r in run["records"])
     labels = {"job": "e2e", "rank": "0"}
     sidecar.wait_value("adamwatch_skipped_steps_total", lambda v: v == 3, reason="guard", **labels)

@@ -41,6 +41,7 @@ with adamwatch.watch(optimizer, endpoint=endpoint, job="e2e", rank=0, checkpoint
         loss.backward()
         mon.observe_loss(loss)
         before = [p.detach().clone() for p in model.parameters()]
+        restores_before = len(restores)
         optimizer.step()
         optimizer.zero_grad()
         unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -48,6 +49,8 @@ with adamwatch.watch(optimizer, endpoint=endpoint, job="e2e", rank=0, checkpoint
             ckpt.save(mon.step)
         records.append({"it": it, "step": mon.step, "loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"],
                         "lr_scale": mon.lr_scale, "unchanged": unchanged,
+                        # a sidecar restore applied at the end of this very step (its post-step hook)
+                        "restored": len(restores) > restores_before,
                         "finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
                         "t": time.time()})
         time.sleep(0.01)  # ~100 steps/s: the sidecar's command has a step boundary to land on

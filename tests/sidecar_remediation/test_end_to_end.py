@@ -61,7 +61,11 @@ def value(sidecar, name: str, **labels) -> float | None:
 def test_nan_steps_are_skipped_by_the_guard_and_the_sidecar_restores(sidecar, tmp_path):
     run = train(sidecar, tmp_path, "nan")
     by_it = {r["it"]: r for r in run["records"]}
-    assert all(by_it[i]["unchanged"] for i in (120, 121, 122))  # fused guard: 0 steps late
+    # The fused guard skips the very first bad step: 0 steps late, params untouched and finite.
+    # The sidecar decides on the third NaN summary; when its restore command comes back
+    # within that step, the restore is applied at the end of it (its post-step hook).
+    assert by_it[120]["unchanged"] and by_it[121]["unchanged"]
+    assert by_it[122]["unchanged"] or by_it[122]["restored"]
     assert all(r["finite"] for r in run["records"])
     lines = audit(sidecar)
     decisions = [x for x in lines if x["event"] == "decision"]
