@@ -948,10 +948,7 @@ class Monitor:
                 job()  # in the hook (a GPU, deep_stats_thread=False, or a helper closed meanwhile)
             return
         if fingerprint_due:
-            try:
-                tail.append(self._fingerprint_block(layout))
-            except Exception:
-                self._report_error("fingerprint")  # and on: the deep reduction below is a collective
+            tail = self._with_fingerprint(layout, tail)  # a failure counted, and on: the reduction is a collective
         if not deep_due:
             self._submit(vector, layout, tail)
             return
@@ -984,19 +981,19 @@ class Monitor:
                 layout.deep_groups = present
                 tail = [deep, *tail]
         if fingerprint_due:
-            try:
-                block = self._fingerprint_block(layout)
-            except Exception:
-                self._report_error("fingerprint")
-            else:
-                tail = [*tail, block]
+            tail = self._with_fingerprint(layout, tail)
         self._submit(vector, layout, tail)
 
-    def _fingerprint_block(self, layout: StepLayout) -> torch.Tensor:
-        """The replica fingerprint, the vector's last block (after the clip's)."""
-        block = fingerprint(self.optimizer, self._stats.device, self._stats.dtype)
+    def _with_fingerprint(self, layout: StepLayout, tail: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``tail`` with the replica fingerprint as its last block (after the clip's), or
+        as it is when the fingerprint cannot be computed (counted as ``fingerprint``)."""
+        try:
+            block = fingerprint(self.optimizer, self._stats.device, self._stats.dtype)
+        except Exception:
+            self._report_error("fingerprint")
+            return tail
         layout.fingerprint = True
-        return block
+        return [*tail, block]
 
     def _submit(self, vector: torch.Tensor | FoldedStepVector, layout: StepLayout, tail: list[torch.Tensor]) -> None:
         for block in tail:
