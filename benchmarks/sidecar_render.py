@@ -7,9 +7,11 @@ benchmarks/sidecar_throughput.py):
 
 1. Render time, p50 and p95, of the full renderer (one snapshot, every line
    formatted: /metrics before issue 15) and of the incremental one (/metrics now:
-   a trainer's bytes are reused until it changes), in two cases: "idle" (no step
-   between scrapes) and "all stepped" (every trainer applied a step between two
-   scrapes, the worst case of a 1 s scrape interval).
+   a trainer's bytes are reused until it changes), in three cases: "idle" (no
+   step between scrapes), "all stepped" (every trainer applied a step with a
+   deep block between two scrapes; the deep values repeat) and "all new" (the
+   same, with every value new and as long to write as a float32 statistic's:
+   the worst case, where every line of every trainer is written again).
 2. Ingest rate (RunState.apply of STEP messages on a thread, as the sidecar's
    ingest does) for a few seconds without scrapes and with a scrape every second
    at 1,024 ranks; min/median/max over 3 repeats and the ratio.
@@ -25,6 +27,8 @@ import statistics
 import sys
 import threading
 import time
+
+import numpy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,11 +53,31 @@ def _pct(times: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] * 1000
 
 
+def _all_new(step: int, rank: int) -> dict:
+    """A STEP with a deep block whose every value differs from the last one's (float32-like digits)."""
+    payload = _step(step, True)
+    scale = float(numpy.float32(1.0 + 1e-3 * step + 1e-6 * rank))
+
+    def new(value: float) -> float:
+        return float(numpy.float32(value * scale))
+
+    for name in ("loss", "grad_norm", "duration_s"):
+        payload[name] = new(payload[name])
+    payload["group_grad_norms"] = [new(v) for v in payload["group_grad_norms"]]
+    payload["lr"] = [new(v) for v in payload["lr"]]
+    payload["deep"] = [{name: [new(v) for v in value] if isinstance(value, list) else new(value)
+                        for name, value in entry.items()} for entry in payload["deep"]]
+    return payload
+
+
+CASES = ("idle", "all stepped", "all new")
+
+
 def _render_times(ranks: int, scrapes: int) -> dict[str, list[float]]:
     state, keys = _state(ranks)
     collector = RunStateCollector(state)
     full = RunStateCollector(state)
-    out: dict[str, list[float]] = {k: [] for k in ("full idle", "incr idle", "full all stepped", "incr all stepped")}
+    out: dict[str, list[float]] = {f"{kind} {case}": [] for case in CASES for kind in ("full", "incr")}
     collector.render_text(), full._render(state.snapshot())  # warm both caches, as after the first scrape
     step = 2
     for _ in range(scrapes):
@@ -64,14 +88,14 @@ def _render_times(ranks: int, scrapes: int) -> dict[str, list[float]]:
         t2 = time.perf_counter()
         out["full idle"].append(t1 - t0)
         out["incr idle"].append(t2 - t1)
-        for label, render in (("full all stepped", lambda: full._render(state.snapshot())),
-                              ("incr all stepped", collector.render_text)):
-            step += 1
-            for key in keys:
-                state.apply(key, wire.Message(STEP, _step(step, True)))
-            t0 = time.perf_counter()
-            render()
-            out[label].append(time.perf_counter() - t0)
+        for case, make in (("all stepped", lambda step, rank: _step(step, True)), ("all new", _all_new)):
+            for kind, render in (("full", lambda: full._render(state.snapshot())), ("incr", collector.render_text)):
+                step += 1
+                for rank, key in enumerate(keys):
+                    state.apply(key, wire.Message(STEP, make(step, rank)))
+                t0 = time.perf_counter()
+                render()
+                out[f"{kind} {case}"].append(time.perf_counter() - t0)
     return out
 
 
@@ -112,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     print("render (ms)   ranks  p50 full  p95 full  p50 incr  p95 incr  (full = before issue 15, incr = /metrics now)")
     for ranks in args.ranks:
         times = _render_times(ranks, args.scrapes)
-        for case in ("idle", "all stepped"):
+        for case in CASES:
             f, i = times[f"full {case}"], times[f"incr {case}"]
             print(f"  {case:<12}{ranks:>6}  {_pct(f, .5):8.1f}  {_pct(f, .95):8.1f}  {_pct(i, .5):8.1f}  {_pct(i, .95):8.1f}"
                   f"  (full/incr p50 {_pct(f, .5) / max(_pct(i, .5), 1e-9):.1f}x)")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -39,7 +39,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 from .metric_table import METRICS, MetricSpec
-from .run_state import HISTOGRAM_LE, RunState, Snapshot
+from .run_state import HISTOGRAM_LE, Part, RunState, Snapshot
 
 __all__ = ["RunStateCollector", "CONTENT_TYPE", "format_value"]
 
@@ -86,10 +86,10 @@ class RunStateCollector:
     def __init__(self, state: RunState):
         self.state = state
         self._label_text: dict[tuple[str, tuple[str, ...]], str] = {}
-        self._headers: dict[str, str] = {}
-        self._known: dict[Any, tuple[Any, int]] = {}  # RunState.snapshot_by_trainer's versions
-        # render_incremental: trainer key -> {family index: (samples, their lines)}
-        self._by_trainer: dict[Any, dict[int, tuple[list, str]]] = {}
+        self._headers: dict[str, bytes] = {}
+        self._known: dict[Any, tuple] = {}  # RunState.snapshot_by_trainer's record of each trainer
+        # render_incremental: trainer key -> its (steps, deep, rest) parts as written
+        self._by_trainer: dict[Any, tuple[_Segment, ...]] = {}
 
     # ------------------------------------------------------------------ prometheus_client
     def describe(self) -> Iterator[Metric]:
@@ -187,14 +187,15 @@ class RunStateCollector:
     def render_incremental(self) -> bytes:
         """The same exposition as :meth:`render_text`, re-rendering only what changed.
 
-        Each trainer's lines of each family are kept as bytes together with the
-        samples they were written from; the next scrape compares the fresh
-        samples (a cheap list comparison) and reuses the bytes when equal, so a
-        scrape of 1,024 ranks formats only the series that moved. The run state
-        is copied one trainer at a time under its lock (see
-        :meth:`RunState.snapshot_by_trainer`) and all formatting happens outside
-        it, so ingest keeps applying steps during a scrape. A trainer whose lines
-        cannot be written is left out and counted in
+        The run state is copied one trainer at a time under its lock (see
+        :meth:`RunState.snapshot_by_trainer`), only for trainers that changed
+        since the last scrape, and without their Adam-state statistics unless a
+        new deep block came; all formatting happens outside the lock, so ingest
+        keeps applying steps during a scrape. A trainer's lines are written in
+        its three parts (what STEPs move, the Adam-state statistics, the rest;
+        see :meth:`_write_segment`) and kept as bytes with the values they were
+        written from, so a scrape formats only the parts whose values moved. A
+        trainer whose lines cannot be written is left out and counted in
         ``adamwatch_sidecar_render_errors_total``.
         """
         # The copy allocates ~100 objects per trainer; a full collection of the
@@ -214,65 +215,162 @@ class RunStateCollector:
         if len(cache) > self._CACHE_LIMIT:
             cache.clear()
         old = self._by_trainer
-        new: dict[Any, dict[int, tuple[list, str]]] = {}
-        per_family: list[list[str]] = [[] for _ in specs]
+        new: dict[Any, tuple[_Segment, ...]] = {}
+        per_family: list[list[bytes]] = [[] for _ in specs]
         bad: list = []
-        for key, families in trainers:
-            if families is None:  # unchanged since the last scrape: its bytes as they were
-                kept = old.get(key)
-                if kept is not None:
-                    new[key] = kept
-                    for i, entry in kept.items():
-                        per_family[i].append(entry[1])
-                continue
-            before = old.get(key) or {}
-            try:
-                written: dict[int, tuple[list, str]] = {}
-                for i, samples in families:
-                    hit = before.get(i)
-                    if hit is not None and hit[0] == samples:
-                        written[i] = hit
-                    else:
-                        parts: list[str] = []
-                        self._body(specs[i], samples, parts)
-                        written[i] = (samples, "".join(parts))
-            except Exception:
-                bad.append(key)
-                known.pop(key, None)
-                continue
+        for key, parts in trainers:
+            before = old.get(key)
+            if parts is None:  # unchanged since the last scrape: its bytes as they were
+                if before is None:
+                    known.pop(key, None)  # cannot happen; if it did, copy it in full next time
+                    continue
+                written = before
+            else:
+                try:
+                    written = tuple(self._write_segment(specs, part, before[n] if before is not None else None)
+                                    for n, part in enumerate(parts))
+                except Exception:
+                    bad.append(key)
+                    known.pop(key, None)
+                    continue
             new[key] = written
-            for i, entry in written.items():
-                per_family[i].append(entry[1])
+            for segment in written:
+                for (i, _), chunk in zip(segment.layout, segment.chunks):
+                    per_family[i].append(chunk)
         self._by_trainer = new  # only this scrape's trainers: bounded by the state
         if len(known) > len(new):
             for key in [k for k in known if k not in new]:
                 del known[key]  # expired or failed
-        out: list[str] = []
+        out: list[bytes] = []
+        headers = self._headers
         for spec, chunks, glob in zip(specs, per_family, globs):
-            out.append(self._headers.get(spec.name) or self._headers.setdefault(spec.name, _header(spec)))
+            header = headers.get(spec.name)
+            if header is None:
+                header = headers[spec.name] = _header(spec).encode("utf-8")
+            out.append(header)
             out.extend(chunks)
             if glob:
                 for sample in glob:
                     try:
-                        parts = []
-                        self._body(spec, [sample], parts)
-                        out.append("".join(parts))
+                        lines: list[str] = []
+                        self._body(spec, [sample], lines)
+                        out.append("".join(lines).encode("utf-8"))
                     except Exception:
                         bad.append(None)
         if bad:
             self.state.count_render_errors(len(bad))
             log.warning("/metrics: left out the series of %d trainer(s) that could not be rendered: %.200s",
                         len(bad), sorted(map(str, bad)))
+        return b"".join(out)
+
+    def _write_segment(self, specs: list[MetricSpec], part: Part | None, before: _Segment | None) -> _Segment:
+        """The lines of one part of a trainer's series, as bytes per family, with what the next scrape reuses.
+
+        ``part`` None: unchanged since the last scrape (``before`` stands). The
+        values are written by one ``%`` over a template of the part's label sets
+        (``name{labels} %r`` per line, families separated by a NUL), kept while
+        the label sets stay the same: a step changes values, rarely labels, so
+        formatting the floats is then nearly the only work. Values equal to the
+        last scrape's reuse its bytes. A value that is not a finite number (NaN,
+        an infinity, a bug), or a label holding a NUL, takes the line-by-line
+        writer, which spells it as the text format does or raises.
+        """
+        if part is None:
+            if before is None:
+                raise AssertionError("a part reported unchanged has no earlier lines")
+            return before
+        layout, labels, values = part
+        if not layout:
+            return _EMPTY
+        template = None
+        if before is not None and before.layout == layout and before.labels == labels:
+            if before.values == values:
+                return before
+            template = before.template
+        numbers = self._numbers(specs, layout, values)
+        if numbers is not None:
+            if template is None:
+                template = self._template(specs, layout, labels)
+            if template is not None:
+                chunks = (template % numbers).encode("utf-8").split(b"\0")
+                return _Segment(layout, labels, values, template, chunks)
+        chunks = []
+        start = 0
+        for i, end in layout:
+            lines: list[str] = []
+            self._body(specs[i], list(zip(labels[start:end], values[start:end])), lines)
+            chunks.append("".join(lines).encode("utf-8"))
+            start = end
+        return _Segment(layout, labels, values, None, chunks)
+
+    @staticmethod
+    def _numbers(specs: list[MetricSpec], layout: list[tuple[int, int]], values: list) -> tuple[float, ...] | None:
+        """Every value of a part in line order as floats; None unless all are finite numbers."""
         try:
-            return "".join(out).encode("utf-8")
-        except UnicodeError:
-            # text that is not UTF-8 (cannot come from the wire): the slow path finds its trainer
-            self._by_trainer, self._known = {}, {}
-            snapshot = self.state.snapshot()
-            bad = _unrenderable(snapshot)
-            self.state.count_render_errors(max(1, len({k for k in bad if k is not None})))
-            return self._render([(spec, [s for s in samples if _trainer_of(spec, s[0]) not in bad
-                                         and _renders(spec, s)]) for spec, samples in snapshot])
+            numbers = tuple(map(float, values))
+        except TypeError:
+            # a histogram's (cumulative counts, sum, count): its lines are buckets, count, sum
+            flat: list = []
+            start = 0
+            for i, end in layout:
+                if specs[i].type == "histogram":
+                    for cumulative, total, count in values[start:end]:
+                        flat.extend(cumulative)
+                        flat.append(count)
+                        flat.append(total)
+                else:
+                    flat.extend(values[start:end])
+                start = end
+            try:
+                numbers = tuple(map(float, flat))
+            except (TypeError, ValueError):
+                return None
+        except ValueError:
+            return None
+        total = sum(numbers)
+        return numbers if total - total == 0.0 else None  # a NaN or infinity (or an overflowing sum)
+
+    def _template(self, specs: list[MetricSpec], layout: list[tuple[int, int]], labels: list) -> str | None:
+        """``_body``'s lines for these label sets with ``%r`` for each value, families NUL-separated.
+
+        None when a label value holds a NUL (the separator).
+        """
+        cache = self._label_text
+        families: list[str] = []
+        start = 0
+        for i, end in layout:
+            spec = specs[i]
+            name, names = spec.name, spec.labels
+            lines: list[str] = []
+            for values in labels[start:end]:
+                # label text goes into the template: its own % signs are escaped
+                text = _cached(cache, name, names, values).replace("%", "%%")
+                if spec.type == "histogram":
+                    for le in HISTOGRAM_LE:
+                        bucket = _cached(cache, name, names + ("le",), values + (le,)).replace("%", "%%")
+                        lines.append(f"{name}_bucket{bucket} %r\n")
+                    lines.append(f"{name}_count{text} %r\n")
+                    lines.append(f"{name}_sum{text} %r\n")
+                else:
+                    lines.append(f"{name}{text} %r\n")
+            families.append("".join(lines))
+            start = end
+        if any("\0" in f for f in families):
+            return None
+        return "\0".join(families)
+
+
+class _Segment(NamedTuple):
+    """One part of a trainer's series as the last scrape wrote it."""
+
+    layout: list  # [(family index, end), ...] as in run_state.Part
+    labels: list  # the label sets, aligned with values
+    values: list  # as the run state gave them: equal next time means these bytes stand
+    template: str | None  # the lines with %r for each value, families separated by NUL
+    chunks: list  # the lines of each family in ``layout``, as bytes
+
+
+_EMPTY = _Segment([], [], [], None, [])
 
 
 def _header(spec: MetricSpec) -> str:

@@ -29,6 +29,7 @@ loop thread: keep them quick and never block.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import math
 import threading
@@ -294,8 +295,10 @@ class _Trainer:
     # bumped by every RunState method that may change this trainer: the /metrics
     # renderer re-renders a trainer only when it moved (snapshot_by_trainer)
     version: int = 0
-    # group label + quantile label tuples, built once (the /metrics renderer compares them by identity)
-    quantile_labels: dict[int, tuple[tuple[str, ...], ...]] = field(default_factory=dict)  # group index ->
+    step_changes: int = 0  # how many of those bumps were STEPs (the rest of the families did not move)
+    # group label + quantile label tuples, built once (the /metrics renderer compares them by identity):
+    # group index -> that group's; -n -> those of groups 0..n-1 in a row
+    quantile_labels: dict[int, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
 
     def group_label(self, index: int) -> tuple[str, str, str]:
         labels = self.group_labels
@@ -505,6 +508,7 @@ class RunState:
                 if trainer is None:
                     raise wire.FrameError("unexpected", f"STEP for unknown trainer {key}")
                 trainer.version += 1
+                trainer.step_changes += 1
                 self._apply_step(trainer, payload)
         elif mtype is wire.MessageType.DROPPED:
             with self._lock:
@@ -900,7 +904,10 @@ class RunState:
                     custom = t.custom
                     for render, name, samples in pairs:
                         if hello and render is not None:
-                            render(t, samples)
+                            labels: list = []
+                            values: list = []
+                            render(t, labels, values)
+                            samples.extend(zip(labels, values))
                         if custom:
                             series = custom.get(name)
                             if series:
@@ -922,70 +929,73 @@ class RunState:
                                 "out of this scrape", key.job, key.rank, error)
         return list(zip(specs, lists))
 
-    def snapshot_by_trainer(self, known: dict | None = None) -> tuple[list[MetricSpec], list[tuple[TrainerKey, list[tuple[int, list]]]],
-                                           list[list[tuple[tuple[str, ...], Any]]]]:
+    def snapshot_by_trainer(self, known: dict | None = None) -> tuple[
+            list[MetricSpec], list[tuple[TrainerKey, tuple[Part | None, Part | None, Part | None] | None]],
+            list[list[tuple[tuple[str, ...], Any]]]]:
         """Every series, grouped by trainer, for the incremental /metrics renderer.
 
-        Same samples as :meth:`snapshot`; the lock is held one trainer at a time.
+        Same series as :meth:`snapshot`; the lock is held one trainer at a time.
+        A trainer's families come in three parts that change at different rates:
+        what every STEP moves (:data:`STEP_METRICS`), the Adam-state statistics
+        (:data:`DEEP_METRICS`, new only with a STEP's deep block: one step in
+        ``deep_stats_every``), and the rest (HELLO, checkpoints, errors,
+        remediation counters...). A part that cannot have changed since the
+        caller's last copy is not copied.
 
         Args:
-            known: the caller's ``{key: (trainer, version)}`` from its last call,
-                updated here; a trainer unchanged since then comes back as
-                ``(key, None)`` without being copied again.
+            known: the caller's record of each trainer from its last call,
+                updated here. Without it every part is copied.
 
         Returns:
             ``(specs, trainers, globals)``: ``specs`` is METRICS; ``trainers`` is
-            ``[(key, [(index into specs, [(label values, value), ...]), ...]), ...]``
-            with only the non-empty families, in the order :meth:`snapshot` writes
-            them; ``globals[i]`` holds the sidecar-wide samples of ``specs[i]``.
+            ``[(key, (steps, deep, rest)), ...]`` where each part is a
+            :data:`Part`, or None when unchanged since the caller's last copy
+            (the tuple itself None when nothing changed); ``globals[i]`` holds
+            the sidecar-wide samples of ``specs[i]``.
         """
         specs = list(METRICS)
-        pairs = [(_RENDERERS.get(spec.name), spec.name) for spec in specs]
+        steps_order, deep_order, rest_order, index = _renderer_order()
         failed: list[tuple[TrainerKey, str]] = []
-        out: list[tuple[TrainerKey, list[tuple[int, list]]]] = []
+        out: list = []
         with self._lock:
             trainers = list(self._trainers.values())
-        lists: list[list] = [[] for _ in pairs]
         for t in trainers:
             with self._lock:
                 if self._trainers.get(t.key) is not t:
                     continue  # expired or replaced since the list was taken
                 seen = known.get(t.key) if known is not None else None
-                if seen is not None and seen[0] is t and seen[1] == t.version:
+                if seen is not None and seen[0] is not t:
+                    seen = None
+                if seen is not None and seen[1] == t.version:
                     out.append((t.key, None))  # unchanged since the caller's last copy
                     continue
+                others = t.version - t.step_changes  # changes by anything but a STEP
+                # The deep families read t.deep (replaced, never changed in
+                # place, by a STEP with a deep block), t.deep_step and the group
+                # labels (a new list when a HELLO renames the groups).
+                deep_same = (seen is not None and seen[3] is t.deep and seen[4] == t.deep_step
+                             and seen[5] is t.group_labels)
+                rest_same = seen is not None and seen[2] == others
                 if known is not None:
-                    known[t.key] = (t, t.version)
+                    known[t.key] = (t, t.version, others, t.deep, t.deep_step, t.group_labels)
                 try:
                     hello = t.hello is not None
-                    custom = t.custom
-                    for (render, name), samples in zip(pairs, lists):
-                        if hello and render is not None:
-                            render(t, samples)
-                        if custom:
-                            series = custom.get(name)
-                            if series:
-                                samples.extend(series.items())
+                    parts = (_part(t, steps_order if hello else (), None, index),
+                             None if deep_same else _part(t, deep_order if hello else (), None, index),
+                             None if rest_same else _part(t, rest_order if hello else (), t.custom, index))
                 except Exception as exc:
                     if known is not None:
                         known.pop(t.key, None)
                     failed.append((t.key, f"{type(exc).__name__}: {exc}"[:200]))
-                    for samples in lists:
-                        samples.clear()
                     continue
-            families = []
-            for i, samples in enumerate(lists):
-                if samples:  # hand this list over, start a fresh one (no allocation for empty families)
-                    families.append((i, samples))
-                    lists[i] = []
-            out.append((t.key, families))
+            out.append((t.key, parts))
         globs: list[list] = []
         with self._lock:
             if failed:
                 errors = self._globals.setdefault("adamwatch_sidecar_render_errors_total", {})
                 errors[()] = errors.get((), 0.0) + len(failed)
-            for _, name in pairs:
-                glob = self._globals.get(name)
+            for spec in specs:
+                glob = self._globals.get(spec.name)
                 globs.append(list(glob.items()) if glob else [])
         for key, error in failed:
             _render_log.warning("trainer job=%.64r rank=%s: its series could not be rendered (%s) and are left "
@@ -998,195 +1008,244 @@ class RunState:
 
 
 # --------------------------------------------------------------------------- renderers
-# One function per message-derived metric: append (label values, value) pairs.
+# One function per message-derived metric: append each series' label values to
+# ``labels`` and its value to ``values`` (aligned lists: the incremental
+# /metrics renderer formats the values of unchanged label sets in one go).
 
-def _r_loss(t: _Trainer, out: list) -> None:
+def _r_loss(t: _Trainer, labels: list, values: list) -> None:
     if t.loss is not None:
-        out.append((t.base, t.loss))
+        labels.append(t.base)
+        values.append(t.loss)
 
 
-def _r_grad_norm(t: _Trainer, out: list) -> None:
+def _r_grad_norm(t: _Trainer, labels: list, values: list) -> None:
     if t.grad_norm is not None:
-        out.append((t.base + ("all",), t.grad_norm))
+        labels.append(t.base + ("all",))
+        values.append(t.grad_norm)
     for i, v in enumerate(t.group_grad_norms):
         if v is not None:
-            out.append((t.group_label(i), v))
+            labels.append(t.group_label(i))
+            values.append(v)
 
 
-def _r_lr(t: _Trainer, out: list) -> None:
+def _r_lr(t: _Trainer, labels: list, values: list) -> None:
     for i, v in enumerate(t.lr):
-        out.append((t.group_label(i), v))
+        labels.append(t.group_label(i))
+        values.append(v)
 
 
-def _r_step(t: _Trainer, out: list) -> None:
+def _r_step(t: _Trainer, labels: list, values: list) -> None:
     if t.step is not None:
-        out.append((t.base, float(t.step)))
+        labels.append(t.base)
+        values.append(float(t.step))
 
 
-def _r_steps_total(t: _Trainer, out: list) -> None:
-    out.append((t.base, float(t.steps_total)))
+def _r_steps_total(t: _Trainer, labels: list, values: list) -> None:
+    labels.append(t.base)
+    values.append(float(t.steps_total))
 
 
-def _r_step_rewinds(t: _Trainer, out: list) -> None:
-    out.append((t.base, float(t.step_rewinds)))
+def _r_step_rewinds(t: _Trainer, labels: list, values: list) -> None:
+    labels.append(t.base)
+    values.append(float(t.step_rewinds))
 
 
-def _r_nonfinite(t: _Trainer, out: list) -> None:
-    out.append((t.base + ("loss",), float(t.nonfinite_loss)))
-    out.append((t.base + ("grad",), float(t.nonfinite_grad)))
+def _r_nonfinite(t: _Trainer, labels: list, values: list) -> None:
+    labels.append(t.base + ("loss",))
+    values.append(float(t.nonfinite_loss))
+    labels.append(t.base + ("grad",))
+    values.append(float(t.nonfinite_grad))
 
 
-def _r_skipped(t: _Trainer, out: list) -> None:
+def _r_skipped(t: _Trainer, labels: list, values: list) -> None:
     for reason, n in t.skipped.items():
-        out.append((t.base + (reason,), float(n)))
+        labels.append(t.base + (reason,))
+        values.append(float(n))
 
 
-def _r_duration(t: _Trainer, out: list) -> None:
-    cumulative = []
-    total = 0
-    for n in t.hist_counts:
-        total += n
-        cumulative.append(total)
-    out.append((t.base, (cumulative, t.hist_sum, t.hist_count)))
+def _r_duration(t: _Trainer, labels: list, values: list) -> None:
+    labels.append(t.base)
+    values.append((list(itertools.accumulate(t.hist_counts)), t.hist_sum, t.hist_count))
 
 
-def _r_last_step(t: _Trainer, out: list) -> None:
+def _r_last_step(t: _Trainer, labels: list, values: list) -> None:
     if t.last_step_time is not None:
-        out.append((t.base, float(t.last_step_time)))
+        labels.append(t.base)
+        values.append(float(t.last_step_time))
 
 
-def _r_samples(t: _Trainer, out: list) -> None:
+def _r_samples(t: _Trainer, labels: list, values: list) -> None:
     if t.samples_total is not None:
-        out.append((t.base, t.samples_total))
+        labels.append(t.base)
+        values.append(t.samples_total)
 
 
-def _r_tokens(t: _Trainer, out: list) -> None:
+def _r_tokens(t: _Trainer, labels: list, values: list) -> None:
     if t.tokens_total is not None:
-        out.append((t.base, t.tokens_total))
+        labels.append(t.base)
+        values.append(t.tokens_total)
 
 
-def _deep_quantiles(field_name: str) -> Callable[[_Trainer, list], None]:
-    def render(t: _Trainer, out: list) -> None:
-        if t.deep is None:
+def _deep_quantiles(field_name: str) -> Callable[[_Trainer, list, list], None]:
+    def render(t: _Trainer, labels: list, values: list) -> None:
+        deep = t.deep
+        if not deep:
             return
-        for i, entry in enumerate(t.deep):
-            values = entry.get(field_name)
-            if values is None:
-                continue
-            full = t.quantile_labels.get(i)
-            if full is None:
-                labels = t.group_label(i)
-                full = t.quantile_labels[i] = tuple(labels + (q,) for q in _QUANTILE_LABELS)
-            for labels, v in zip(full, values):
+        found = [entry.get(field_name) for entry in deep]
+        for quantiles in found:
+            if quantiles is None or len(quantiles) != _NQ or None in quantiles:
+                break
+        else:  # the usual case: every quantile of every group, without a Python loop over them
+            flat = t.quantile_labels.get(-len(deep))  # keyed by -n: the labels of groups 0..n-1
+            if flat is None:
+                flat = t.quantile_labels[-len(deep)] = tuple(
+                    itertools.chain.from_iterable(_quantile_labels(t, i) for i in range(len(deep))))
+            labels.extend(flat)
+            values.extend(itertools.chain.from_iterable(found))
+            return
+        for i, quantiles in enumerate(found):
+            if quantiles is not None:
+                for label_set, v in zip(_quantile_labels(t, i), quantiles):
+                    if v is not None:
+                        labels.append(label_set)
+                        values.append(v)
+
+    return render
+
+
+def _quantile_labels(t: _Trainer, group: int) -> tuple[tuple[str, ...], ...]:
+    full = t.quantile_labels.get(group)
+    if full is None:
+        labels = t.group_label(group)
+        full = t.quantile_labels[group] = tuple(labels + (q,) for q in _QUANTILE_LABELS)
+    return full
+
+
+def _deep_scalar(field_name: str) -> Callable[[_Trainer, list, list], None]:
+    def render(t: _Trainer, labels: list, values: list) -> None:
+        deep = t.deep
+        if not deep:
+            return
+        found = [entry.get(field_name) for entry in deep]
+        if None in found:
+            for i, v in enumerate(found):
                 if v is not None:
-                    out.append((labels, v))
+                    labels.append(t.group_label(i))
+                    values.append(v)
+        else:  # the usual case: every group has it
+            t.group_label(len(deep) - 1)  # builds the labels of groups 0..n-1
+            labels.extend(t.group_labels[:len(deep)])
+            values.extend(found)
 
     return render
 
 
-def _deep_scalar(field_name: str) -> Callable[[_Trainer, list], None]:
-    def render(t: _Trainer, out: list) -> None:
-        if t.deep is None:
-            return
-        for i, entry in enumerate(t.deep):
-            v = entry.get(field_name)
-            if v is not None:
-                out.append((t.group_label(i), v))
-
-    return render
-
-
-def _r_deep_step(t: _Trainer, out: list) -> None:
+def _r_deep_step(t: _Trainer, labels: list, values: list) -> None:
     if t.deep_step is not None:
-        out.append((t.base, float(t.deep_step)))
+        labels.append(t.base)
+        values.append(float(t.deep_step))
 
 
-def _r_connected(t: _Trainer, out: list) -> None:
-    out.append((t.base, 1.0 if t.connected else 0.0))
+def _r_connected(t: _Trainer, labels: list, values: list) -> None:
+    labels.append(t.base)
+    values.append(1.0 if t.connected else 0.0)
 
 
-def _r_finished(t: _Trainer, out: list) -> None:
+def _r_finished(t: _Trainer, labels: list, values: list) -> None:
     # A GOODBYE means the run ended on purpose: alerts on a disconnected
     # trainer exclude it. A new HELLO clears it (see hello()).
     # A GOODBYE that reports a crash (exception, OOM, fatal signal: issue 11)
     # is not a finished run: the disconnection alert must still see it.
     finished = t.goodbye is not None and t.goodbye.get("exit_reason") in (None, "clean", "preemption")
-    out.append((t.base, 1.0 if finished else 0.0))
+    labels.append(t.base)
+    values.append(1.0 if finished else 0.0)
 
 
-def _r_info(t: _Trainer, out: list) -> None:
+def _r_info(t: _Trainer, labels: list, values: list) -> None:
     if t.info_labels is not None:
-        out.append((t.info_labels, 1.0))
+        labels.append(t.info_labels)
+        values.append(1.0)
 
 
-def _r_dropped(t: _Trainer, out: list) -> None:
-    out.append((t.base, float(sum(t.dropped_by_session.values()))))
+def _r_dropped(t: _Trainer, labels: list, values: list) -> None:
+    labels.append(t.base)
+    values.append(float(sum(t.dropped_by_session.values())))
 
 
-def _r_ckpt(t: _Trainer, out: list) -> None:
+def _r_ckpt(t: _Trainer, labels: list, values: list) -> None:
     if t.last_checkpoint_time is not None:
-        out.append((t.base, t.last_checkpoint_time))
+        labels.append(t.base)
+        values.append(t.last_checkpoint_time)
 
 
-def _r_known_good_time(t: _Trainer, out: list) -> None:
+def _r_known_good_time(t: _Trainer, labels: list, values: list) -> None:
     if t.known_good_time is not None:
-        out.append((t.base, t.known_good_time))
+        labels.append(t.base)
+        values.append(t.known_good_time)
 
 
-def _r_known_good_step(t: _Trainer, out: list) -> None:
+def _r_known_good_step(t: _Trainer, labels: list, values: list) -> None:
     if t.known_good_step is not None:
-        out.append((t.base, float(t.known_good_step)))
+        labels.append(t.base)
+        values.append(float(t.known_good_step))
 
 
-def _checkpoint_outcomes(attr: str) -> Callable[[_Trainer, list], None]:
-    def render(t: _Trainer, out: list) -> None:
+def _checkpoint_outcomes(attr: str) -> Callable[[_Trainer, list, list], None]:
+    def render(t: _Trainer, labels: list, values: list) -> None:
         if t.checkpoint_health is not None:
             for outcome, n in getattr(t.checkpoint_health, attr).items():
-                out.append((t.base + (outcome,), float(n)))
+                labels.append(t.base + (outcome,))
+                values.append(float(n))
 
     return render
 
 
-def _checkpoint_value(attr: str) -> Callable[[_Trainer, list], None]:
-    def render(t: _Trainer, out: list) -> None:
+def _checkpoint_value(attr: str) -> Callable[[_Trainer, list, list], None]:
+    def render(t: _Trainer, labels: list, values: list) -> None:
         value = getattr(t.checkpoint_health, attr) if t.checkpoint_health is not None else None
         if value is not None:
-            out.append((t.base, float(value)))
+            labels.append(t.base)
+            values.append(float(value))
 
     return render
 
 
-def _r_monitor_errors(t: _Trainer, out: list) -> None:
+def _r_monitor_errors(t: _Trainer, labels: list, values: list) -> None:
     totals: dict[str, int] = {}
     for counts in t.monitor_errors_by_session.values():
         for where, n in counts.items():
             totals[where] = totals.get(where, 0) + n
     for where in sorted(totals):
-        out.append((t.base + (where,), float(totals[where])))
+        labels.append(t.base + (where,))
+        values.append(float(totals[where]))
 
 
-def _r_hello_time(t: _Trainer, out: list) -> None:
+def _r_hello_time(t: _Trainer, labels: list, values: list) -> None:
     if t.hello_time is not None:
-        out.append((t.base, t.hello_time))
+        labels.append(t.base)
+        values.append(t.hello_time)
 
 
-def _r_clip_coefficient(t: _Trainer, out: list) -> None:
+def _r_clip_coefficient(t: _Trainer, labels: list, values: list) -> None:
     if t.clip_coefficient is not None:
-        out.append((t.base, t.clip_coefficient))
+        labels.append(t.base)
+        values.append(t.clip_coefficient)
 
 
-def _r_clip_max_norm(t: _Trainer, out: list) -> None:
+def _r_clip_max_norm(t: _Trainer, labels: list, values: list) -> None:
     if t.clip_max_norm is not None:
-        out.append((t.base, float(t.clip_max_norm)))
+        labels.append(t.base)
+        values.append(float(t.clip_max_norm))
 
 
-def _r_clipped_steps(t: _Trainer, out: list) -> None:
+def _r_clipped_steps(t: _Trainer, labels: list, values: list) -> None:
     # Present (at 0) from the first step that was clipped at all, so increase() sees the first one.
     if t.clip_coefficient is not None:
-        out.append((t.base, float(t.clipped_steps)))
+        labels.append(t.base)
+        values.append(float(t.clipped_steps))
 
 
-_RENDERERS: dict[str, Callable[[_Trainer, list], None]] = {
+_RENDERERS: dict[str, Callable[[_Trainer, list, list], None]] = {
     "adamwatch_loss": _r_loss,
     "adamwatch_grad_norm": _r_grad_norm,
     "adamwatch_learning_rate": _r_lr,
@@ -1228,3 +1287,77 @@ _RENDERERS: dict[str, Callable[[_Trainer, list], None]] = {
 }
 assert set(_RENDERERS) == MESSAGE_METRICS, "every message-derived metric needs exactly one renderer"
 assert MESSAGE_METRICS <= set(BY_NAME), "renderers must only use names from the metric table"
+
+
+# The three parts of a trainer's families for the incremental /metrics renderer
+# (RunState.snapshot_by_trainer), by how they change. STEP_METRICS: what
+# _apply_step may change (re-read whenever the trainer changed). DEEP_METRICS:
+# computed from STEP.deep and the trainer's labels only. Every other family
+# (the rest) is re-read only after a change that was not a STEP: _apply_step
+# must change nothing they read (tests/sidecar/test_collector.py checks it).
+STEP_METRICS: frozenset[str] = frozenset({
+    "adamwatch_loss", "adamwatch_grad_norm", "adamwatch_learning_rate", "adamwatch_optimizer_step",
+    "adamwatch_steps_total", "adamwatch_step_rewinds_total", "adamwatch_nonfinite_steps_total",
+    "adamwatch_skipped_steps_total", "adamwatch_step_duration_seconds", "adamwatch_last_step_timestamp_seconds",
+    "adamwatch_samples_total", "adamwatch_tokens_total", "adamwatch_grad_clip_coefficient",
+    "adamwatch_grad_clip_max_norm", "adamwatch_clipped_steps_total",
+})
+DEEP_METRICS: frozenset[str] = frozenset({
+    "adamwatch_effective_learning_rate", "adamwatch_update_size", "adamwatch_update_to_weight_ratio",
+    "adamwatch_adam_exp_avg_norm", "adamwatch_adam_exp_avg_sq_norm", "adamwatch_eps_dominated_ratio",
+    "adamwatch_deep_stats_step",
+})
+assert STEP_METRICS <= MESSAGE_METRICS and DEEP_METRICS <= MESSAGE_METRICS and not STEP_METRICS & DEEP_METRICS
+
+# One part of a trainer's series: ``(layout, labels, values)``; ``labels`` and
+# ``values`` are aligned, ``layout`` is ``[(index into METRICS, end), ...]``:
+# family ``index`` holds the entries from the previous family's end to ``end``.
+Part = tuple[list[tuple[int, int]], list[tuple[str, ...]], list[Any]]
+
+_Renderers = list[tuple[int, Callable[[_Trainer, list, list], None]]]
+
+
+def _renderer_order() -> tuple[_Renderers, _Renderers, _Renderers, dict[str, int]]:
+    """Each part's renderers, ``[(index into METRICS, renderer), ...]`` in METRICS order; ``{name: index}``."""
+    global _ORDER
+    if _ORDER is None:
+        index = {spec.name: i for i, spec in enumerate(METRICS)}
+        order = sorted((index[name], name) for name in _RENDERERS)
+        _ORDER = ([(i, _RENDERERS[name]) for i, name in order if name in STEP_METRICS],
+                  [(i, _RENDERERS[name]) for i, name in order if name in DEEP_METRICS],
+                  [(i, _RENDERERS[name]) for i, name in order if name not in STEP_METRICS | DEEP_METRICS],
+                  index)
+    return _ORDER
+
+
+_ORDER: tuple[_Renderers, _Renderers, _Renderers, dict[str, int]] | None = None
+
+
+def _part(t: _Trainer, renderers: _Renderers | tuple, custom: dict[str, dict[tuple[str, ...], float]] | None,
+          index: dict[str, int]) -> Part:
+    """One part of a trainer's series (see :data:`Part`), with its custom series when given."""
+    layout: list[tuple[int, int]] = []
+    labels: list[tuple[str, ...]] = []
+    values: list[Any] = []
+    end = 0
+    if not custom:
+        for i, render in renderers:
+            render(t, labels, values)
+            if len(labels) != end:
+                end = len(labels)
+                layout.append((i, end))
+        return layout, labels, values
+    # the generic store's families (never message-derived ones) in METRICS order among the renderers'
+    sources: list = list(renderers)
+    sources += [(index[name], series) for name, series in custom.items() if series and name in index]
+    sources.sort(key=lambda entry: entry[0])
+    for i, source in sources:
+        if type(source) is dict:
+            labels.extend(source.keys())
+            values.extend(source.values())
+        else:
+            source(t, labels, values)
+        if len(labels) != end:
+            end = len(labels)
+            layout.append((i, end))
+    return layout, labels, values

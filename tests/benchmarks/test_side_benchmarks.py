@@ -1,8 +1,8 @@
-"""benchmarks/config_check.py, clip_overhead.py and step_sections.py at a tiny scale, so that they cannot rot.
+"""benchmarks/config_check.py, clip_overhead.py, step_sections.py, sidecar_render.py: tiny runs, so they cannot rot.
 
-All import their model and optimizer from benchmarks/trainer_overhead.py; its
+The first three import their model and optimizer from benchmarks/trainer_overhead.py; its
 rewrite once left them failing at import while the README still quoted their figures.
-Each must run against its real sidecar and print every row (facts, not timings).
+The trainer ones run against their real sidecar; each must print every row (facts, not timings).
 """
 
 from __future__ import annotations
@@ -48,3 +48,12 @@ def test_step_sections_prints_every_arm_and_both_comparisons():
     assert any(line.startswith("resolution of this run: bare's second copy reads ") for line in lines), out
     assert any(line.startswith("adamwatch - naive logger: ") for line in lines), out
     assert any(line.startswith("adamwatch + clipping - clipping: ") for line in lines), out
+
+
+def test_sidecar_render_prints_every_case():
+    out = run("sidecar_render.py", "--ranks", "4", "16", "--scrapes", "2", "--ingest-seconds", "0.3",
+              "--repeats", "1")
+    for case in ("idle", "all stepped", "all new"):
+        for ranks in ("4", "16"):
+            assert any(line.split()[:len(case.split()) + 1] == [*case.split(), ranks] for line in out.splitlines()), out
+    assert "ingest with scrapes / without:" in out, out

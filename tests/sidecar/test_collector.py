@@ -192,3 +192,94 @@ def test_incremental_render_equals_the_full_render_as_the_state_changes() -> Non
     state.expire(now=1e12)
     check()
     assert b"adamwatch_steps_total{" in _full_render(populated_state(ranks=1))
+
+
+def _check_incremental(collector: RunStateCollector, state: RunState) -> None:
+    incremental = collector.render_text()
+    full = _full_render(state)
+    assert incremental == full
+    assert _samples(incremental) == _samples(full)
+
+
+# One of each kind of STEP the sidecar applies: each must show in the next scrape.
+_STEP_KINDS = [
+    dict(deep=[deep_entry(2.0)] * 2),  # a new deep block
+    dict(),  # no deep block: the Adam-state statistics stay as they were
+    dict(loss=float("nan"), loss_nonfinite=True),  # a NaN value: written line by line
+    dict(grad_norm=float("inf"), grad_nonfinite=True),
+    dict(skipped=True, skip_reason="brand_new_reason"),  # a new label set in a step family
+    dict(skipped=True, skip_reason="grad_scaler", grad_nonfinite=True),
+    dict(clip_coefficient=0.25, clip_max_norm=1.0),
+    dict(clip_coefficient=1.0, clip_max_norm=1.0),
+    dict(samples=16, tokens=1024, extras={"tokens_per_s": 5.0}),
+    dict(group_grad_norms=[None, 0.7], lr=[2e-3, 1e-3]),
+    dict(deep=[dict(deep_entry(3.0), effective_lr=[1.0, None, 3.0, 4.0, 5.0]), deep_entry(3.0)]),  # a missing quantile
+    dict(deep=[{"update_to_weight": 0.5}, deep_entry(4.0)]),  # a group without most statistics
+    dict(duration_s=123.0),  # the last histogram bucket
+    dict(duration_s=float("nan")),
+]
+
+
+@pytest.mark.parametrize("rewind", [False, True])
+def test_incremental_render_follows_every_kind_of_step(rewind: bool) -> None:
+    """The parts of a trainer copied only on some changes (deep, rest) never go stale after a STEP."""
+    state = populated_state(ranks=2, groups=2)
+    collector = RunStateCollector(state)
+    key = state.keys()[0]
+    _check_incremental(collector, state)
+    step = 100
+    for extra in _STEP_KINDS:
+        step += -3 if rewind else 1
+        state.apply(key, wire.Message(M.STEP, step_payload(step, **extra)))
+        _check_incremental(collector, state)
+    # a HELLO renaming the groups after a deep block: the kept deep lines must take the new labels
+    state.hello(7, hello_payload(job=key.job, rank=key.rank, groups=["renamed", "second"]))
+    _check_incremental(collector, state)
+    state.apply(key, wire.Message(M.STEP, step_payload(step + 1)))
+    _check_incremental(collector, state)
+    values = parse_metrics(collector.render_text().decode())
+    # the last deep block: {"update_to_weight": 0.5} for the first group, under its new name only
+    assert series(values, "adamwatch_update_to_weight_ratio", job=key.job, rank=key.rank, param_group="renamed") == 0.5
+    assert series(values, "adamwatch_update_to_weight_ratio", job=key.job, rank=key.rank, param_group="g0") is None
+
+
+def test_a_step_changes_nothing_outside_the_step_and_deep_families() -> None:
+    """The renderer re-reads the rest of a trainer's families only after a change that was not a STEP."""
+    from adamwatch_sidecar.run_state import DEEP_METRICS, STEP_METRICS
+
+    state = populated_state(ranks=1, groups=2)
+    key = state.keys()[0]
+
+    def rest() -> list:
+        return [(spec.name, samples) for spec, samples in state.snapshot()
+                if spec.name not in STEP_METRICS | DEEP_METRICS]
+
+    step = 50
+    for extra in _STEP_KINDS:
+        before = rest()
+        step += 1
+        state.apply(key, wire.Message(M.STEP, step_payload(step, **extra)))
+        assert rest() == before, extra
+    # and each of STEP_METRICS does move with some STEP (none is listed for nothing)
+    state = populated_state(ranks=1, groups=2)
+    key = state.keys()[0]
+    moved: set = set()
+    for extra in _STEP_KINDS:
+        before = dict(state.snapshot())
+        step += 1
+        state.apply(key, wire.Message(M.STEP, step_payload(step, **extra)))
+        moved |= {spec.name for spec, samples in state.snapshot() if before[spec] != samples}
+    assert STEP_METRICS - {"adamwatch_step_rewinds_total"} <= moved
+
+
+@pytest.mark.parametrize("job", ['50% "done" %r %s %%', "nul\x00inside"])
+def test_incremental_render_writes_label_text_the_template_cannot_take_literally(job: str) -> None:
+    """% signs in a label are not format directives; a NUL (the template's family separator) falls back."""
+    state = RunState()
+    key = state.hello(1, hello_payload(job=job, rank=0))
+    collector = RunStateCollector(state)
+    for step in range(1, 4):
+        state.apply(key, wire.Message(M.STEP, step_payload(step, loss=1.0 / step, deep=[deep_entry(step)] * 2)))
+        _check_incremental(collector, state)
+    values = parse_metrics(collector.render_text().decode())
+    assert series(values, "adamwatch_loss", job=job, rank=0) == pytest.approx(1 / 3)

@@ -28,14 +28,14 @@ def test_steps_are_applied_while_a_slow_render_is_in_progress(socket_dir: pathli
     car = Sidecar(cfg)
     car.start()
     inside, release = threading.Event(), threading.Event()
-    body = RunStateCollector._body
+    write = RunStateCollector._write_segment
 
-    def slow_body(self, spec, samples, parts) -> None:
+    def slow_write(self, specs, part, before):
         # writing the "slow" trainer's lines stops here until the test has sent steps
-        if samples and samples[0][0][:1] == ("slow",):
+        if part is not None and part[1] and part[1][0][:1] == ("slow",):
             inside.set()
             release.wait(10)
-        body(self, spec, samples, parts)
+        return write(self, specs, part, before)
 
     try:
         slow, busy = TrainerSocket(str(car.ingest.endpoint)), TrainerSocket(str(car.ingest.endpoint))
@@ -43,7 +43,7 @@ def test_steps_are_applied_while_a_slow_render_is_in_progress(socket_dir: pathli
         busy.send(M.HELLO, hello_payload(job="busy"))
         busy.send(M.STEP, step_payload(1))
         wait_for(lambda: car.state.value("adamwatch_steps_total", {"job": "busy", "rank": "0"}) == 1, what="step 1")
-        monkeypatch.setattr(RunStateCollector, "_body", slow_body)
+        monkeypatch.setattr(RunStateCollector, "_write_segment", slow_write)
         scrape: dict = {}
         scraper = threading.Thread(target=lambda: scrape.update(r=http_get(car.metrics_server.url + "/metrics", 15)))
         scraper.start()
