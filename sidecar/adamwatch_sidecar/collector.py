@@ -226,9 +226,11 @@ class RunStateCollector:
                     continue
                 written = before
             else:
+                steps, deep, rest = parts
+                was_steps, was_deep, was_rest = before if before is not None else (None, None, None)
                 try:
-                    written = tuple(self._write_segment(specs, part, before[n] if before is not None else None)
-                                    for n, part in enumerate(parts))
+                    written = (self._write_segment(specs, steps, was_steps), self._write_segment(specs, deep, was_deep),
+                               self._write_segment(specs, rest, was_rest))
                 except Exception:
                     bad.append(key)
                     known.pop(key, None)
