@@ -88,6 +88,7 @@ class RunStateCollector:
         self._label_text: dict[tuple[str, tuple[str, ...]], str] = {}
         self._headers: dict[str, bytes] = {}
         self._known: dict[Any, tuple] = {}  # RunState.snapshot_by_trainer's record of each trainer
+        self._histograms = frozenset(i for i, spec in enumerate(METRICS) if spec.type == "histogram")
         # render_incremental: trainer key -> its (steps, deep, rest) parts as written
         self._by_trainer: dict[Any, tuple[_Segment, ...]] = {}
 
@@ -289,7 +290,7 @@ class RunStateCollector:
             if before.values == values:
                 return before
             template = before.template
-        numbers = self._numbers(specs, layout, values)
+        numbers = self._numbers(layout, values)
         if numbers is not None:
             if template is None:
                 template = self._template(specs, layout, labels)
@@ -305,29 +306,24 @@ class RunStateCollector:
             start = end
         return _Segment(layout, labels, values, None, chunks)
 
-    @staticmethod
-    def _numbers(specs: list[MetricSpec], layout: list[tuple[int, int]], values: list) -> tuple[float, ...] | None:
+    def _numbers(self, layout: list[tuple[int, int]], values: list) -> tuple[float, ...] | None:
         """Every value of a part in line order as floats; None unless all are finite numbers."""
+        spans = None  # where the histograms' (cumulative counts, sum, count) are
+        start = 0
+        for i, end in layout:
+            if i in self._histograms:
+                spans = spans or []
+                spans.append((start, end))
+            start = end
         try:
-            numbers = tuple(map(float, values))
-        except TypeError:
-            # a histogram's (cumulative counts, sum, count): its lines are buckets, count, sum
-            flat: list = []
-            start = 0
-            for i, end in layout:
-                if specs[i].type == "histogram":
-                    for cumulative, total, count in values[start:end]:
-                        flat.extend(cumulative)
-                        flat.append(count)
-                        flat.append(total)
-                else:
-                    flat.extend(values[start:end])
-                start = end
-            try:
-                numbers = tuple(map(float, flat))
-            except (TypeError, ValueError):
-                return None
-        except ValueError:
+            flat = values
+            if spans:
+                flat = list(values)
+                for start, end in reversed(spans):  # its lines: buckets, count, sum
+                    flat[start:end] = [x for cumulative, total, count in values[start:end]
+                                       for x in (*cumulative, count, total)]
+            numbers = tuple(map(float, flat))
+        except (TypeError, ValueError):
             return None
         total = sum(numbers)
         return numbers if total - total == 0.0 else None  # a NaN or infinity (or an overflowing sum)
