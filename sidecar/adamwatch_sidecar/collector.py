@@ -205,6 +205,11 @@ class RunStateCollector:
         gc.disable()
         try:
             return self._render_incremental()
+        except BaseException:
+            # The run state's record of what this collector holds (``_known``) may
+            # be ahead of the bytes it holds: start over rather than serve stale lines.
+            self._known, self._by_trainer = {}, {}
+            raise
         finally:
             if collecting:
                 gc.enable()

@@ -283,3 +283,26 @@ def test_incremental_render_writes_label_text_the_template_cannot_take_literally
         _check_incremental(collector, state)
     values = parse_metrics(collector.render_text().decode())
     assert series(values, "adamwatch_loss", job=job, rank=0) == pytest.approx(1 / 3)
+
+
+def test_a_render_that_fails_midway_leaves_no_stale_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run state records what the collector holds before the collector holds it: a failed render starts over."""
+    state = populated_state(ranks=2, groups=2)
+    collector = RunStateCollector(state)
+    key = state.keys()[0]
+    collector.render_text()
+    state.apply(key, wire.Message(M.STEP, step_payload(500, loss=0.125)))
+    real = RunStateCollector._write_segment
+
+    class Interrupted(BaseException):
+        """Not an Exception: nothing in the render catches it (a KeyboardInterrupt would do the same)."""
+
+    def failing(self, specs, part, before):
+        raise Interrupted
+
+    monkeypatch.setattr(RunStateCollector, "_write_segment", failing)
+    with pytest.raises(Interrupted):
+        collector.render_text()
+    monkeypatch.setattr(RunStateCollector, "_write_segment", real)
+    _check_incremental(collector, state)  # the step of the failed scrape is in the next one
+    assert series(parse_metrics(collector.render_text().decode()), "adamwatch_loss", job=key.job, rank=key.rank) == 0.125
