@@ -885,7 +885,9 @@ class RunState:
         """
         specs = [spec for spec in METRICS if only is None or spec.name == only]
         lists: list[list[tuple[tuple[str, ...], Any]]] = [[] for _ in specs]
-        pairs = [(_RENDERERS.get(spec.name), spec.name, samples) for spec, samples in zip(specs, lists)]
+        everything, _, _, _, index = _renderer_order()
+        position = {index[spec.name]: n for n, spec in enumerate(specs)}  # METRICS index -> lists index
+        renderers = everything if only is None else [(i, r) for i, r in everything if i in position]
         failed: list[tuple[TrainerKey, str]] = []
         with self._lock:
             trainers = list(self._trainers.values())
@@ -896,32 +898,26 @@ class RunState:
             with self._lock:
                 if self._trainers.get(t.key) is not t:
                     continue  # expired or replaced since the list was taken
-                marks = list(map(len, lists))  # where this trainer's samples begin, to roll back
+                custom = t.custom
+                if custom and only is not None:
+                    custom = {only: custom[only]} if only in custom else None
                 try:
                     # Trainer by trainer, so that a bug rendering one trainer's
                     # state costs that trainer's series, never the whole scrape.
-                    hello = t.hello is not None
-                    custom = t.custom
-                    for render, name, samples in pairs:
-                        if hello and render is not None:
-                            labels: list = []
-                            values: list = []
-                            render(t, labels, values)
-                            samples.extend(zip(labels, values))
-                        if custom:
-                            series = custom.get(name)
-                            if series:
-                                samples.extend(series.items())
+                    layout, labels, values = _part(t, renderers if t.hello is not None else (), custom, index)
                 except Exception as exc:
-                    for samples, mark in zip(lists, marks):
-                        del samples[mark:]
                     failed.append((t.key, f"{type(exc).__name__}: {exc}"[:200]))
+                    continue
+            start = 0
+            for i, end in layout:
+                lists[position[i]].extend(zip(labels[start:end], values[start:end]))
+                start = end
         with self._lock:
             if failed:
                 errors = self._globals.setdefault("adamwatch_sidecar_render_errors_total", {})
                 errors[()] = errors.get((), 0.0) + len(failed)
-            for (_, name, samples) in pairs:
-                glob = self._globals.get(name)
+            for spec, samples in zip(specs, lists):
+                glob = self._globals.get(spec.name)
                 if glob:
                     samples.extend(glob.items())
         for key, error in failed:
@@ -954,7 +950,7 @@ class RunState:
             the sidecar-wide samples of ``specs[i]``.
         """
         specs = list(METRICS)
-        steps_order, deep_order, rest_order, index = _renderer_order()
+        _, steps_order, deep_order, rest_order, index = _renderer_order()
         failed: list[tuple[TrainerKey, str]] = []
         out: list = []
         with self._lock:
@@ -1317,20 +1313,24 @@ Part = tuple[list[tuple[int, int]], list[tuple[str, ...]], list[Any]]
 _Renderers = list[tuple[int, Callable[[_Trainer, list, list], None]]]
 
 
-def _renderer_order() -> tuple[_Renderers, _Renderers, _Renderers, dict[str, int]]:
-    """Each part's renderers, ``[(index into METRICS, renderer), ...]`` in METRICS order; ``{name: index}``."""
+def _renderer_order() -> tuple[_Renderers, _Renderers, _Renderers, _Renderers, dict[str, int]]:
+    """Every renderer, then each part's: ``[(index into METRICS, renderer), ...]`` in METRICS order.
+
+    The last item is ``{name: index into METRICS}``.
+    """
     global _ORDER
     if _ORDER is None:
         index = {spec.name: i for i, spec in enumerate(METRICS)}
         order = sorted((index[name], name) for name in _RENDERERS)
-        _ORDER = ([(i, _RENDERERS[name]) for i, name in order if name in STEP_METRICS],
+        _ORDER = ([(i, _RENDERERS[name]) for i, name in order],
+                  [(i, _RENDERERS[name]) for i, name in order if name in STEP_METRICS],
                   [(i, _RENDERERS[name]) for i, name in order if name in DEEP_METRICS],
                   [(i, _RENDERERS[name]) for i, name in order if name not in STEP_METRICS | DEEP_METRICS],
                   index)
     return _ORDER
 
 
-_ORDER: tuple[_Renderers, _Renderers, _Renderers, dict[str, int]] | None = None
+_ORDER: tuple[_Renderers, _Renderers, _Renderers, _Renderers, dict[str, int]] | None = None
 
 
 def _part(t: _Trainer, renderers: _Renderers | tuple, custom: dict[str, dict[tuple[str, ...], float]] | None,

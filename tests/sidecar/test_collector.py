@@ -305,4 +305,5 @@ def test_a_render_that_fails_midway_leaves_no_stale_lines(monkeypatch: pytest.Mo
         collector.render_text()
     monkeypatch.setattr(RunStateCollector, "_write_segment", real)
     _check_incremental(collector, state)  # the step of the failed scrape is in the next one
-    assert series(parse_metrics(collector.render_text().decode()), "adamwatch_loss", job=key.job, rank=key.rank) == 0.125
+    values = parse_metrics(collector.render_text().decode())
+    assert series(values, "adamwatch_loss", job=key.job, rank=key.rank) == 0.125
