@@ -24,11 +24,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import struct
 import sys
 import threading
 import time
-
-import numpy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,13 +52,18 @@ def _pct(times: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] * 1000
 
 
+def _float32(value: float) -> float:
+    """``value`` rounded to a float32, as a statistic computed on the device arrives."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 def _all_new(step: int, rank: int) -> dict:
     """A STEP with a deep block whose every value differs from the last one's (float32-like digits)."""
     payload = _step(step, True)
-    scale = float(numpy.float32(1.0 + 1e-3 * step + 1e-6 * rank))
+    scale = _float32(1.0 + 1e-3 * step + 1e-6 * rank)
 
     def new(value: float) -> float:
-        return float(numpy.float32(value * scale))
+        return _float32(value * scale)
 
     for name in ("loss", "grad_norm", "duration_s"):
         payload[name] = new(payload[name])

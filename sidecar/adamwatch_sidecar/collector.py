@@ -228,7 +228,10 @@ class RunStateCollector:
             before = old.get(key)
             if parts is None:  # unchanged since the last scrape: its bytes as they were
                 if before is None:
-                    known.pop(key, None)  # cannot happen; if it did, copy it in full next time
+                    # Cannot happen (a failed render resets both records); if it
+                    # did, the trainer is left out and counted, and copied whole next time.
+                    bad.append(key)
+                    known.pop(key, None)
                     continue
                 written = before
             else:
